@@ -1,0 +1,47 @@
+"""Start local ranks through torchrun's elastic launcher (``torch.distributed.launcher.api``).
+
+``apogee train --nproc N`` calls ``launch_local``; under an existing ``torchrun`` job the CLI skips
+this and each process runs ``run_rank`` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from apogee.config import Config
+from apogee.train.trainer import TrainResult, Trainer
+
+
+def under_torchrun() -> bool:
+    """True inside a process that torchrun (or its launcher API) started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def run_rank(cfg: Config) -> TrainResult:
+    """The entry point of every rank."""
+    return Trainer(cfg).fit()
+
+
+def launch_local(cfg: Config, nproc: int) -> TrainResult:
+    """Run ``nproc`` ranks on this host and return rank 0's result."""
+    if nproc == 1:
+        return run_rank(cfg)  # one process needs no process group, rendezvous or launcher
+    # The agent's INFO lines (rendezvous details) drown the training log; keep its warnings.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"apogee-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone does
+        max_restarts=0,  # restarts belong to the orchestrator (apogee launch), not plain train
+        monitor_interval=0.2,
+        start_method="spawn",
+    )
+    results = elastic_launch(launch, run_rank)(cfg)
+    return results[0]

@@ -1,0 +1,197 @@
+"""Accelerators and clusters: the hardware facts the planner's cost model reads.
+
+Every built-in number cites where it comes from. Bandwidths are *effective bus bandwidths* (what
+NCCL's ``busbw`` reports for large messages), because the cost model prices collectives with the
+ring formulas that ``busbw`` is defined against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from apogee.planner.errors import PlannerError
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)  # hashed by identity: the cost model caches on it
+class Accelerator:
+    name: str
+    peak_tflops: dict[str, float]  # dense (no sparsity) peak per precision
+    mem_gib: float
+    mem_bw_gbs: float  # HBM bandwidth, GB/s
+    # Achieved fraction of peak for large GEMMs: the one calibration per accelerator type.
+    gemm_eff: float
+    # Achieved fraction of peak for fused (flash) attention, forward + backward together.
+    attn_eff: float
+    nvlink_busbw_gbs: float  # intra-node all-reduce bus bandwidth per GPU
+    nic_gbs: float  # inter-node bandwidth per GPU (one NIC per GPU), achieved
+    sms: int  # streaming multiprocessors: the unit of GEMM wave quantization
+    power_w: float
+    intra_lat_us: float = 10.0
+    inter_lat_us: float = 20.0
+
+    def peak(self, precision: str) -> float:
+        """Peak FLOP/s for ``precision`` (bf16 or fp8)."""
+        try:
+            return self.peak_tflops[precision] * 1e12
+        except KeyError:
+            raise PlannerError(
+                f"train.precision {precision!r} is not supported on {self.name}; "
+                f"choose one of: {', '.join(sorted(self.peak_tflops))}"
+            ) from None
+
+
+ACCELERATORS: dict[str, Accelerator] = {
+    # A100 SXM4: 312 TFLOP/s dense bf16/fp16 (NVIDIA A100 datasheet; Narayanan et al. 2021 use 312);
+    # 1,555 GB/s (40GB) and 2,039 GB/s (80GB) HBM2e (NVIDIA A100 datasheet); NVLink3 600 GB/s
+    # bidirectional = 300 GB/s per direction, of which NCCL all_reduce_perf reaches ~230 GB/s busbw
+    # on a DGX A100 (NVIDIA DGX A100 user guide / nccl-tests results); one 200 Gb/s HDR HCA per GPU =
+    # 25 GB/s, ~23.5 GB/s achieved (Selene, Narayanan 2021 §5); 108 SMs (A100 whitepaper); 400 W TDP.
+    # gemm_eff (the A100 calibration): 0.70, re-derived by `benchmarks/planner_accuracy.py --calibrate`
+    # from one documented measurement, Narayanan et al. 2021 Table 1's 1.7B run (tp=1, pp=1, pure data
+    # parallel: the closest published single-GPU throughput of that stack, 137 TFLOP/s). For scale: a
+    # plain large bf16 matmul reaches ~268 TFLOP/s = 0.86 (Bekman, ML Engineering, "MAMF" table).
+    "a100-40gb": Accelerator(
+        name="a100-40gb", peak_tflops={"bf16": 312.0}, mem_gib=40, mem_bw_gbs=1555, gemm_eff=0.70,
+        attn_eff=0.45, nvlink_busbw_gbs=230, nic_gbs=23.5, sms=108, power_w=400,
+    ),
+    "a100-80gb": Accelerator(
+        name="a100-80gb", peak_tflops={"bf16": 312.0}, mem_gib=80, mem_bw_gbs=2039, gemm_eff=0.70,
+        attn_eff=0.45, nvlink_busbw_gbs=230, nic_gbs=23.5, sms=108, power_w=400,
+    ),
+    # H100 SXM5: 989 TFLOP/s dense bf16, 1,979 dense fp8 (NVIDIA H100 datasheet, half of the sparsity
+    # figures); 3.35 TB/s HBM3 (datasheet); NVLink4 900 GB/s bidirectional, NCCL all-reduce busbw
+    # ~360 GB/s without NVLS (nccl-tests on DGX H100); ConnectX-7 400 Gb/s per GPU = 50 GB/s, ~45 GB/s
+    # achieved (NVIDIA DGX H100 reference architecture); 132 SMs (H100 whitepaper); 700 W TDP.
+    # gemm_eff (the H100 calibration): 0.454, derived the same way from the Megatron-LM README's H100
+    # 1.7B run (tp=1, pp=1, dp=48: 408.8 TFLOP/s). An 8192^3 bf16 matmul alone measures 798 TFLOP/s =
+    # 0.807 on an H100 80GB with torch 2.11 (shared/planner/FORMULAS.md); the gap to 0.454 is what
+    # the model does not explain for that stack (sustained clocks under the power cap, kernel gaps,
+    # or an unstated recompute), and it is why the H100 rows fit worse than the A100 rows.
+    # attn_eff: FlashAttention-3 (Shah et al. 2024, Fig. 5-7) reaches ~500-600 TFLOP/s forward and
+    # ~450-550 backward in bf16 at head dim 128, seq 4k: ~0.5 of peak over forward + backward.
+    "h100-80gb": Accelerator(
+        name="h100-80gb", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=80, mem_bw_gbs=3350,
+        gemm_eff=0.454, attn_eff=0.50, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+    ),
+    # H100 NVL 94/96 GB parts: same SXM compute figures for the 96 GB SXM variant (NVIDIA GH200/H100
+    # 96GB datasheet), 3.9 TB/s HBM3.
+    "h100-96gb": Accelerator(
+        name="h100-96gb", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=96, mem_bw_gbs=3900,
+        gemm_eff=0.807, attn_eff=0.50, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+    ),
+    # H200 SXM: same Hopper compute (989 bf16 dense), 141 GB HBM3e at 4.8 TB/s (NVIDIA H200 datasheet).
+    "h200": Accelerator(
+        name="h200", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=141, mem_bw_gbs=4800,
+        gemm_eff=0.807, attn_eff=0.50, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+    ),
+    # H800: H100 compute with NVLink cut to 400 GB/s bidirectional; DeepSeek-V3 report (2024, §3.2)
+    # measures 160 GB/s NVLink and 50 GB/s InfiniBand per GPU.
+    "h800": Accelerator(
+        name="h800", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=80, mem_bw_gbs=3350,
+        gemm_eff=0.807, attn_eff=0.50, nvlink_busbw_gbs=160, nic_gbs=45, sms=132, power_w=700,
+    ),
+    # B200: 2.25 PFLOP/s dense bf16, 4.5 dense fp8, 192 GB (180 usable) HBM3e at 8 TB/s, NVLink5 1.8 TB/s
+    # bidirectional (NVIDIA DGX B200 datasheet); 148 SMs; 1000 W. gemm_eff assumed equal to Hopper's
+    # measured 0.807 until a B200 measurement is documented.
+    "b200": Accelerator(
+        name="b200", peak_tflops={"bf16": 2250.0, "fp8": 4500.0}, mem_gib=180, mem_bw_gbs=8000,
+        gemm_eff=0.807, attn_eff=0.50, nvlink_busbw_gbs=720, nic_gbs=45, sms=148, power_w=1000,
+    ),
+    # A CPU "device" for the gloo test runs: nominal figures for a 2-core x86 runner (AVX2 FMA,
+    # 2 cores x 2.5 GHz x 32 fp32 FLOP/cycle = 160 GFLOP/s); gemm_eff 0.3 is a placeholder to be
+    # replaced by the micro-benchmark in benchmarks/planner_vs_measured.py.
+    "cpu": Accelerator(
+        name="cpu", peak_tflops={"bf16": 0.16, "fp32": 0.16}, mem_gib=24, mem_bw_gbs=20, gemm_eff=0.3,
+        attn_eff=0.15, nvlink_busbw_gbs=5, nic_gbs=1, sms=2, power_w=65, intra_lat_us=50, inter_lat_us=100,
+    ),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cluster:
+    accel: Accelerator
+    gpus: int
+    gpus_per_node: int = 8
+    intra_busbw_gbs: float = 0.0  # 0: the accelerator's NVLink figure
+    inter_gbs_per_gpu: float = 0.0  # 0: the accelerator's NIC figure
+    nodes_per_rack: int = 32
+    # Per node. Llama 3 (Dubey et al. 2024, §3.3.4): 419 unexpected interruptions in 54 days on 16,384
+    # H100s = 2,048 nodes -> 54*24/419 = 3.09 h per job failure x 2,048 nodes = ~6,300 h per node.
+    node_mtbf_hours: float = 6_300.0
+    checkpoint_write_gbs: float = 100.0  # aggregate write bandwidth to durable storage, GB/s
+    restart_s: float = 600.0  # time from a failure to training again (detection + restart + reload)
+
+    def __post_init__(self) -> None:
+        if self.gpus <= 0 or self.gpus_per_node <= 0:
+            raise PlannerError("cluster.gpus and cluster.gpus_per_node must be positive")
+        if self.gpus % self.gpus_per_node and self.gpus > self.gpus_per_node:
+            raise PlannerError(
+                f"cluster.gpus={self.gpus} is not a multiple of cluster.gpus_per_node={self.gpus_per_node}"
+            )
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.gpus // self.gpus_per_node)
+
+    @property
+    def intra_bw(self) -> float:
+        return (self.intra_busbw_gbs or self.accel.nvlink_busbw_gbs) * 1e9
+
+    @property
+    def inter_bw(self) -> float:
+        return (self.inter_gbs_per_gpu or self.accel.nic_gbs) * 1e9
+
+    @property
+    def mtbf_s(self) -> float:
+        """Mean time between failures of the whole job (any node failing stops it)."""
+        return self.node_mtbf_hours * 3600.0 / self.nodes
+
+
+_CLUSTER_KEYS = {f.name for f in dataclasses.fields(Cluster)} - {"accel"} | {"gpu", "file"}
+
+
+def get_accelerator(name: str) -> Accelerator:
+    try:
+        return ACCELERATORS[name.lower()]
+    except KeyError:
+        raise PlannerError(
+            f"unknown cluster.gpu {name!r}; choose one of: {', '.join(ACCELERATORS)}"
+        ) from None
+
+
+def cluster_from_dict(d: dict, *, where: str = "[cluster]", base_dir: Path | None = None) -> Cluster:
+    """Build a Cluster from a ``[cluster]`` table (or a cluster.toml, via ``file = ...``)."""
+    d = dict(d)
+    if "file" in d:
+        path = Path(d.pop("file"))
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        loaded = load_toml(path)
+        loaded = loaded.get("cluster", loaded)
+        loaded.update(d)  # keys next to `file` override the file
+        return cluster_from_dict(loaded, where=str(path), base_dir=path.parent)
+    unknown = set(d) - _CLUSTER_KEYS
+    if unknown:
+        raise PlannerError(f"unknown key {where}.{sorted(unknown)[0]}; known: {', '.join(sorted(_CLUSTER_KEYS))}")
+    if "gpu" not in d or "gpus" not in d:
+        raise PlannerError(f"{where} needs gpu = \"<type>\" and gpus = <count>")
+    accel = get_accelerator(str(d.pop("gpu")))
+    try:
+        return Cluster(accel=accel, **d)
+    except TypeError as e:
+        raise PlannerError(f"{where}: {e}") from None
+
+
+def load_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise PlannerError(f"file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise PlannerError(f"{path}: invalid TOML: {e}") from None

@@ -1,0 +1,5 @@
+"""The planner's one error type: a bad input, reported as one line that names what to fix."""
+
+
+class PlannerError(ValueError):
+    pass

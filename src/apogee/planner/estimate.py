@@ -1,0 +1,235 @@
+"""One layout -> predicted step time, throughput, MFU, memory, communication, checkpoint interval, goodput."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from apogee.planner import comms
+from apogee.planner.cluster import GIB, Cluster
+from apogee.planner.compute import layer_times, logits_times, moe_layer_times
+from apogee.planner.errors import PlannerError
+from apogee.planner.memory import MemoryBreakdown, memory_per_gpu, stage_params
+from apogee.planner.schedule import bubble_fraction, bubble_slots
+from apogee.planner.spec import Layout, ModelShape, RunSpec
+
+GRAD_REDUCE_BYTES = 4  # fp32 gradient reduction: Megatron-LM main_grad and torchtitan's reduce_dtype default
+ADAM_BYTES_PER_PARAM = 32  # Adam reads fp32 grad, master, m, v and writes master, m, v, bf16 weight
+# TP collectives overlapped with GEMMs still cost some time: the communication kernels take SMs from
+# the GEMMs (Wang et al. 2023, "Overlap communication with dependent computation", report ~10-20%
+# residual); we charge 15% of the communication.
+TP_OVERLAP_RESIDUAL = 0.15
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    step_time_s: float
+    tokens_per_s_per_gpu: float
+    model_tflops_per_gpu: float
+    hardware_tflops_per_gpu: float
+    mfu: float
+    memory: MemoryBreakdown
+    capacity_gib: float
+    fits: bool
+    bubble_fraction: float
+    comm_s: dict[str, float] = field(default_factory=dict)  # total time per axis
+    comm_exposed_s: dict[str, float] = field(default_factory=dict)  # what is not hidden behind compute
+    compute_s: float = 0.0
+    checkpoint_interval_s: float = 0.0
+    checkpoint_write_s: float = 0.0
+    goodput: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "layout": {k: v for k, v in self.layout.__dict__.items()},
+            "step_time_s": self.step_time_s,
+            "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
+            "model_tflops_per_gpu": self.model_tflops_per_gpu,
+            "hardware_tflops_per_gpu": self.hardware_tflops_per_gpu,
+            "mfu": self.mfu,
+            "memory_gib_per_gpu": self.memory.gib(),
+            "capacity_gib": self.capacity_gib,
+            "fits": self.fits,
+            "pipeline_bubble": self.bubble_fraction,
+            "compute_s": self.compute_s,
+            "comm_s": self.comm_s,
+            "comm_exposed_s": self.comm_exposed_s,
+            "checkpoint_interval_s": self.checkpoint_interval_s,
+            "checkpoint_write_s": self.checkpoint_write_s,
+            "goodput": self.goodput,
+        }
+
+
+def check_layout(m: ModelShape, lay: Layout, cluster: Cluster, global_batch: int) -> str | None:
+    """Why ``lay`` is invalid for this model and cluster, or None when it is valid."""
+    if lay.world != cluster.gpus:
+        return f"layout tp*pp*dp*cp = {lay.world} but the cluster has {cluster.gpus} GPUs"
+    if m.heads % lay.tp or m.kv_heads % lay.tp and lay.tp % m.kv_heads:
+        return f"layout.tp={lay.tp} must divide model.heads={m.heads} and model.kv_heads={m.kv_heads}"
+    if lay.tp > cluster.gpus_per_node:
+        return f"layout.tp={lay.tp} exceeds cluster.gpus_per_node={cluster.gpus_per_node} (TP needs NVLink)"
+    if m.layers % lay.pp:
+        return f"layout.pp={lay.pp} must divide model.layers={m.layers}"
+    if lay.virtual_stages > 1 and (lay.pp_schedule != "interleaved-1f1b" or (m.layers // lay.pp) % lay.virtual_stages):
+        return f"layout.virtual_stages={lay.virtual_stages} needs pp_schedule=interleaved-1f1b and to divide layers/pp"
+    if lay.pp == 1 and (lay.virtual_stages > 1 or lay.pp_schedule not in ("1f1b",)):
+        return "pp_schedule/virtual_stages only apply with layout.pp > 1"
+    if m.seq_len % (2 * lay.cp) and lay.cp > 1:
+        return f"layout.cp={lay.cp}: model.seq_len={m.seq_len} must be divisible by 2*cp (load-balanced ring attention)"
+    if global_batch % (lay.dp * lay.microbatch):
+        return f"train.global_batch={global_batch} must be divisible by dp*microbatch={lay.dp * lay.microbatch}"
+    n_micro = global_batch // (lay.dp * lay.microbatch)
+    if lay.pp_schedule == "interleaved-1f1b" and lay.pp > 1 and n_micro % lay.pp:
+        return f"interleaved-1f1b needs micro-batches per step ({n_micro}) divisible by pp={lay.pp}"
+    if lay.ep > 1:
+        if not m.experts or m.experts % lay.ep:
+            return f"layout.ep={lay.ep} must divide model.experts={m.experts}"
+        if (lay.dp * lay.cp) % lay.ep:
+            return f"layout.ep={lay.ep} must divide dp*cp={lay.dp * lay.cp} (experts are sharded over data ranks)"
+    if lay.sequence_parallel and lay.tp == 1:
+        return "layout.sequence_parallel needs layout.tp > 1"
+    return None
+
+
+def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None) -> Estimate:
+    m, cl = run.model, run.cluster
+    why = check_layout(m, lay, cl, run.global_batch)
+    if why:
+        raise PlannerError(why)
+    acc = cl.accel
+    mem = memory or memory_per_gpu(m, lay, cl, global_batch=run.global_batch, precision=run.precision)
+    capacity = acc.mem_gib * GIB
+
+    t, p, v, mb = lay.tp, lay.pp, lay.virtual_stages, lay.microbatch
+    n_micro = run.global_batch // (lay.dp * mb)
+    tokens = mb * m.seq_len / lay.cp  # per rank per micro-batch
+    sp = lay.sequence_parallel
+    key = (m, t, lay.cp, lay.ep, mb, sp, lay.recompute, acc, run.precision)
+
+    # --- compute of one micro-batch on the slowest stage -----------------------------------------
+    Ls = m.layers // p
+    n_moe = round(Ls * m.moe_layers / m.layers)
+    fd, bd = layer_times(*key)
+    fm, bm = moe_layer_times(*key) if n_moe else (0.0, 0.0)
+    f_stage = (Ls - n_moe) * fd + n_moe * fm
+    b_stage = (Ls - n_moe) * bd + n_moe * bm
+    lf, lb = logits_times(m, t, lay.cp, mb, acc, run.precision)
+
+    # --- communication per micro-batch per stage ------------------------------------------------
+    act_bytes = tokens * m.hidden * 2
+    tp_link = comms.axis_link(lay, "tp", cl)
+    n_tp = 4 + (2 if lay.recompute == "full" else 0)  # 2 fwd + 2 bwd (+2 in the recomputed forward)
+    tp_comm = Ls * n_tp * comms.all_reduce(act_bytes, t, tp_link)
+    tp_comm += 2 * comms.all_reduce(act_bytes, t, tp_link) if t > 1 else 0.0  # embedding / logits boundaries
+    if lay.tp_overlap:
+        tp_exposed = max(0.0, tp_comm - 0.5 * (f_stage + b_stage)) + TP_OVERLAP_RESIDUAL * tp_comm
+    else:
+        tp_exposed = tp_comm
+
+    cp_comm = cp_exposed = 0.0
+    if lay.cp > 1:
+        cp_link = comms.axis_link(lay, "cp", cl)
+        kv_bytes = 2 * tokens * m.kv_dim * 2 / t
+        # Ring attention passes K,V (cp-1) times forward, K,V and their grads backward, behind attention.
+        cp_comm = Ls * 3 * (lay.cp - 1) * comms.p2p(kv_bytes, cp_link)
+        cp_exposed = max(0.0, cp_comm - 0.5 * (f_stage + b_stage))
+
+    ep_comm = 0.0
+    if lay.ep > 1 and n_moe:
+        ep_link = comms.axis_link(lay, "dp", cl, size=lay.ep, stride=t)
+        disp = tokens * m.top_k * m.hidden * 2
+        ep_comm = n_moe * 4 * comms.all_to_all(disp, lay.ep, ep_link)  # dispatch+combine, fwd+bwd
+        if lay.recompute == "full":
+            ep_comm *= 1.5
+
+    pp_comm = pp_exposed = 0.0
+    if p > 1:
+        pp_link = comms.axis_link(lay, "pp", cl)
+        one = comms.p2p(act_bytes / t, pp_link)  # scatter/gather over TP ranks (Narayanan §4.1)
+        vv = v if lay.pp_schedule == "interleaved-1f1b" else 1
+        pp_comm = 2 * vv * one * n_micro
+        # Steady-state sends overlap the next micro-batch's compute; the warm-up and cool-down ones
+        # (one per stage boundary per chunk) lie on the critical path.
+        pp_exposed = 2 * (p - 1) * one + 2 * vv * one * n_micro * 0.1
+
+    per_mb = f_stage + b_stage + tp_exposed + cp_exposed + ep_comm
+    last_extra = lf + lb
+    slots = bubble_slots(lay.pp_schedule, p, v)
+    bubble = bubble_fraction(lay.pp_schedule, p, v, n_micro)
+    # The last stage also runs the output layer; the pipeline moves at its pace in steady state.
+    t_pipe = n_micro * (per_mb + (last_extra if p > 1 else 0.0)) + slots * per_mb + pp_exposed
+    if p == 1:
+        t_pipe = n_micro * (per_mb + last_extra)
+
+    # --- data parallel ---------------------------------------------------------------------------
+    nonexpert, experts = stage_params(m, lay)
+    params_rank = nonexpert + experts
+    shard = lay.dp * lay.cp
+    dp_link = comms.axis_link(lay, "dp", cl, size=shard, stride=t)
+    dp_comm = dp_exposed = 0.0
+    if shard > 1:
+        grad_rs = comms.reduce_scatter(GRAD_REDUCE_BYTES * params_rank, shard, dp_link)
+        param_ag = comms.all_gather(2 * params_rank, shard, dp_link)
+        if lay.zero >= 3:
+            # FSDP: gather weights before each micro-batch's forward and backward, reduce-scatter grads
+            # after each backward, prefetched behind the neighbouring layers' compute.
+            per_micro = 2 * param_ag + grad_rs
+            dp_comm = n_micro * per_micro
+            dp_exposed = n_micro * max(0.0, per_micro - (f_stage + b_stage)) + param_ag / max(1, Ls)
+        else:
+            dp_comm = grad_rs + param_ag
+            if lay.dp_overlap:
+                # Gradient buckets reduce during the last micro-batch's backward; the parameter
+                # all-gather overlaps the next step's first forward (Megatron-LM distributed optimizer).
+                dp_exposed = max(0.0, grad_rs - b_stage) + max(0.0, param_ag - f_stage) + grad_rs / max(1, Ls)
+            else:
+                dp_exposed = dp_comm
+    local_params = params_rank / (shard if lay.zero >= 1 else 1)
+    t_opt = ADAM_BYTES_PER_PARAM * local_params / (acc.mem_bw_gbs * 1e9)
+
+    step = t_pipe + dp_exposed + t_opt
+    tokens_step = run.global_batch * m.seq_len
+    tok_per_gpu = tokens_step / step / cl.gpus
+    model_flops = m.model_flops_per_token() * tokens_step
+    hw_flops = model_flops + _recompute_flops(m, lay) * tokens_step
+    model_tflops = model_flops / step / cl.gpus / 1e12
+    peak = acc.peak(run.precision)
+    est = Estimate(
+        layout=lay, step_time_s=step, tokens_per_s_per_gpu=tok_per_gpu, model_tflops_per_gpu=model_tflops,
+        hardware_tflops_per_gpu=hw_flops / step / cl.gpus / 1e12, mfu=model_tflops * 1e12 / peak,
+        memory=mem, capacity_gib=acc.mem_gib, fits=mem.total <= capacity, bubble_fraction=bubble,
+        comm_s={"tp": tp_comm * n_micro, "cp": cp_comm * n_micro, "ep": ep_comm * n_micro, "pp": pp_comm, "dp": dp_comm},
+        comm_exposed_s={"tp": tp_exposed * n_micro, "cp": cp_exposed * n_micro, "ep": ep_comm * n_micro,
+                        "pp": pp_exposed, "dp": dp_exposed},
+        compute_s=n_micro * (f_stage + b_stage) + t_opt,
+    )
+    _checkpointing(run, est)
+    return est
+
+
+def _recompute_flops(m: ModelShape, lay: Layout) -> float:
+    if lay.recompute == "full":
+        return m.matmul_flops_per_token() - 2 * m.hidden * m.vocab + m.attn_flops_per_token()
+    if lay.recompute == "selective" and m.attention == "eager":
+        return m.attn_flops_per_token()
+    return 0.0
+
+
+def _checkpointing(run: RunSpec, est: Estimate) -> None:
+    """Young/Daly optimal checkpoint interval and the expected goodput under the cluster's MTBF."""
+    cl = run.cluster
+    ckpt_bytes = (run.checkpoint_gb * 1e9) if run.checkpoint_gb else 14.0 * run.model.num_params()
+    delta = ckpt_bytes / (cl.checkpoint_write_gbs * 1e9)  # seconds the job stalls per checkpoint
+    mtbf = cl.mtbf_s
+    # Daly 2006, Eq. 37 (first-order form for delta < 2M): tau = sqrt(2 delta M) - delta.
+    tau = math.sqrt(2 * delta * mtbf) - delta if delta < 2 * mtbf else mtbf
+    tau = max(tau, est.step_time_s)
+    # Useful fraction: the checkpoint stalls, plus per failure the restart and on average half an
+    # interval of lost work (Young 1974).
+    useful = tau / (tau + delta)
+    lost_per_failure = cl.restart_s + (tau + delta) / 2
+    goodput = useful * max(0.0, 1.0 - lost_per_failure / mtbf)
+    est.checkpoint_interval_s = tau
+    est.checkpoint_write_s = delta
+    est.goodput = goodput

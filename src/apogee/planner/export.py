@@ -1,0 +1,47 @@
+"""A planned layout -> an apogee training config (the engine's TOML sections) written with tomli_w."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tomli_w
+
+from apogee.planner.errors import PlannerError
+from apogee.planner.spec import Layout, RunSpec
+
+
+def layout_to_config(run: RunSpec, lay: Layout) -> dict:
+    """The engine config dict: [model], [parallel], [train]. dp maps to dp_shard under ZeRO-3/FSDP,
+    else to dp_replicate (ZeRO 1-2 have no FSDP equivalent; replicated data parallelism it is)."""
+    sharded = lay.zero >= 3
+    parallel = {
+        "dp_replicate": 1 if sharded else lay.dp,
+        "dp_shard": lay.dp if sharded else 1,
+        "tp": lay.tp,
+        "pp": lay.pp,
+        "cp": lay.cp,
+        "sequence_parallel": bool(lay.sequence_parallel),
+    }
+    parallel.update(
+        pp_schedule=lay.pp_schedule,
+        pp_microbatches=run.global_batch // (lay.dp * lay.microbatch),
+        pp_stages_per_rank=lay.virtual_stages,
+        recompute=lay.recompute,
+    )
+    cfg: dict = {}
+    if run.model.flavor:
+        cfg["model"] = {"flavor": run.model.flavor}
+    cfg["parallel"] = parallel
+    cfg["train"] = {"global_batch": run.global_batch, "micro_batch": lay.microbatch, "seq_len": run.model.seq_len}
+    return cfg
+
+
+def write_config(run: RunSpec, lay: Layout, path: str | Path) -> Path:
+    path = Path(path)
+    if not run.model.flavor:
+        raise PlannerError(
+            f"--write-config {path}: the engine builds models by flavor; give [model] flavor = \"...\" "
+            "(shape-only run descriptions can be planned but not exported)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tomli_w.dumps(layout_to_config(run, lay)).encode())
+    return path

@@ -1,0 +1,164 @@
+"""Memory per device: model states (ZeRO stages), activations (Korthikanti 2022), buffers.
+
+All figures are bytes on the most loaded pipeline stage (the first: it holds the embedding and, under
+1F1B, the most micro-batches in flight; the last stage's logits are checked too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from apogee.planner.cluster import GIB, Cluster
+from apogee.planner.spec import Layout, ModelShape
+
+# Mixed-precision Adam (Rajbhandari et al. 2020, §3.1): 2 bytes of 16-bit weights, 2 of 16-bit
+# gradients, 12 of fp32 master weights, momentum and variance.
+W_BYTES, G_BYTES, OPT_BYTES = 2, 2, 12
+# CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation that no tensor accounts for:
+# ~1 GiB of context plus NCCL buffers, and the caching allocator's fragmentation, ~2.5 GiB together in
+# Megatron-LM / torchtitan memory snapshots on H100.
+RESERVED_BYTES = 2.5 * GIB
+DP_BUCKET_BYTES = 2 * 25_000_000 * 4  # two fp32 gradient buckets of 25M elements (DDP default size) in flight
+
+
+def zero_model_state_bytes(psi: float, nd: int, stage: int) -> float:
+    """Per-device model-state bytes for ``psi`` parameters on ``nd`` data-parallel ranks.
+
+    ZeRO paper Figure 1: stage 0 = 16psi, 1 = 4psi + 12psi/nd, 2 = 2psi + 14psi/nd, 3 = 16psi/nd.
+    """
+    w, g, o = zero_split(psi, nd, stage)
+    return w + g + o
+
+
+def zero_split(psi: float, nd: int, stage: int) -> tuple[float, float, float]:
+    w = W_BYTES * psi / (nd if stage >= 3 else 1)
+    g = G_BYTES * psi / (nd if stage >= 2 else 1)
+    o = OPT_BYTES * psi / (nd if stage >= 1 else 1)
+    return w, g, o
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    buffers: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.buffers
+
+    def gib(self) -> dict[str, float]:
+        d = {k: v / GIB for k, v in asdict(self).items()}
+        d["total"] = self.total / GIB
+        return d
+
+
+def stage_params(m: ModelShape, lay: Layout) -> tuple[float, float]:
+    """(non-expert params, routed-expert params) held by one rank of the first pipeline stage."""
+    L = m.layers
+    layers_here = -(-L // lay.pp)  # ceil: the first stage gets any remainder
+    dense_here = max(0, min(layers_here, L - m.moe_layers))
+    moe_here = layers_here - dense_here
+    per_dense = m.attn_params() + m.norm_params() + m.dense_mlp_params()
+    shared, routed = m.moe_layer_mlp_params() if m.moe_layers else (0, 0)
+    per_moe_nonexpert = m.attn_params() + m.norm_params() + shared
+    nonexpert = (dense_here * per_dense + moe_here * per_moe_nonexpert) / lay.tp
+    nonexpert += m.embedding_params() / lay.tp
+    if lay.pp == 1:
+        nonexpert += m.output_params() / lay.tp
+    experts = moe_here * routed / (lay.ep * lay.tp)
+    return nonexpert, experts
+
+
+def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: float) -> float:
+    """Bytes of stored activations for one layer and one micro-batch of ``micro_tokens`` tokens (per CP rank).
+
+    GPT blocks with eager attention: Korthikanti 2022 Table 2 exactly. Llama blocks (RMSNorm, SwiGLU, no
+    dropout, flash attention) derived the same way, counting what PyTorch autograd saves:
+      attention: norm input 2, norm output (qkv input) 2, q 2, k and v 4*kv/heads, output o 2 -> 8 + 4kv/a
+                 (+ flash's fp32 logsumexp, 4a/h)
+      mlp:       norm input 2, norm output 2, gate and up 2f/h each, silu(gate) 2f/h, w2 input 2f/h
+                 -> 4 + 8f/h
+    Norm inputs and norm outputs are replicated across TP ranks unless sequence parallel; the rest is
+    sharded by tp. Selective recompute (Llama) recomputes the norms and the SwiGLU products; (GPT) the
+    attention core, as Korthikanti define it.
+    """
+    sbh = micro_tokens * m.hidden
+    t = lay.tp
+    sp = lay.sequence_parallel and t > 1
+    if lay.recompute == "full":
+        return 2 * sbh / (t if sp else 1)  # the layer input only
+    if m.mlp == "gelu":
+        # GPT block (dropout, GeLU, LayerNorm): Korthikanti's terms; flash attention stores no scores.
+        a, s = m.heads, m.seq_len / lay.cp
+        score = 5 * a * s / m.hidden if m.attention == "eager" else 0.0
+        if lay.recompute == "selective":
+            score = 0.0
+        if sp:
+            return sbh * (34 / t + score / t)
+        return sbh * (10 + 24 / t + score / t)
+    f = (m.ffn_hidden if not m.moe_layers else m.moe_ffn_hidden * (m.top_k + m.shared_experts)) / m.hidden
+    kv = m.kv_heads / m.heads
+    lse = 4 * m.heads / m.hidden
+    if lay.recompute == "selective":
+        replicated = 2 + 2  # the two norm inputs (block inputs)
+        sharded = 2 + 4 * kv + 2 + lse + 4 * f  # q, k, v, o, lse, gate, up
+    else:
+        replicated = 2 + 2 + 2 + 2  # norm inputs and outputs
+        sharded = 2 + 4 * kv + 2 + lse + 8 * f
+    if m.moe_layers:
+        replicated += 2 * m.top_k  # the token copies dispatched to experts
+    return sbh * (replicated / (t if sp else 1) + sharded / t)
+
+
+def in_flight_microbatches(lay: Layout, n_micro: int) -> float:
+    """Layers' worth of micro-batches the first stage holds, in units of 'all L/p layers of one micro-batch'."""
+    p, v = lay.pp, lay.virtual_stages
+    if p == 1:
+        return 1.0
+    if lay.pp_schedule == "gpipe":
+        return float(n_micro)
+    held = float(min(p, n_micro))
+    if lay.pp_schedule == "interleaved-1f1b" and v > 1:
+        held *= 1 + (p - 1) / (p * v)  # Korthikanti 2022 §4.2.3
+    return held
+
+
+def memory_per_gpu(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: int,
+                   precision: str = "bf16") -> MemoryBreakdown:
+    nonexpert, experts = stage_params(m, lay)
+    shard_dp = lay.dp * lay.cp  # FSDP/ZeRO shard over the data and context axes (torchtitan's dp_shard x cp)
+    ex_dp = max(1, shard_dp // lay.ep)
+    w1, g1, o1 = zero_split(nonexpert, shard_dp, lay.zero)
+    w2, g2, o2 = zero_split(experts, ex_dp, lay.zero)
+    params, grads, opt = w1 + w2, g1 + g2, o1 + o2
+    if precision == "fp8":
+        params += (nonexpert + experts) / (shard_dp if lay.zero >= 3 else 1)  # fp8 weight copies
+
+    n_micro = max(1, global_batch // (lay.dp * lay.microbatch))
+    micro_tokens = lay.microbatch * m.seq_len / lay.cp
+    per_layer = activation_bytes_per_layer(m, lay, micro_tokens=micro_tokens)
+    layers_here = -(-m.layers // lay.pp)
+    acts = per_layer * layers_here * in_flight_microbatches(lay, n_micro)
+    if lay.recompute == "full":
+        # The layer being recomputed holds its full activations during its backward.
+        full = activation_bytes_per_layer(m, Layout(**{**lay.__dict__, "recompute": "none"}), micro_tokens=micro_tokens)
+        acts += full
+    # Embedding output on the first stage, and the loss' fp32 logits where the output layer lives.
+    acts += 2 * micro_tokens * m.hidden / (lay.tp if lay.sequence_parallel else 1)
+    if lay.pp == 1:
+        acts += 4 * micro_tokens * m.vocab / lay.tp  # Korthikanti 2022 §4.3: 4sbv/t for the cross-entropy
+
+    buffers = RESERVED_BYTES
+    if lay.zero >= 3 and shard_dp > 1:
+        # Two unsharded layers in flight (the one computing and the one prefetched).
+        per_layer_params = (nonexpert + experts) / max(1, layers_here)
+        buffers += 2 * W_BYTES * per_layer_params
+    elif lay.dp > 1:
+        buffers += DP_BUCKET_BYTES
+    if lay.tp > 1:
+        buffers += 2 * micro_tokens * m.hidden * 2  # all-gather / reduce-scatter staging (bf16)
+    return MemoryBreakdown(params=params, grads=grads, optimizer=opt, activations=acts, buffers=buffers)
+

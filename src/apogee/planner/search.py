@@ -1,0 +1,161 @@
+"""Search every valid layout under the memory limit and rank them by predicted throughput or goodput.
+
+Pruning keeps a 1T-on-3072-GPU search to seconds without dropping a layout that could win:
+  - sequence parallel is on whenever tp > 1 (same communication volume, less memory; Korthikanti 2022);
+  - ZeRO 0 is dominated by ZeRO 1 (reduce-scatter + all-gather moves what an all-reduce moves);
+  - GPipe is dominated by 1F1B (same bubble, more memory);
+  - memory is checked (cheap) before time (less cheap), and recompute is tried cheapest-first:
+    a costlier recompute only survives if nothing cheaper fits at that (tp, pp, dp, cp, ep, mb, v).
+Keys the run description pins are taken as given, including the dominated choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from apogee.planner.cluster import GIB
+from apogee.planner.errors import PlannerError
+from apogee.planner.estimate import Estimate, check_layout, estimate
+from apogee.planner.memory import memory_per_gpu
+from apogee.planner.spec import RECOMPUTE, Layout, RunSpec
+
+MAX_MICROBATCH = 16
+MAX_VIRTUAL = 32  # Megatron-LM allows one layer per virtual stage
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass
+class PlanResult:
+    ranked: list[Estimate]  # fitting layouts, best first
+    considered: int
+    rejected_memory: int
+    best_nonfitting: Estimate | None = None
+
+
+def candidate_values(run: RunSpec, choices: dict | None = None) -> dict[str, list]:
+    """The values each layout key may take: pinned keys give one, ``choices`` may restrict the others."""
+    m, cl = run.model, run.cluster
+    fixed = run.fixed
+    g = cl.gpus
+    vals: dict[str, list] = {
+        "tp": [d for d in _divisors(min(g, cl.gpus_per_node)) if m.heads % d == 0 and g % d == 0],
+        "pp": [d for d in _divisors(m.layers) if g % d == 0],
+        "cp": [d for d in _divisors(g) if d == 1 or (m.seq_len % (2 * d) == 0 and m.seq_len // d >= 1024)],
+        "ep": [d for d in _divisors(m.experts) if g % d == 0] if m.experts else [1],
+        "pp_schedule": ["1f1b", "interleaved-1f1b", "zero-bubble"],
+        "recompute": list(RECOMPUTE),
+        "zero": [1, 2, 3],
+    }
+    for k, v in (choices or {}).items():
+        vals[k] = list(v)
+    for k, v in fixed.items():
+        vals[k] = [v]
+    return vals
+
+
+def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices: dict | None = None,
+           max_considered: int = 2_000_000) -> PlanResult:
+    """Enumerate layouts; return the fitting ones ranked (best first)."""
+    if objective not in ("throughput", "goodput"):
+        raise PlannerError(f"objective must be throughput or goodput (got {objective!r})")
+    m, cl, fixed = run.model, run.cluster, run.fixed
+    vals = candidate_values(run, choices)
+    capacity = cl.accel.mem_gib * GIB
+    results: list[Estimate] = []
+    considered = rejected = 0
+    best_nonfit: Estimate | None = None
+    base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap") if k in fixed}
+
+    for tp in vals["tp"]:
+        for pp in vals["pp"]:
+            for cp in vals["cp"]:
+                if cl.gpus % (tp * pp * cp):
+                    continue
+                dp = cl.gpus // (tp * pp * cp)
+                if "dp" in fixed and fixed["dp"] != dp:
+                    continue
+                if run.global_batch % dp:
+                    continue
+                per_rank = run.global_batch // dp
+                mbs = vals.get("microbatch") or [d for d in _divisors(per_rank) if d <= MAX_MICROBATCH]
+                sps = vals.get("sequence_parallel") or [tp > 1]
+                for ep in vals["ep"]:
+                    if (dp * cp) % ep:
+                        continue
+                    scheds = vals["pp_schedule"] if pp > 1 else ["1f1b"]
+                    if pp > 1 and "pp_schedule" in fixed:
+                        scheds = [fixed["pp_schedule"]]
+                    for mb in mbs:
+                        if per_rank % mb:
+                            continue
+                        for sched in scheds:
+                            if sched == "interleaved-1f1b":
+                                vs = vals.get("virtual_stages") or [
+                                    v for v in _divisors(m.layers // pp) if 1 < v <= MAX_VIRTUAL]
+                            else:
+                                vs = [1]
+                            for v in vs:
+                                for sp in sps:
+                                    for rc in vals["recompute"]:
+                                        found = False
+                                        for z in vals["zero"]:
+                                            lay = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, microbatch=mb,
+                                                         virtual_stages=v, pp_schedule=sched, recompute=rc,
+                                                         sequence_parallel=sp, zero=z, **base)
+                                            if check_layout(m, lay, cl, run.global_batch):
+                                                continue
+                                            considered += 1
+                                            mem = memory_per_gpu(m, lay, cl, global_batch=run.global_batch,
+                                                                 precision=run.precision)
+                                            if mem.total > capacity:
+                                                rejected += 1
+                                                if best_nonfit is None or mem.total < best_nonfit.memory.total:
+                                                    best_nonfit = estimate(run, lay, memory=mem)
+                                                continue
+                                            results.append(estimate(run, lay, memory=mem))
+                                            found = True
+                                            if "zero" not in fixed:
+                                                break  # a higher stage only adds communication
+                                        if found and "recompute" not in fixed:
+                                            break  # costlier recompute cannot be faster
+                                        if considered > max_considered:
+                                            raise PlannerError("search space too large: pin some [layout] keys")
+    key = (lambda e: e.step_time_s / max(e.goodput, 1e-9)) if objective == "goodput" else (lambda e: e.step_time_s)
+    results.sort(key=key)
+    return PlanResult(ranked=results[:max(top, 1)] if top else results, considered=considered,
+                      rejected_memory=rejected, best_nonfitting=best_nonfit)
+
+
+def plan_layout(run: RunSpec, **kw) -> Estimate:
+    """The best fitting layout for ``run`` (the orchestrator's re-plan entry point)."""
+    res = search(run, top=1, **kw)
+    if not res.ranked:
+        hint = ""
+        if res.best_nonfitting is not None:
+            b = res.best_nonfitting
+            hint = (f"; the smallest needs {b.memory.total / GIB:.1f} GiB per GPU ({b.layout.short()}) "
+                    f"of {b.capacity_gib:.0f}")
+        raise PlannerError(
+            f"no layout fits in memory among {res.considered} considered{hint}: add GPUs, shorten "
+            f"model.seq_len, or unpin [layout] keys")
+    return res.ranked[0]
+
+
+def complete_layout(run: RunSpec, **kw) -> Estimate:
+    """``simulate``: the pinned layout, with the keys left out chosen by the search.
+
+    Returns the best fitting completion, or (``fits`` False) the one that needs the least memory.
+    """
+    res = search(run, top=1, **kw)
+    if res.ranked:
+        return res.ranked[0]
+    if res.best_nonfitting is not None:
+        return res.best_nonfitting
+    if set(run.fixed) >= {"tp", "pp", "dp"}:
+        lay = Layout(**run.fixed)
+        estimate(run, lay)  # raises the reason it is invalid
+    raise PlannerError("no valid layout for this model on this cluster: check [layout] against model and cluster")

@@ -1,0 +1,293 @@
+"""Run descriptions: the model shape, the (partial) layout and the batch the planner is asked about.
+
+A run description is a TOML file (or the same dict built from flags) with ``[model]``, ``[cluster]``,
+``[layout]`` and ``[train]`` tables. Layout keys left out are searched by ``plan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from apogee.models.flavors import FLAVORS, ModelArgs
+from apogee.planner.cluster import Cluster, cluster_from_dict, load_toml
+from apogee.planner.errors import PlannerError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn_hidden: int
+    vocab: int
+    seq_len: int
+    mlp: str = "swiglu"  # "swiglu" (3 matrices, Llama) or "gelu" (2 matrices, GPT)
+    attention: str = "flash"  # "flash" (no s^2 scores stored, causal half) or "eager" (GPT 2021)
+    tie_embeddings: bool = False
+    experts: int = 0
+    top_k: int = 0
+    shared_experts: int = 0
+    moe_ffn_hidden: int = 0
+    dense_layers: int = 0
+    flavor: str | None = None
+
+    def __post_init__(self) -> None:
+        for k in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "seq_len"):
+            if getattr(self, k) <= 0:
+                raise PlannerError(f"model.{k} must be a positive integer (got {getattr(self, k)})")
+        if self.hidden % self.heads:
+            raise PlannerError(f"model.hidden={self.hidden} is not divisible by model.heads={self.heads}")
+        if self.heads % self.kv_heads:
+            raise PlannerError(f"model.heads={self.heads} is not divisible by model.kv_heads={self.kv_heads}")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise PlannerError(f"model.mlp must be \"swiglu\" or \"gelu\" (got {self.mlp!r})")
+        if self.attention not in ("flash", "eager"):
+            raise PlannerError(f"model.attention must be \"flash\" or \"eager\" (got {self.attention!r})")
+        if self.experts and not (0 < self.top_k <= self.experts and self.moe_ffn_hidden > 0):
+            raise PlannerError("an MoE model needs 0 < model.top_k <= model.experts and model.moe_ffn_hidden > 0")
+
+    # -- parameter counts ---------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def mlp_mats(self) -> int:
+        return 3 if self.mlp == "swiglu" else 2
+
+    @property
+    def moe_layers(self) -> int:
+        return self.layers - self.dense_layers if self.experts else 0
+
+    def attn_params(self) -> int:
+        h = self.hidden
+        w = 2 * h * h + 2 * h * self.kv_dim
+        return w + (4 * h if self.mlp == "gelu" else 0)  # GPT: qkv and out-proj biases (Narayanan Eq.2)
+
+    def norm_params(self) -> int:
+        return 4 * self.hidden if self.mlp == "gelu" else 2 * self.hidden  # LayerNorm has a bias
+
+    def dense_mlp_params(self) -> int:
+        w = self.mlp_mats * self.hidden * self.ffn_hidden
+        return w + (self.ffn_hidden + self.hidden if self.mlp == "gelu" else 0)
+
+    def expert_params(self) -> int:
+        """Parameters of one routed expert."""
+        return self.mlp_mats * self.hidden * self.moe_ffn_hidden
+
+    def moe_layer_mlp_params(self) -> tuple[int, int]:
+        """(non-expert params: router + shared experts, routed-expert params) of one MoE layer."""
+        shared = self.shared_experts * self.expert_params() + self.hidden * self.experts
+        return shared, self.experts * self.expert_params()
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden + (self.seq_len * self.hidden if self.mlp == "gelu" else 0)
+
+    def output_params(self) -> int:
+        return 0 if self.tie_embeddings else self.vocab * self.hidden
+
+    def num_params(self) -> int:
+        dense_layers = self.layers - self.moe_layers
+        body = dense_layers * (self.attn_params() + self.norm_params() + self.dense_mlp_params())
+        if self.moe_layers:
+            shared, routed = self.moe_layer_mlp_params()
+            body += self.moe_layers * (self.attn_params() + self.norm_params() + shared + routed)
+        final_norm = 2 * self.hidden if self.mlp == "gelu" else self.hidden
+        return body + final_norm + self.embedding_params() + self.output_params()
+
+    def active_params(self) -> int:
+        """Parameters one token touches (MoE: top_k routed experts)."""
+        if not self.moe_layers:
+            return self.num_params()
+        _, routed = self.moe_layer_mlp_params()
+        return self.num_params() - self.moe_layers * (routed - self.top_k * self.expert_params())
+
+    # -- FLOPs -------------------------------------------------------------------------------
+    def matmul_flops_per_token(self) -> float:
+        """Forward matmul FLOPs per token, excluding attention scores (2 per weight per token)."""
+        h, L = self.hidden, self.layers
+        attn = 2 * (2 * h * h + 2 * h * self.kv_dim)
+        dense_mlp = 2 * self.mlp_mats * h * self.ffn_hidden
+        moe_mlp = 2 * (self.top_k + self.shared_experts) * self.expert_params() + 2 * h * self.experts
+        per_layer = (L - self.moe_layers) * (attn + dense_mlp) + self.moe_layers * (attn + moe_mlp)
+        return per_layer + 2 * h * self.vocab
+
+    def attn_flops_per_token(self, *, causal_half: bool = False) -> float:
+        """Forward QK^T and AV FLOPs per token (full s^2 unless ``causal_half``)."""
+        f = 4.0 * self.layers * self.seq_len * self.hidden
+        return f / 2 if causal_half else f
+
+    def model_flops_per_token(self) -> float:
+        """Training FLOPs per token, no recompute (MFU basis): 3x forward, attention counted full
+        (Megatron-LM's num_floating_point_operations; Korthikanti 2022 Appendix A)."""
+        return 3.0 * (self.matmul_flops_per_token() + self.attn_flops_per_token())
+
+
+def shape_from_flavor(name: str, *, seq_len: int | None = None, vocab: int | None = None) -> ModelShape:
+    if name not in FLAVORS:
+        raise PlannerError(f"unknown model.flavor {name!r}; choose one of: {', '.join(sorted(FLAVORS))}")
+    return shape_from_args(FLAVORS[name], flavor=name, seq_len=seq_len, vocab=vocab)
+
+
+def shape_from_args(m: ModelArgs, *, flavor: str | None = None, seq_len: int | None = None,
+                    vocab: int | None = None) -> ModelShape:
+    return ModelShape(
+        layers=m.n_layers, hidden=m.dim, heads=m.n_heads, kv_heads=m.n_kv_heads, ffn_hidden=m.ffn_hidden,
+        vocab=vocab or m.vocab_size or 32000, seq_len=seq_len or m.max_seq_len, tie_embeddings=m.tie_embeddings,
+        experts=m.experts, top_k=m.top_k, shared_experts=m.shared_experts, moe_ffn_hidden=m.moe_ffn_hidden,
+        dense_layers=m.dense_layers, flavor=flavor,
+    )
+
+
+_MODEL_KEYS = {"flavor", "layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "seq_len", "experts",
+               "top_k", "shared_experts", "moe_ffn_hidden", "dense_layers", "mlp", "attention", "tie_embeddings"}
+
+
+def model_from_dict(d: dict) -> ModelShape:
+    unknown = set(d) - _MODEL_KEYS
+    if unknown:
+        raise PlannerError(f"unknown key model.{sorted(unknown)[0]}; known: {', '.join(sorted(_MODEL_KEYS))}")
+    d = dict(d)
+    if "flavor" in d:
+        base = shape_from_flavor(str(d.pop("flavor")))
+        try:
+            return dataclasses.replace(base, **d)
+        except TypeError as e:
+            raise PlannerError(f"[model]: {e}") from None
+    missing = [k for k in ("layers", "hidden", "heads", "vocab", "seq_len") if k not in d]
+    if missing:
+        raise PlannerError(f"[model] needs flavor = \"...\" or model.{missing[0]} (missing: {', '.join(missing)})")
+    d.setdefault("kv_heads", d["heads"])
+    if "ffn_hidden" not in d:
+        # GPT convention (Narayanan 2021): 4h with a 2-matrix GeLU MLP; SwiGLU: Llama's 8h/3 rounding.
+        mlp = d.get("mlp", "swiglu")
+        h = d["hidden"]
+        d["ffn_hidden"] = 4 * h if mlp == "gelu" else 256 * ((int(8 * h / 3) + 255) // 256)
+    return ModelShape(**d)
+
+
+# -- layout ----------------------------------------------------------------------------------
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
+RECOMPUTE = ("none", "selective", "full")
+ZERO = (0, 1, 2, 3)  # "fsdp" is accepted as 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    ep: int = 1
+    microbatch: int = 1
+    virtual_stages: int = 1
+    pp_schedule: str = "1f1b"
+    recompute: str = "none"
+    sequence_parallel: bool = False
+    zero: int = 1
+    # Overlap of the data-parallel reduction with backward, and of TP collectives with GEMMs
+    # (Megatron-LM --overlap-grad-reduce / --tp-comm-overlap; FSDP2 prefetching / async TP).
+    dp_overlap: bool = True
+    tp_overlap: bool = False
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+    def short(self) -> str:
+        s = f"tp{self.tp} pp{self.pp} dp{self.dp}"
+        if self.cp > 1:
+            s += f" cp{self.cp}"
+        if self.ep > 1:
+            s += f" ep{self.ep}"
+        s += f" mb{self.microbatch}"
+        if self.pp > 1:
+            s += f" {self.pp_schedule}" + (f"x{self.virtual_stages}" if self.virtual_stages > 1 else "")
+        s += f" rc:{self.recompute}" + (" sp" if self.sequence_parallel else "") + f" z{self.zero}"
+        return s
+
+
+LAYOUT_KEYS = {f.name for f in dataclasses.fields(Layout)}
+
+
+def normalize_layout_dict(d: dict, *, where: str = "[layout]") -> dict:
+    """Check and normalise a partial layout table; returns only the keys that were given."""
+    unknown = set(d) - LAYOUT_KEYS
+    if unknown:
+        raise PlannerError(f"unknown key layout.{sorted(unknown)[0]}; known: {', '.join(sorted(LAYOUT_KEYS))}")
+    out = dict(d)
+    for k in ("tp", "pp", "dp", "cp", "ep", "microbatch", "virtual_stages"):
+        if k in out and (not isinstance(out[k], int) or isinstance(out[k], bool) or out[k] < 1):
+            raise PlannerError(f"layout.{k} must be a positive integer (got {out[k]!r})")
+    if "zero" in out:
+        z = out["zero"]
+        if isinstance(z, str) and z.lower() == "fsdp":
+            z = 3
+        if z not in ZERO or isinstance(z, bool):
+            raise PlannerError(f"layout.zero must be 0, 1, 2, 3 or \"fsdp\" (got {out['zero']!r})")
+        out["zero"] = z
+    if "pp_schedule" in out and out["pp_schedule"] not in SCHEDULES:
+        raise PlannerError(f"layout.pp_schedule must be one of {', '.join(SCHEDULES)} (got {out['pp_schedule']!r})")
+    if "recompute" in out and out["recompute"] not in RECOMPUTE:
+        raise PlannerError(f"layout.recompute must be one of {', '.join(RECOMPUTE)} (got {out['recompute']!r})")
+    for k in ("sequence_parallel", "dp_overlap", "tp_overlap"):
+        if k in out and not isinstance(out[k], bool):
+            raise PlannerError(f"layout.{k} must be true or false (got {out[k]!r})")
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    model: ModelShape
+    cluster: Cluster
+    fixed: dict  # layout keys the user pinned
+    global_batch: int  # sequences per optimizer step
+    precision: str = "bf16"
+    checkpoint_gb: float | None = None  # size of one checkpoint; None: 14 bytes/param (bf16 weights + fp32 Adam)
+
+
+_TRAIN_KEYS = {"global_batch", "precision", "checkpoint_gb", "seq_len"}
+
+
+def run_from_dict(d: dict, *, base_dir: Path | None = None) -> RunSpec:
+    unknown = set(d) - {"model", "cluster", "layout", "train"}
+    if unknown:
+        raise PlannerError(f"unknown table [{sorted(unknown)[0]}]; a run description has [model], [cluster], [layout], [train]")
+    if "model" not in d:
+        raise PlannerError("the run description needs a [model] table (flavor = \"...\" or its shape)")
+    if "cluster" not in d:
+        raise PlannerError("the run description needs a [cluster] table (gpu, gpus, gpus_per_node, or file = ...)")
+    train = dict(d.get("train", {}))
+    bad = set(train) - _TRAIN_KEYS
+    if bad:
+        raise PlannerError(f"unknown key train.{sorted(bad)[0]}; known: {', '.join(sorted(_TRAIN_KEYS))}")
+    model_d = dict(d["model"])
+    if "seq_len" in train:
+        model_d["seq_len"] = train["seq_len"]
+    model = model_from_dict(model_d)
+    cluster = cluster_from_dict(d["cluster"], base_dir=base_dir)
+    fixed = normalize_layout_dict(d.get("layout", {}))
+    gb = train.get("global_batch")
+    if gb is None:
+        # A sensible default: ~4M tokens (Llama 3's early batch), at least one sequence per GPU.
+        gb = max(cluster.gpus, (4 * 1024 * 1024) // model.seq_len)
+    if not isinstance(gb, int) or gb < 1:
+        raise PlannerError(f"train.global_batch must be a positive integer of sequences (got {gb!r})")
+    precision = train.get("precision", "bf16")
+    if precision not in ("bf16", "fp8"):
+        raise PlannerError(f"train.precision must be \"bf16\" or \"fp8\" (got {precision!r})")
+    cluster.accel.peak(precision)  # rejects fp8 on accelerators without it
+    return RunSpec(model=model, cluster=cluster, fixed=fixed, global_batch=gb, precision=precision,
+                   checkpoint_gb=train.get("checkpoint_gb"))
+
+
+def load_run(path: str | Path) -> RunSpec:
+    path = Path(path)
+    return run_from_dict(load_toml(path), base_dir=path.parent)

@@ -1,0 +1,278 @@
+"""The training loop, as named steps a variant can override one at a time.
+
+``Trainer(cfg).fit()`` runs in every rank: ``build`` (process group, mesh, data, model, optimizer,
+resume), then per step ``forward_backward`` over the micro-batches, ``optimizer_step``, and on
+their intervals ``evaluate``, ``log`` and ``checkpoint``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from apogee.checkpoint.dcp import Checkpointer, latest_checkpoint
+from apogee.config import Config, validate, write_config
+from apogee.data.prepare import PreparedCorpus, prepare_corpus
+from apogee.data.sampler import Batch, TrainSampler, split_tokens, val_batches
+from apogee.models.init import init_weights
+from apogee.models.llama import Transformer
+from apogee.parallel.apply import parallelize
+from apogee.parallel.mesh import Mesh
+from apogee.telemetry.metrics import MetricsWriter, log, memory_gib
+from apogee.telemetry.mfu import peak_flops
+from apogee.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+
+
+def pick_device(setting: str) -> torch.device:
+    """``run.device``: auto uses CUDA when present, one device per local rank."""
+    use_cuda = setting == "cuda" or (setting == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def model_vocab(cfg: Config, tokenizer_vocab: int) -> int:
+    """The flavor's vocabulary, an explicit ``model.vocab_size``, or the tokenizer's rounded up to
+    a multiple of 64 (tensor-core friendly, and divisible by any tensor-parallel degree <= 64)."""
+    args = cfg.model.args()
+    vocab = args.vocab_size or -(-tokenizer_vocab // 64) * 64
+    if vocab < tokenizer_vocab:
+        raise ValueError(
+            f"the model vocabulary ({vocab}) is smaller than the tokenizer's ({tokenizer_vocab}); "
+            f"set model.vocab_size >= {tokenizer_vocab}"
+        )
+    return vocab
+
+
+def load_corpus(cfg: Config, *, progress: bool) -> PreparedCorpus:
+    d = cfg.data
+    return prepare_corpus(
+        source=d.source, path=d.path or None, tokenizer=d.tokenizer, bpe_vocab_size=d.bpe_vocab_size,
+        text_key=d.text_key, glob=d.glob, max_bytes=d.max_bytes or None, bin_dtype=d.bin_dtype,
+        cache_dir=d.cache_path, progress=progress,
+    )
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    checkpoint: str | None
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = cfg.run.path
+
+    # ----------------------------------------------------------------------------------- build
+    def build(self) -> None:
+        cfg = self.cfg
+        self.device = pick_device(cfg.run.device)
+        if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", device_id=self.device if self.device.type == "cuda" else None)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.is_main = self.rank == 0
+        if self.device.type == "cpu":
+            # Ranks on one host share its cores; oversubscribed threads slow every rank down.
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+        parallel = validate(cfg, self.world_size)
+        self.mesh = Mesh.build(parallel, self.device.type)
+        self.grad_accum = cfg.train.global_batch // (cfg.train.micro_batch * parallel.dp)
+        self.use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
+        torch.manual_seed(cfg.train.seed + self.rank)
+
+        self.build_data()
+        self.build_model()
+        self.optimizer = build_optimizer(self.model, cfg.train, self.device)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.step = 0
+        self.resume()
+        if self.is_main:
+            write_config(cfg, self.run_dir / "config.toml")
+            self.corpus.tokenizer.save(self.run_dir / "tokenizer")
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=self.is_main, resume_step=self.step)
+        peak = peak_flops(self.device, "bf16" if self.use_bf16 else "fp32")
+        self.peak_flops_total = peak * self.world_size if peak else None
+
+    def build_data(self) -> None:
+        # Rank 0 tokenises (once, cached); the others then read the cache.
+        if self.is_main:
+            self.corpus = load_corpus(self.cfg, progress=True)
+        if dist.is_initialized():
+            dist.barrier()
+        if not self.is_main:
+            self.corpus = load_corpus(self.cfg, progress=False)
+        train_tokens, self.val_tokens = split_tokens(self.corpus.tokens, self.cfg.data.val_fraction)
+        self.sampler = TrainSampler(train_tokens, seq_len=self.cfg.train.seq_len, seed=self.cfg.train.seed)
+
+    def build_model(self) -> None:
+        args = self.cfg.model.args().with_vocab(model_vocab(self.cfg, self.corpus.vocab_size))
+        self.model_args = args
+        with torch.device("meta"):
+            model = Transformer(args)
+        param_dtype = torch.bfloat16 if self.use_bf16 else torch.float32
+        self.model = parallelize(model, self.mesh, param_dtype=param_dtype, compile=self.cfg.train.compile)
+        init_weights(self.model, self.cfg.train.seed, self.device)
+        self.flops_per_token = args.flops_per_token(self.cfg.train.seq_len)
+
+    def resume(self) -> None:
+        setting = self.cfg.checkpoint.resume
+        if setting == "never":
+            return
+        path = latest_checkpoint(self.run_dir / "checkpoints") if setting == "auto" else Path(setting)
+        if path is None:
+            return
+        state = self.checkpointer.load(path, self.model, self.optimizer, self.trainer_state())
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        log(f"resumed from {path} at step {self.step}", enabled=self.is_main)
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "sampler": self.sampler.state_dict()}
+
+    # ------------------------------------------------------------------------------- the steps
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Mean next-token cross-entropy of one micro-batch (a DTensor under loss parallel)."""
+        inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
+        with self.autocast():
+            logits = self.model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+
+    def autocast(self):
+        if self.use_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def loss_context(self):
+        """Cross-entropy over vocabulary-sharded logits needs loss_parallel for forward and backward."""
+        if self.mesh.tp is not None and self.mesh.parallel.loss_parallel:
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    def forward_backward(self, batch: Batch) -> float:
+        """Accumulate gradients over this rank's micro-batches; returns the mean loss of the step."""
+        mb = self.cfg.train.micro_batch
+        total = torch.zeros((), device=self.device)
+        for i in range(self.grad_accum):
+            micro = Batch(batch.inputs[i * mb : (i + 1) * mb], batch.targets[i * mb : (i + 1) * mb])
+            if hasattr(self.model, "set_requires_gradient_sync"):
+                # FSDP: reduce-scatter gradients once, after the last micro-batch.
+                self.model.set_requires_gradient_sync(i == self.grad_accum - 1)
+            with self.loss_context():
+                loss = self.loss(micro) / self.grad_accum
+                loss.backward()
+            total += _local(loss.detach())
+        return self.mean_over_dp(total)
+
+    def optimizer_step(self) -> tuple[float, float]:
+        lr = lr_at(self.step + 1, self.cfg.train)
+        set_lr(self.optimizer, lr)
+        grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return lr, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        t = self.cfg.train
+        total, count = torch.zeros((), device=self.device), 0
+        batches = val_batches(
+            self.val_tokens, seq_len=t.seq_len, global_batch=t.global_batch, micro_batch=t.micro_batch,
+            batches=self.cfg.eval.batches, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size,
+        )
+        for batch in batches:
+            with self.loss_context():
+                total += _local(self.loss(batch))
+            count += 1
+        self.model.train()
+        return self.mean_over_dp(total / count)
+
+    def mean_over_dp(self, value: torch.Tensor) -> float:
+        if self.mesh.dp is not None and self.mesh.dp_size > 1:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.mesh.dp.get_group())
+        return float(value)
+
+    def checkpoint(self) -> Path:
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
+        log(f"checkpoint saved: {path}", enabled=self.is_main)
+        return path
+
+    def log(self, *, loss: float, lr: float, grad_norm: float, tokens_per_s: float, val_loss: float | None) -> None:
+        mfu = tokens_per_s * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None
+        record = {
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": self.step * self.cfg.train.global_batch * self.cfg.train.seq_len,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+            "mem_gib": memory_gib(self.device),
+            "epoch": round(self.sampler.epoch, 4),
+        }
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+        self.metrics.write(record)
+
+    # -------------------------------------------------------------------------------- the loop
+    def fit(self) -> TrainResult:
+        self.build()
+        cfg = self.cfg
+        tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
+        loss = val_loss = None
+        saved = None
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < cfg.train.steps:
+            batch = self.sampler.next_batch(
+                global_batch=cfg.train.global_batch, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size
+            )
+            loss = self.forward_backward(batch)
+            lr, grad_norm = self.optimizer_step()
+            window_steps += 1
+            last = self.step == cfg.train.steps
+            do_eval = last or (cfg.eval.interval > 0 and self.step % cfg.eval.interval == 0)
+            do_save = last or (cfg.checkpoint.interval > 0 and self.step % cfg.checkpoint.interval == 0)
+            do_log = last or do_eval or self.step % cfg.run.log_interval == 0
+            if do_log:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                tokens_per_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+            val_loss = self.evaluate() if do_eval else None
+            if do_log:
+                self.log(loss=loss, lr=lr, grad_norm=grad_norm, val_loss=val_loss, tokens_per_s=tokens_per_s)
+            if do_save:
+                saved = self.checkpoint()
+            if do_log or do_save:
+                # Throughput counts training steps only, not evaluation or checkpoint time.
+                window_start, window_steps = time.perf_counter(), 0
+        if saved is None and self.step > 0:
+            saved = latest_checkpoint(self.run_dir / "checkpoints")
+        result = TrainResult(str(self.run_dir), self.step, loss, val_loss, str(saved) if saved else None)
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        return result
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor's value as a plain tensor (loss-parallel losses are replicated)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t

@@ -1,0 +1,43 @@
+"""Small, fast training runs for the tests: tiny model, stdlib corpus capped to a few hundred KB."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from apogee.config import load_config
+
+
+def tiny_config(run_dir: Path, cache_dir: Path, *, steps: int = 10, **sections):
+    overrides = {
+        "run": {"dir": str(run_dir), "log_interval": 1},
+        "model": {"flavor": "tiny"},
+        "data": {"source": "stdlib", "tokenizer": "byte", "max_bytes": 300_000, "cache_dir": str(cache_dir)},
+        "train": {"steps": steps, "seed": 7, "global_batch": 8, "micro_batch": 2, "seq_len": 32,
+                  "lr": 3e-3, "warmup_steps": 2, "grad_clip": 1.0},
+        "eval": {"interval": 5, "batches": 1},
+        "checkpoint": {"interval": 0, "resume": "auto"},
+        "parallel": {"dp_shard": 1, "tp": 1},
+    }
+    for section, values in sections.items():
+        overrides.setdefault(section, {}).update(values)
+    return load_config(None, overrides)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_params(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model parameters stored in a checkpoint, whatever layout wrote it."""
+    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and hasattr(meta, "size")
+    }
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    return state

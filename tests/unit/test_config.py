@@ -1,0 +1,81 @@
+import pytest
+
+from apogee.config import ConfigError, load_config, parse_overrides, validate
+
+
+def error(overrides, world_size=None, config=None):
+    with pytest.raises(ConfigError) as exc:
+        cfg = load_config(config, overrides)
+        validate(cfg, world_size)
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = load_config(None, ["train.steps=7", "train.lr=0.01", "parallel.tp=2", "run.dir=/tmp/x", "train.compile=true"])
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.train.lr == 0.01
+    assert cfg.train.compile is True
+    assert cfg.run.path.as_posix() == "/tmp/x"
+    assert validate(cfg, 4).dp_shard == 2  # -1 fills the world
+
+
+def test_presets_load():
+    for name in ("debug", "shakespeare-char", "llama-1b"):
+        load_config(name, ["data.path=pyproject.toml"])
+
+
+def test_unknown_key_names_the_key():
+    assert "train.stepz" in error(["train.stepz=3"])
+
+
+def test_unknown_section():
+    assert "[trian]" in error(["trian.steps=3"])
+
+
+def test_wrong_type_names_the_key():
+    assert "train.steps must be an integer" in error(["train.steps=abc"])
+    assert "train.compile must be true or false" in error(["train.compile=maybe"])
+
+
+def test_world_size_must_equal_product_of_degrees():
+    msg = error(["parallel.dp_shard=2", "parallel.tp=2"], world_size=8)
+    assert "world size is 8" in msg and "--nproc 4" in msg
+
+
+def test_heads_not_divisible_by_tp():
+    assert "parallel.tp=3" in error(["parallel.tp=3", "parallel.dp_shard=1"], world_size=3)
+
+
+def test_batch_not_divisible_by_micro_batch_times_dp():
+    msg = error(["train.global_batch=10", "train.micro_batch=4", "parallel.dp_shard=2", "parallel.tp=1"], world_size=2)
+    assert "train.global_batch=10" in msg and "train.micro_batch=4" in msg
+
+
+def test_missing_data_path():
+    assert "data.path" in error(["data.source=text"])
+    assert "does not exist" in error(["data.source=text", "data.path=/nonexistent/corpus.txt"])
+
+
+def test_unknown_flavor_and_missing_config_file():
+    assert "model.flavor" in error(["model.flavor=gpt5"])
+    assert "not found" in error([], config="no-such-preset")
+
+
+def test_seq_len_beyond_context():
+    assert "train.seq_len" in error(["train.seq_len=100000"])
+
+
+def test_set_syntax():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["steps"])
+    assert parse_overrides(["a.b=[1, 2]", "a.c=x y"]) == {"a": {"b": [1, 2], "c": "x y"}}
+
+
+def test_round_trip_through_written_toml(tmp_path):
+    from apogee.config import write_config
+
+    cfg = load_config(None, ["train.steps=5", "model.flavor=tiny"])
+    write_config(cfg, tmp_path / "c.toml")
+    assert load_config(tmp_path / "c.toml") == cfg

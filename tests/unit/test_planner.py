@@ -1,0 +1,215 @@
+"""Planner: memory formulas against hand-computed cases, time model pieces, search, CLI, config export."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from apogee.planner.cli import register
+from apogee.planner.cluster import Cluster, get_accelerator
+from apogee.planner.errors import PlannerError
+from apogee.planner.estimate import estimate
+from apogee.planner.memory import activation_bytes_per_layer, zero_model_state_bytes
+from apogee.planner.schedule import bubble_fraction
+from apogee.planner.search import plan_layout, search
+from apogee.planner.spec import Layout, ModelShape, RunSpec, run_from_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(*argv: str) -> int:
+    ap = argparse.ArgumentParser(prog="apogee")
+    register(ap.add_subparsers(required=True))
+    args = ap.parse_args(list(argv))
+    return args.func(args)
+
+
+def gpt(L, h, a, v=51200, s=2048) -> ModelShape:
+    return ModelShape(layers=L, hidden=h, heads=a, kv_heads=a, ffn_hidden=4 * h, vocab=v, seq_len=s,
+                      mlp="gelu", attention="eager", tie_embeddings=True)
+
+
+# -- memory ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage,gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_paper_7_5b_on_64(stage, gb):
+    assert round(zero_model_state_bytes(7.5e9, 64, stage) / 1e9, 1) == gb
+
+
+def test_gpt_param_count_is_narayanan_eq2():
+    m = gpt(128, 25600, 160)
+    L, h, v, s = 128, 25600, 51200, 2048
+    eq2 = 12 * L * h * h * (1 + 13 / (12 * h) + (v + s) / (12 * L * h))
+    assert abs(m.num_params() - eq2) / eq2 < 1e-5  # only the final LayerNorm differs
+    assert round(m.num_params() / 1e9, 1) == 1008.0
+
+
+def test_llama_param_count_matches_flavor():
+    from apogee.models.flavors import get_flavor
+    from apogee.planner.spec import shape_from_flavor
+
+    assert shape_from_flavor("llama3-8b").num_params() == get_flavor("llama3-8b").num_params()
+
+
+def test_korthikanti_table2_activations():
+    m = gpt(1, 4096, 32)
+    s, b, h, a = 2048, 1, 4096, 32
+    sbh = s * b * h
+    t = 8
+    act = lambda **k: activation_bytes_per_layer(m, Layout(**k), micro_tokens=s * b)
+    assert act() == pytest.approx(sbh * (34 + 5 * a * s / h))
+    assert act(tp=t) == pytest.approx(sbh * (10 + 24 / t + 5 * a * s / (h * t)))
+    assert act(tp=t, sequence_parallel=True) == pytest.approx(sbh * (34 / t + 5 * a * s / (h * t)))
+    assert act(tp=t, recompute="selective") == pytest.approx(sbh * (10 + 24 / t))
+    assert act(tp=t, sequence_parallel=True, recompute="selective") == pytest.approx(34 * sbh / t)
+    assert act(tp=t, recompute="full") == pytest.approx(2 * sbh)
+
+
+def test_llama_activations_hand_count():
+    # Llama block, flash attention, no TP: 12 + 4kv/a + 4a/h (lse) + 8f/h bytes per token per hidden.
+    m = ModelShape(layers=1, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=128256, seq_len=8192)
+    per = activation_bytes_per_layer(m, Layout(), micro_tokens=8192) / (8192 * 4096)
+    assert per == pytest.approx(12 + 4 * 8 / 32 + 4 * 32 / 4096 + 8 * 14336 / 4096)
+
+
+# -- time model -----------------------------------------------------------------------------------
+def test_bubble_fractions_narayanan():
+    assert bubble_fraction("1f1b", 8, 1, 64) == pytest.approx(7 / 64)
+    assert bubble_fraction("gpipe", 8, 1, 64) == pytest.approx(7 / 64)
+    assert bubble_fraction("interleaved-1f1b", 8, 4, 64) == pytest.approx(7 / 256)
+    assert bubble_fraction("1f1b", 1, 1, 64) == 0.0
+
+
+def _run(flavor="llama3-8b", gpu="h100-80gb", gpus=64, gb=256, **layout) -> RunSpec:
+    return run_from_dict({"model": {"flavor": flavor}, "cluster": {"gpu": gpu, "gpus": gpus},
+                          "layout": layout, "train": {"global_batch": gb}})
+
+
+def test_interleaving_and_recompute_move_step_time_the_right_way():
+    base = dict(tp=8, pp=4, dp=2, microbatch=1, sequence_parallel=True, zero=1)
+    run = _run("llama3-70b", gpus=64, gb=64, **base)
+    plain = estimate(run, Layout(**base, pp_schedule="1f1b"))
+    inter = estimate(run, Layout(**base, pp_schedule="interleaved-1f1b", virtual_stages=4))
+    full = estimate(run, Layout(**base, pp_schedule="1f1b", recompute="full"))
+    assert inter.step_time_s < plain.step_time_s
+    assert plain.bubble_fraction == pytest.approx(3 / 32)
+    assert full.step_time_s > plain.step_time_s
+    assert full.memory.activations < plain.memory.activations
+    assert full.hardware_tflops_per_gpu > full.model_tflops_per_gpu  # recompute counted as hardware FLOPs
+    # MFU basis: model FLOPs / peak
+    assert plain.mfu == pytest.approx(plain.model_tflops_per_gpu / 989.0)
+
+
+def test_young_daly_interval():
+    run = _run(gpus=64)
+    e = estimate(run, Layout(tp=1, pp=1, dp=64, microbatch=1, zero=3))
+    delta = 14.0 * run.model.num_params() / (run.cluster.checkpoint_write_gbs * 1e9)
+    mtbf = run.cluster.node_mtbf_hours * 3600 / 8
+    assert e.checkpoint_write_s == pytest.approx(delta)
+    assert e.checkpoint_interval_s == pytest.approx(math.sqrt(2 * delta * mtbf) - delta)
+    assert 0.9 < e.goodput < 1.0
+
+
+# -- search ---------------------------------------------------------------------------------------
+def test_search_1t_on_3072_finds_a_fitting_layout():
+    run = run_from_dict({"model": {"flavor": "dense-1t"}, "cluster": {"gpu": "a100-80gb", "gpus": 3072}})
+    res = search(run, top=5)
+    assert res.ranked and all(e.fits for e in res.ranked)
+    best = res.ranked[0]
+    assert best.layout.world == 3072 and best.memory.total <= 80 * 2**30
+    assert best.layout.pp > 1 and best.layout.tp > 1  # 1T does not fit without model parallelism
+    assert [e.step_time_s for e in res.ranked] == sorted(e.step_time_s for e in res.ranked)
+
+
+def test_pinned_keys_are_respected_and_unfit_is_reported():
+    e = plan_layout(_run(gpus=64, tp=2, pp=2))
+    assert (e.layout.tp, e.layout.pp, e.layout.dp) == (2, 2, 16)
+    with pytest.raises(PlannerError, match="no layout fits"):
+        plan_layout(_run("llama3-405b", gpus=8, gb=8))
+
+
+def test_bad_inputs_name_the_key():
+    with pytest.raises(PlannerError, match="cluster.gpu"):
+        _run(gpu="tpu-v9")
+    with pytest.raises(PlannerError, match="layout.recompute"):
+        _run(recompute="sometimes")
+    with pytest.raises(PlannerError, match="model.flavor"):
+        _run(flavor="nope")
+    with pytest.raises(PlannerError, match=r"layout tp\*pp\*dp\*cp = 192"):
+        estimate(_run(gpus=64), Layout(tp=3, dp=64))
+    with pytest.raises(PlannerError, match="layout.tp=3 must divide model.heads"):
+        estimate(_run(gpus=192), Layout(tp=3, dp=64))
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def test_simulate_json_keys(capsys):
+    assert _cli("simulate", "--flavor", "llama3-8b", "--gpus", "64", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    for k in ("step_time_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "hardware_tflops_per_gpu", "mfu",
+              "memory_gib_per_gpu", "fits", "checkpoint_interval_s", "goodput"):
+        assert k in out
+    assert out["fits"] and 0 < out["mfu"] < 1
+    assert set(out["memory_gib_per_gpu"]) >= {"params", "grads", "optimizer", "activations", "buffers"}
+
+
+def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "run.toml"
+    bad.write_text('[model]\nflavor = "llama3-8b"\n[cluster]\ngpu = "h100-80gb"\ngpus = 64\n[layout]\nzero = 7\n')
+    assert _cli("plan", str(bad)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "layout.zero" in err
+    assert _cli("plan", str(tmp_path / "missing.toml")) == 2
+
+
+def test_plan_prints_table_and_writes_config(tmp_path, capsys):
+    out = tmp_path / "cfg.toml"
+    assert _cli("plan", "--flavor", "llama3-8b", "--gpus", "16", "--top", "3", "--write-config", str(out)) == 0
+    text = capsys.readouterr().out
+    assert "placement:" in text and "why #1" in text
+    import tomllib
+
+    cfg = tomllib.loads(out.read_text())
+    p = cfg["parallel"]
+    assert cfg["model"]["flavor"] == "llama3-8b"
+    assert p["dp_replicate"] * p["dp_shard"] * p["tp"] * p["pp"] * p["cp"] == 16
+    assert p["recompute"] in ("none", "selective", "full") and isinstance(p["sequence_parallel"], bool)
+    assert cfg["train"]["global_batch"] % cfg["train"]["micro_batch"] == 0
+
+
+@pytest.mark.parametrize("flavor,gpus,gb", [("debug", 4, 16), ("tiny", 8, 32)])
+def test_written_configs_load_in_the_engine(tmp_path, flavor, gpus, gb):
+    config = pytest.importorskip("apogee.config", reason="apogee.config (the engine's validation) not written yet")
+    # The engine supports pp = cp = 1 for now: plan within what it accepts.
+    run = run_from_dict({"model": {"flavor": flavor, "seq_len": 256}, "cluster": {"gpu": "cpu", "gpus": gpus},
+                         "layout": {"pp": 1, "cp": 1}, "train": {"global_batch": gb}})
+    from apogee.planner.export import write_config
+
+    res = search(run, top=5)
+    assert res.ranked
+    for i, e in enumerate(res.ranked):
+        path = write_config(run, e.layout, tmp_path / f"{i}.toml")
+        try:
+            config.load_config(path)
+        except config.ConfigError as exc:
+            if "unknown key parallel." in str(exc):
+                pytest.skip(f"engine config does not accept the planner's [parallel] keys yet: {exc}")
+            raise
+
+
+# -- accuracy -------------------------------------------------------------------------------------
+def test_published_runs_accuracy(capsys):
+    spec = importlib.util.spec_from_file_location("planner_accuracy", ROOT / "benchmarks" / "planner_accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not mod.DEFAULT_CSV.exists():
+        pytest.skip(f"{mod.DEFAULT_CSV} not present")
+    assert mod.main(["--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["rows"] == 19
+    assert summary["mae_pct_a100-80gb"] <= 5.0
+    # Recorded figures (see docs/planner.md); guard against regressions, not the target.
+    assert summary["mae_pct"] <= 8.0 and summary["max_abs_pct"] <= 21.0
