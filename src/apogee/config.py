@@ -30,6 +30,9 @@ class RunConfig:
     dir: str = ""  # default: runs/<name>
     device: str = "auto"  # auto | cpu | cuda
     log_interval: int = 10
+    # Stop (after checkpointing) once this step is done; 0 runs to train.steps. For batch systems
+    # with time limits (re-queue and resume) and for drills; like Megatron's --exit-interval.
+    stop_at_step: int = 0
 
     @property
     def path(self) -> Path:
@@ -338,6 +341,8 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelConfig:
         raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"run.device must be auto, cpu or cuda, got {cfg.run.device!r}")
+    if cfg.run.stop_at_step < 0:
+        raise ConfigError(f"run.stop_at_step must be >= 0, got {cfg.run.stop_at_step}")
     if cfg.run.log_interval < 1:
         raise ConfigError(f"run.log_interval must be at least 1, got {cfg.run.log_interval}")
     if cfg.checkpoint.interval < 0 or cfg.eval.interval < 0 or cfg.eval.batches < 1:

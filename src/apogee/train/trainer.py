@@ -249,6 +249,7 @@ class Trainer:
             lr, grad_norm = self.optimizer_step()
             window_steps += 1
             last = self.step == cfg.train.steps
+            stopping = self.step == cfg.run.stop_at_step
             do_eval = last or (cfg.eval.interval > 0 and self.step % cfg.eval.interval == 0)
             do_save = last or (cfg.checkpoint.interval > 0 and self.step % cfg.checkpoint.interval == 0)
             do_log = last or do_eval or self.step % cfg.run.log_interval == 0
@@ -259,11 +260,14 @@ class Trainer:
             val_loss = self.evaluate() if do_eval else None
             if do_log:
                 self.log(loss=loss, lr=lr, grad_norm=grad_norm, val_loss=val_loss, tokens_per_s=tokens_per_s)
-            if do_save:
+            if do_save or stopping:
                 saved = self.checkpoint()
             if do_log or do_save:
                 # Throughput counts training steps only, not evaluation or checkpoint time.
                 window_start, window_steps = time.perf_counter(), 0
+            if stopping:
+                log(f"stopping at step {self.step} (run.stop_at_step); run again to resume", enabled=self.is_main)
+                break
         if saved is None and self.step > 0:
             saved = latest_checkpoint(self.run_dir / "checkpoints")
         result = TrainResult(str(self.run_dir), self.step, loss, val_loss, str(saved) if saved else None)
