@@ -23,7 +23,8 @@ class Accelerator:
     peak_tflops: dict[str, float]  # dense (no sparsity) peak per precision
     mem_gib: float
     mem_bw_gbs: float  # HBM bandwidth, GB/s
-    # Achieved fraction of peak for large GEMMs: the one calibration per accelerator type.
+    # Fraction of peak an 8192^3 GEMM reaches on this accelerator's training stack (compute.GEMM_REF_SHAPE):
+    # the one calibration per accelerator type. Other shapes follow from it (waves, K prologue, roofline).
     gemm_eff: float
     # Achieved fraction of peak for fused (flash) attention, forward + backward together.
     attn_eff: float
@@ -51,32 +52,33 @@ ACCELERATORS: dict[str, Accelerator] = {
     # bidirectional = 300 GB/s per direction, of which NCCL all_reduce_perf reaches ~230 GB/s busbw
     # on a DGX A100 (NVIDIA DGX A100 user guide / nccl-tests results); one 200 Gb/s HDR HCA per GPU =
     # 25 GB/s, ~23.5 GB/s achieved (Selene, Narayanan 2021 §5); 108 SMs (A100 whitepaper); 400 W TDP.
-    # gemm_eff (the A100 calibration): 0.70, re-derived by `benchmarks/planner_accuracy.py --calibrate`
+    # gemm_eff (the A100 calibration): 0.69, re-derived by `benchmarks/planner_accuracy.py --calibrate`
     # from one documented measurement, Narayanan et al. 2021 Table 1's 1.7B run (tp=1, pp=1, pure data
     # parallel: the closest published single-GPU throughput of that stack, 137 TFLOP/s). For scale: a
     # plain large bf16 matmul reaches ~268 TFLOP/s = 0.86 (Bekman, ML Engineering, "MAMF" table).
     "a100-40gb": Accelerator(
-        name="a100-40gb", peak_tflops={"bf16": 312.0}, mem_gib=40, mem_bw_gbs=1555, gemm_eff=0.70,
+        name="a100-40gb", peak_tflops={"bf16": 312.0}, mem_gib=40, mem_bw_gbs=1555, gemm_eff=0.69,
         attn_eff=0.45, nvlink_busbw_gbs=230, nic_gbs=23.5, sms=108, power_w=400,
     ),
     "a100-80gb": Accelerator(
-        name="a100-80gb", peak_tflops={"bf16": 312.0}, mem_gib=80, mem_bw_gbs=2039, gemm_eff=0.70,
+        name="a100-80gb", peak_tflops={"bf16": 312.0}, mem_gib=80, mem_bw_gbs=2039, gemm_eff=0.69,
         attn_eff=0.45, nvlink_busbw_gbs=230, nic_gbs=23.5, sms=108, power_w=400,
     ),
     # H100 SXM5: 989 TFLOP/s dense bf16, 1,979 dense fp8 (NVIDIA H100 datasheet, half of the sparsity
     # figures); 3.35 TB/s HBM3 (datasheet); NVLink4 900 GB/s bidirectional, NCCL all-reduce busbw
     # ~360 GB/s without NVLS (nccl-tests on DGX H100); ConnectX-7 400 Gb/s per GPU = 50 GB/s, ~45 GB/s
     # achieved (NVIDIA DGX H100 reference architecture); 132 SMs (H100 whitepaper); 700 W TDP.
-    # gemm_eff (the H100 calibration): 0.454, derived the same way from the Megatron-LM README's H100
+    # gemm_eff (the H100 calibration): 0.434, derived the same way from the Megatron-LM README's H100
     # 1.7B run (tp=1, pp=1, dp=48: 408.8 TFLOP/s). An 8192^3 bf16 matmul alone measures 798 TFLOP/s =
-    # 0.807 on an H100 80GB with torch 2.11 (shared/planner/FORMULAS.md); the gap to 0.454 is what
-    # the model does not explain for that stack (sustained clocks under the power cap, kernel gaps,
-    # or an unstated recompute), and it is why the H100 rows fit worse than the A100 rows.
+    # 0.807 on an H100 80GB with torch 2.11 (shared/planner/FORMULAS.md); calibrating on that instead
+    # over-predicts every H100 row by 36-59% (MAE 46%). GEMM shape (waves, K prologue, arithmetic
+    # intensity) explains under 2 points of the gap (docs/planner.md); the rest is what the model does
+    # not explain for that stack, and it is why the H100 rows fit worse than the A100 rows.
     # attn_eff: FlashAttention-3 (Shah et al. 2024, Fig. 5-7) reaches ~500-600 TFLOP/s forward and
     # ~450-550 backward in bf16 at head dim 128, seq 4k: ~0.5 of peak over forward + backward.
     "h100-80gb": Accelerator(
         name="h100-80gb", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=80, mem_bw_gbs=3350,
-        gemm_eff=0.454, attn_eff=0.50, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+        gemm_eff=0.434, attn_eff=0.50, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H100 NVL 94/96 GB parts: same SXM compute figures for the 96 GB SXM variant (NVIDIA GH200/H100
     # 96GB datasheet), 3.9 TB/s HBM3.

@@ -252,7 +252,7 @@ class Trainer:
             stopping = self.step == cfg.run.stop_at_step
             do_eval = last or (cfg.eval.interval > 0 and self.step % cfg.eval.interval == 0)
             do_save = last or (cfg.checkpoint.interval > 0 and self.step % cfg.checkpoint.interval == 0)
-            do_log = last or do_eval or self.step % cfg.run.log_interval == 0
+            do_log = last or do_eval or self.step == 1 or self.step % cfg.run.log_interval == 0
             if do_log:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
