@@ -1,0 +1,45 @@
+import pytest
+
+from apogee.cli import build_parser, main
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    for command in ("train", "generate", "plan", "simulate"):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([command, "--help"])
+        assert exc.value.code == 0
+        assert "usage: apogee " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--set", "train.stepz=3"], "unknown key train.stepz"),
+        (["train", "no-such-preset"], "not found"),
+        (["train", "--nproc", "3", "--set", "parallel.tp=2"], "world size 3"),
+        (["generate", "/nonexistent/run"], "not an apogee run directory"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_fix(argv, expected, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err, err
+
+
+def test_train_command_end_to_end(tmp_path, cache_dir, capsys):
+    """The README's main command path on 2 ranks: trains, checkpoints, reports, samples."""
+    code = main([
+        "train", "--nproc", "2",
+        "--set", f"run.dir={tmp_path}", "--set", "model.flavor=tiny", "--set", "train.steps=3",
+        "--set", "train.seq_len=32", "--set", "train.global_batch=4", "--set", "train.micro_batch=2",
+        "--set", "data.max_bytes=300000", "--set", f"data.cache_dir={cache_dir}", "--set", "parallel.tp=2",
+        "--sample-tokens", "8",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"run directory: {tmp_path}" in out
+    assert "final step 3: train loss" in out and "val loss" in out
+    assert "sample (prompt 'def '):" in out
+    assert (tmp_path / "checkpoints" / "step-00000003" / ".metadata").is_file()
+    assert (tmp_path / "config.toml").is_file()
