@@ -34,6 +34,11 @@ class Accelerator:
     power_w: float
     intra_lat_us: float = 10.0
     inter_lat_us: float = 20.0
+    # Memory a rank holds that no tensor accounts for (runtime, workspaces, allocator slack), GiB.
+    # GPUs: ~1 GiB of CUDA context plus NCCL buffers and caching-allocator fragmentation, ~2.5 GiB together
+    # in Megatron-LM / torchtitan memory snapshots on H100. The cpu device: the rank process's resident
+    # size before training (Python, torch, gloo), measured by benchmarks/planner_vs_measured.py.
+    reserved_gib: float = 2.5
 
     def peak(self, precision: str) -> float:
         """Peak FLOP/s for ``precision`` (bf16 or fp8)."""
@@ -104,12 +109,14 @@ ACCELERATORS: dict[str, Accelerator] = {
         name="b200", peak_tflops={"bf16": 2250.0, "fp8": 4500.0}, mem_gib=180, mem_bw_gbs=8000,
         gemm_eff=0.807, attn_eff=0.50, nvlink_busbw_gbs=720, nic_gbs=45, sms=148, power_w=1000,
     ),
-    # A CPU "device" for the gloo test runs: nominal figures for a 2-core x86 runner (AVX2 FMA,
-    # 2 cores x 2.5 GHz x 32 fp32 FLOP/cycle = 160 GFLOP/s); gemm_eff 0.3 is a placeholder to be
-    # replaced by the micro-benchmark in benchmarks/planner_vs_measured.py.
+    # A CPU "device" for the gloo test runs (fp32: the engine trains in fp32 on CPU): nominal figures for
+    # a 2-core x86 runner (AVX2 FMA, 2 cores x 2.5 GHz x 32 fp32 FLOP/cycle = 160 GFLOP/s). gemm_eff,
+    # attn_eff, mem_bw_gbs and reserved_gib here are nominal; benchmarks/planner_vs_measured.py replaces
+    # them with what its micro-benchmark measures on the machine at hand (cpu_from_measurement).
     "cpu": Accelerator(
         name="cpu", peak_tflops={"bf16": 0.16, "fp32": 0.16}, mem_gib=24, mem_bw_gbs=20, gemm_eff=0.3,
         attn_eff=0.15, nvlink_busbw_gbs=5, nic_gbs=1, sms=2, power_w=65, intra_lat_us=50, inter_lat_us=100,
+        reserved_gib=0.35,
     ),
 }
 

@@ -23,6 +23,8 @@ K_OVERHEAD = 128
 # Bytes moved per stored activation byte in forward + backward by the memory-bound ops: written once
 # and read once in forward, read once and its gradient written and read once in backward.
 ELEMENTWISE_TRAFFIC = 5.0
+# Bytes per GEMM operand element and, relative to 16-bit, per stored activation.
+ELEM_BYTES = {"bf16": 2, "fp8": 1, "fp32": 4}
 
 
 def wave_eff(M: float, N: float, sms: int, batch: float = 1) -> float:
@@ -75,10 +77,13 @@ def gemm_time(M: float, N: float, K: float, acc: Accelerator, peak: float, batch
     return max(t_core, t_mem)
 
 
+_gemm_time = gemm_time
+
+
 def gemm_efficiency(M: float, N: float, K: float, acc: Accelerator, precision: str = "bf16") -> float:
     """Predicted fraction of peak for one [M,K]x[K,N] GEMM (for reports and tests)."""
     peak = acc.peak(precision)
-    return 2.0 * M * N * K / gemm_time(M, N, K, acc, peak) / peak
+    return 2.0 * M * N * K / gemm_time(M, N, K, acc, peak, elem_bytes=ELEM_BYTES.get(precision, 2)) / peak
 
 
 @lru_cache(maxsize=65536)
@@ -99,6 +104,10 @@ def moe_layer_times(m: ModelShape, tp: int, cp: int, ep: int, mb: int, sp: bool,
 
 def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe):
     peak = acc.peak(precision)
+    eb = ELEM_BYTES.get(precision, 2)
+
+    def gemm_time(M, N, K, acc, peak, batch=1):  # this precision's operand width
+        return _gemm_time(M, N, K, acc, peak, batch, elem_bytes=eb)
     tokens = mb * m.seq_len / cp
     h = m.hidden
     gemms = [
@@ -138,12 +147,13 @@ def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe):
         # batched over micro-batch x heads/tp; the whole s x s square is computed, masked or not.
         nb = mb * m.heads / tp
         sq = m.seq_len / cp
-        attn_f = gemm_time(sq, m.seq_len, m.head_dim, acc, peak16, nb) + gemm_time(sq, m.head_dim, m.seq_len, acc, peak16, nb)
+        attn_f = _gemm_time(sq, m.seq_len, m.head_dim, acc, peak16, nb) + _gemm_time(sq, m.head_dim, m.seq_len, acc, peak16, nb)
         attn_b = 2 * attn_f
     bytes_moved = activation_bytes_per_layer(
         m, Layout(tp=tp, cp=cp, microbatch=mb, sequence_parallel=sp, recompute="none"), micro_tokens=tokens
     )
-    t_elem = ELEMENTWISE_TRAFFIC * bytes_moved / (acc.mem_bw_gbs * 1e9)
+    act_scale = 2.0 if precision == "fp32" else 1.0  # the breakdown counts 16-bit activations
+    t_elem = ELEMENTWISE_TRAFFIC * act_scale * bytes_moved / (acc.mem_bw_gbs * 1e9)
 
     fwd = t_gemm + attn_f + 0.4 * t_elem
     bwd = 2 * t_gemm + attn_b + 0.6 * t_elem
@@ -159,6 +169,6 @@ def logits_times(m: ModelShape, tp: int, cp: int, mb: int, acc: Accelerator, pre
     """(forward, backward) seconds of the output projection + cross-entropy on the last stage."""
     peak = acc.peak(precision)
     tokens = mb * m.seq_len / cp
-    f = gemm_time(tokens, m.vocab / tp, m.hidden, acc, peak)
+    f = gemm_time(tokens, m.vocab / tp, m.hidden, acc, peak, elem_bytes=ELEM_BYTES.get(precision, 2))
     ce = 3 * 4 * tokens * m.vocab / tp / (acc.mem_bw_gbs * 1e9)  # fp32 softmax: read, write, read
     return f + ce, 2 * f + ce

@@ -22,18 +22,32 @@ def layout_to_config(run: RunSpec, lay: Layout) -> dict:
         "cp": lay.cp,
         "sequence_parallel": bool(lay.sequence_parallel),
     }
-    parallel.update(
-        pp_schedule=lay.pp_schedule,
-        pp_microbatches=run.global_batch // (lay.dp * lay.microbatch),
-        pp_stages_per_rank=lay.virtual_stages,
-        recompute=lay.recompute,
-    )
+    # Keys the engine's [parallel] does not have yet are written only when they hold something other
+    # than the engine's fixed behaviour (one pipeline stage, no recompute), so a pp=1, no-recompute
+    # layout loads with apogee.config.load_config as is; engine_unsupported() names the others.
+    if lay.pp > 1:
+        parallel.update(
+            pp_schedule=lay.pp_schedule,
+            pp_microbatches=run.global_batch // (lay.dp * lay.microbatch),
+            pp_stages_per_rank=lay.virtual_stages,
+        )
+    if lay.recompute != "none":
+        parallel["recompute"] = lay.recompute
     cfg: dict = {}
     if run.model.flavor:
         cfg["model"] = {"flavor": run.model.flavor}
     cfg["parallel"] = parallel
     cfg["train"] = {"global_batch": run.global_batch, "micro_batch": lay.microbatch, "seq_len": run.model.seq_len}
     return cfg
+
+
+# [parallel] keys apogee.config accepts today.
+ENGINE_PARALLEL_KEYS = frozenset({"dp_replicate", "dp_shard", "tp", "pp", "cp", "sequence_parallel", "loss_parallel"})
+
+
+def engine_unsupported(run: RunSpec, lay: Layout) -> list[str]:
+    """The [parallel] keys this layout's config needs that the engine does not accept yet."""
+    return sorted(set(layout_to_config(run, lay)["parallel"]) - ENGINE_PARALLEL_KEYS)
 
 
 def write_config(run: RunSpec, lay: Layout, path: str | Path) -> Path:

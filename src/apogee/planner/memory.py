@@ -14,9 +14,8 @@ from apogee.planner.spec import Layout, ModelShape
 # Mixed-precision Adam (Rajbhandari et al. 2020, §3.1): 2 bytes of 16-bit weights, 2 of 16-bit
 # gradients, 12 of fp32 master weights, momentum and variance.
 W_BYTES, G_BYTES, OPT_BYTES = 2, 2, 12
-# CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation that no tensor accounts for:
-# ~1 GiB of context plus NCCL buffers, and the caching allocator's fragmentation, ~2.5 GiB together in
-# Megatron-LM / torchtitan memory snapshots on H100.
+# CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation that no tensor accounts for: the
+# accelerator's reserved_gib (2.5 GiB on GPUs; see cluster.py). This is the GPU default.
 RESERVED_BYTES = 2.5 * GIB
 DP_BUCKET_BYTES = 2 * 25_000_000 * 4  # two fp32 gradient buckets of 25M elements (DDP default size) in flight
 
@@ -134,24 +133,29 @@ def memory_per_gpu(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch
     w1, g1, o1 = zero_split(nonexpert, shard_dp, lay.zero)
     w2, g2, o2 = zero_split(experts, ex_dp, lay.zero)
     params, grads, opt = w1 + w2, g1 + g2, o1 + o2
+    if precision == "fp32":
+        # Plain fp32 training (the engine on CPU): 4-byte weights and grads, 8 bytes of Adam moments and no
+        # master copy; the same 16 bytes per parameter, split differently across the ZeRO stages.
+        params, grads, opt = params * 2, grads * 2, opt * 8 / 12
     if precision == "fp8":
         params += (nonexpert + experts) / (shard_dp if lay.zero >= 3 else 1)  # fp8 weight copies
 
     n_micro = max(1, global_batch // (lay.dp * lay.microbatch))
     micro_tokens = lay.microbatch * m.seq_len / lay.cp
-    per_layer = activation_bytes_per_layer(m, lay, micro_tokens=micro_tokens)
+    act_scale = 2.0 if precision == "fp32" else 1.0  # the breakdown counts 16-bit activations
+    per_layer = act_scale * activation_bytes_per_layer(m, lay, micro_tokens=micro_tokens)
     layers_here = -(-m.layers // lay.pp)
     acts = per_layer * layers_here * in_flight_microbatches(lay, n_micro)
     if lay.recompute == "full":
         # The layer being recomputed holds its full activations during its backward.
         full = activation_bytes_per_layer(m, Layout(**{**lay.__dict__, "recompute": "none"}), micro_tokens=micro_tokens)
-        acts += full
+        acts += act_scale * full
     # Embedding output on the first stage, and the loss' fp32 logits where the output layer lives.
-    acts += 2 * micro_tokens * m.hidden / (lay.tp if lay.sequence_parallel else 1)
+    acts += act_scale * 2 * micro_tokens * m.hidden / (lay.tp if lay.sequence_parallel else 1)
     if lay.pp == 1:
         acts += 4 * micro_tokens * m.vocab / lay.tp  # Korthikanti 2022 §4.3: 4sbv/t for the cross-entropy
 
-    buffers = RESERVED_BYTES
+    buffers = cluster.accel.reserved_gib * GIB
     if lay.zero >= 3 and shard_dp > 1:
         # Two unsharded layers in flight (the one computing and the one prefetched).
         per_layer_params = (nonexpert + experts) / max(1, layers_here)
@@ -159,6 +163,6 @@ def memory_per_gpu(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch
     elif lay.dp > 1:
         buffers += DP_BUCKET_BYTES
     if lay.tp > 1:
-        buffers += 2 * micro_tokens * m.hidden * 2  # all-gather / reduce-scatter staging (bf16)
+        buffers += 2 * micro_tokens * m.hidden * 2 * act_scale  # all-gather / reduce-scatter staging
     return MemoryBreakdown(params=params, grads=grads, optimizer=opt, activations=acts, buffers=buffers)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import resource
 import sys
 from pathlib import Path
@@ -15,7 +14,15 @@ def memory_gib(device: torch.device) -> float:
     """Peak memory of this rank: allocated accelerator memory, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    # VmHWM is this process's own peak; ru_maxrss survives exec, so a spawned rank would report
+    # its launcher's peak.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # KiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class MetricsWriter:
@@ -61,10 +68,6 @@ def format_record(r: dict) -> str:
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
     parts.append(f"mem {r['mem_gib']:.2f} GiB")
     return " | ".join(parts)
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 def log(message: str, *, enabled: bool = True) -> None:
