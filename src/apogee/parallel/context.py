@@ -1,0 +1,64 @@
+"""Context parallelism: each rank of the cp axis holds a slice of every sequence.
+
+Attention needs all keys and values of a sequence, so each block all-gathers K and V over the cp
+axis and attends its local queries to them (Llama 3's all-gather context parallelism; Dubey et
+al. 2024, section 3.3.2). K/V are small under grouped-query attention, which makes the all-gather
+cheaper than a ring of point-to-point exchanges and keeps the kernel a plain SDPA call. The
+backward of the all-gather is a reduce-scatter, so gradients of K/V reach the ranks that own them.
+
+Causal attention gives late tokens more work than early ones, so sequences are split into 2 x cp
+chunks and rank i takes chunks i and 2cp-1-i: every rank then holds the same amount of work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+
+def load_balanced_positions(seq_len: int, cp: int, rank: int, device: torch.device | None = None) -> torch.Tensor:
+    """Global positions of the tokens that cp rank ``rank`` holds, in its local order."""
+    chunk = seq_len // (2 * cp)
+    first = torch.arange(rank * chunk, (rank + 1) * chunk, device=device)
+    mirror = 2 * cp - 1 - rank
+    second = torch.arange(mirror * chunk, (mirror + 1) * chunk, device=device)
+    return torch.cat([first, second])
+
+
+class ContextParallelAttention(nn.Module):
+    """Causal attention of local queries against keys and values gathered from the whole cp axis.
+
+    Inputs are [batch, heads, local_seq, head_dim] in the load-balanced order; the mask is built
+    from global positions, so the result equals full-sequence causal attention restricted to the
+    local queries.
+    """
+
+    def __init__(self, cp_mesh: DeviceMesh):
+        super().__init__()
+        self.cp_mesh = cp_mesh
+        self.cp = cp_mesh.size()
+        self.rank = cp_mesh.get_local_rank()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        local = q.shape[2]
+        seq = local * self.cp
+        # [cp * batch, heads, local, dim] -> [batch, heads, seq, dim] in rank-major order.
+        k_all = _gather_seq(k, self.cp_mesh, self.cp)
+        v_all = _gather_seq(v, self.cp_mesh, self.cp)
+        key_pos = torch.cat([load_balanced_positions(seq, self.cp, r, q.device) for r in range(self.cp)])
+        query_pos = load_balanced_positions(seq, self.cp, self.rank, q.device)
+        mask = query_pos[:, None] >= key_pos[None, :]  # [local, seq]
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+# torch 2.13 renamed the differentiable all-gather; 2.11 has only the old name.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
+def _gather_seq(x: torch.Tensor, mesh: DeviceMesh, cp: int) -> torch.Tensor:
+    """All-gather along the sequence dim (2) of [batch, heads, local, dim], differentiably."""
+    gathered = _all_gather_autograd(x.contiguous(), gather_dim=0, group=mesh)  # [cp*batch, ...]
+    return torch.cat(gathered.chunk(cp, dim=0), dim=2)
