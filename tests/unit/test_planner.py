@@ -232,3 +232,29 @@ def test_published_runs_accuracy(capsys):
     assert summary["mae_pct_a100-80gb"] <= 5.0
     # Recorded figures (see docs/planner.md); guard against regressions, not the target.
     assert summary["mae_pct"] <= 8.0 and summary["max_abs_pct"] <= 21.0
+
+
+# -- memory-bound work and per-accelerator calibration ----------------------------------------------
+def test_elementwise_bytes_hand_count():
+    from apogee.planner.compute import elementwise_bytes
+
+    h = 2048
+    m = gpt(24, h, 16, v=131072, s=4096)
+    m = ModelShape(**{**m.__dict__, "attention": "flash"})
+    f, b = elementwise_bytes(m, 1, 1, 1, False)
+    s = 4096
+    # GPT block, tp=1 (compute.py's table): forward 22h + 4f, backward 38h + 6f + 2(h + 2h); f = 4h.
+    assert f == pytest.approx(s * (22 * h + 16 * h))
+    assert b == pytest.approx(s * (38 * h + 24 * h + 6 * h))
+    # Sequence parallel splits the replicated region; the sharded region is 1/tp either way.
+    f4, _ = elementwise_bytes(m, 4, 1, 1, True)
+    assert f4 == pytest.approx(f / 4)
+
+
+def test_hopper_variants_share_the_h100_stack_calibration():
+    from apogee.planner.cluster import get_accelerator
+
+    ref = get_accelerator("h100-80gb").gemm_eff
+    assert ref < 0.6  # the training stack's figure, not the raw 8192^3 matmul (0.807)
+    for name in ("h100-96gb", "h200", "h800"):
+        assert get_accelerator(name).gemm_eff == ref

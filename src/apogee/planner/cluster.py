@@ -34,6 +34,11 @@ class Accelerator:
     power_w: float
     intra_lat_us: float = 10.0
     inter_lat_us: float = 20.0
+    # Fraction of mem_bw_gbs a streaming kernel (copy, elementwise, norm) sustains: what the cost model
+    # prices memory-bound work at. GPUs: 0.90 (STREAM-style copy/triad on A100 and H100 reaches ~90% of
+    # the datasheet HBM figure; see docs/planner.md). The cpu device: 1.0, because its mem_bw_gbs is
+    # itself a measured copy bandwidth (benchmarks/planner_vs_measured.py).
+    hbm_eff: float = 0.90
     # Memory a rank holds that no tensor accounts for (runtime, workspaces, allocator slack), GiB.
     # GPUs: ~1 GiB of CUDA context plus NCCL buffers and caching-allocator fragmentation, ~2.5 GiB together
     # in Megatron-LM / torchtitan memory snapshots on H100. The cpu device: the rank process's resident
@@ -51,63 +56,72 @@ class Accelerator:
             ) from None
 
 
+# The one calibration per accelerator type (see the table's comments): the fraction of peak an 8192^3
+# GEMM reaches inside each training stack, re-derived by `benchmarks/planner_accuracy.py --calibrate`.
+A100_STACK_GEMM_EFF = 0.671
+H100_STACK_GEMM_EFF = 0.442
+
 ACCELERATORS: dict[str, Accelerator] = {
     # A100 SXM4: 312 TFLOP/s dense bf16/fp16 (NVIDIA A100 datasheet; Narayanan et al. 2021 use 312);
     # 1,555 GB/s (40GB) and 2,039 GB/s (80GB) HBM2e (NVIDIA A100 datasheet); NVLink3 600 GB/s
     # bidirectional = 300 GB/s per direction, of which NCCL all_reduce_perf reaches ~230 GB/s busbw
     # on a DGX A100 (NVIDIA DGX A100 user guide / nccl-tests results); one 200 Gb/s HDR HCA per GPU =
     # 25 GB/s, ~23.5 GB/s achieved (Selene, Narayanan 2021 §5); 108 SMs (A100 whitepaper); 400 W TDP.
-    # gemm_eff (the A100 calibration): 0.69, re-derived by `benchmarks/planner_accuracy.py --calibrate`
+    # gemm_eff (the A100 calibration): 0.671, re-derived by `benchmarks/planner_accuracy.py --calibrate`
     # from one documented measurement, Narayanan et al. 2021 Table 1's 1.7B run (tp=1, pp=1, pure data
     # parallel: the closest published single-GPU throughput of that stack, 137 TFLOP/s). For scale: a
     # plain large bf16 matmul reaches ~268 TFLOP/s = 0.86 (Bekman, ML Engineering, "MAMF" table).
     "a100-40gb": Accelerator(
-        name="a100-40gb", peak_tflops={"bf16": 312.0}, mem_gib=40, mem_bw_gbs=1555, gemm_eff=0.69,
+        name="a100-40gb", peak_tflops={"bf16": 312.0}, mem_gib=40, mem_bw_gbs=1555, gemm_eff=A100_STACK_GEMM_EFF,
         attn_eff=0.45, nvlink_busbw_gbs=230, nic_gbs=23.5, sms=108, power_w=400,
     ),
     "a100-80gb": Accelerator(
-        name="a100-80gb", peak_tflops={"bf16": 312.0}, mem_gib=80, mem_bw_gbs=2039, gemm_eff=0.69,
+        name="a100-80gb", peak_tflops={"bf16": 312.0}, mem_gib=80, mem_bw_gbs=2039, gemm_eff=A100_STACK_GEMM_EFF,
         attn_eff=0.45, nvlink_busbw_gbs=230, nic_gbs=23.5, sms=108, power_w=400,
     ),
     # H100 SXM5: 989 TFLOP/s dense bf16, 1,979 dense fp8 (NVIDIA H100 datasheet, half of the sparsity
     # figures); 3.35 TB/s HBM3 (datasheet); NVLink4 900 GB/s bidirectional, NCCL all-reduce busbw
     # ~360 GB/s without NVLS (nccl-tests on DGX H100); ConnectX-7 400 Gb/s per GPU = 50 GB/s, ~45 GB/s
     # achieved (NVIDIA DGX H100 reference architecture); 132 SMs (H100 whitepaper); 700 W TDP.
-    # gemm_eff (the H100 calibration): 0.434, derived the same way from the Megatron-LM README's H100
+    # gemm_eff (the H100 calibration): 0.442, derived the same way from the Megatron-LM README's H100
     # 1.7B run (tp=1, pp=1, dp=48: 408.8 TFLOP/s). An 8192^3 bf16 matmul alone measures 798 TFLOP/s =
     # 0.807 on an H100 80GB with torch 2.11 (shared/planner/FORMULAS.md); calibrating on that instead
-    # over-predicts every H100 row by 36-59% (MAE 46%). GEMM shape (waves, K prologue, arithmetic
-    # intensity) explains under 2 points of the gap (docs/planner.md); the rest is what the model does
-    # not explain for that stack, and it is why the H100 rows fit worse than the A100 rows.
+    # over-predicts every H100 row by 36-59%. The memory-bound work is priced op by op (compute.py) and
+    # GEMM shape (waves, K prologue, roofline, backward shapes) is modelled; what still separates 0.442
+    # from 0.807 is not explained by the model (docs/planner.md, "Accuracy").
     # attn_eff: FlashAttention-3 (Shah et al. 2024, Fig. 5-7) reaches ~500-600 TFLOP/s forward and
     # ~450-550 backward in bf16 at head dim 128, seq 4k: ~0.5 of peak over forward + backward.
     "h100-80gb": Accelerator(
         name="h100-80gb", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=80, mem_bw_gbs=3350,
-        gemm_eff=0.434, attn_eff=0.50, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=0.50, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H100 NVL 94/96 GB parts: same SXM compute figures for the 96 GB SXM variant (NVIDIA GH200/H100
-    # 96GB datasheet), 3.9 TB/s HBM3.
+    # 96GB datasheet), 3.9 TB/s HBM3. The Hopper parts below (h100-96gb, h200, h800) have the same SMs,
+    # tensor cores and clocks as the h100-80gb and run the same training stack, so they share its
+    # calibrated gemm_eff (H100_STACK_GEMM_EFF), not the raw 8192^3 matmul figure (0.807): the raw figure
+    # would predict ~1.8x an H100's throughput for the same model. Their bandwidths differ and are used.
     "h100-96gb": Accelerator(
         name="h100-96gb", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=96, mem_bw_gbs=3900,
-        gemm_eff=0.807, attn_eff=0.50, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=0.50, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H200 SXM: same Hopper compute (989 bf16 dense), 141 GB HBM3e at 4.8 TB/s (NVIDIA H200 datasheet).
     "h200": Accelerator(
         name="h200", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=141, mem_bw_gbs=4800,
-        gemm_eff=0.807, attn_eff=0.50, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=0.50, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H800: H100 compute with NVLink cut to 400 GB/s bidirectional; DeepSeek-V3 report (2024, §3.2)
     # measures 160 GB/s NVLink and 50 GB/s InfiniBand per GPU.
     "h800": Accelerator(
         name="h800", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=80, mem_bw_gbs=3350,
-        gemm_eff=0.807, attn_eff=0.50, nvlink_busbw_gbs=160, nic_gbs=45, sms=132, power_w=700,
+        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=0.50, nvlink_busbw_gbs=160, nic_gbs=45, sms=132, power_w=700,
     ),
     # B200: 2.25 PFLOP/s dense bf16, 4.5 dense fp8, 192 GB (180 usable) HBM3e at 8 TB/s, NVLink5 1.8 TB/s
-    # bidirectional (NVIDIA DGX B200 datasheet); 148 SMs; 1000 W. gemm_eff assumed equal to Hopper's
-    # measured 0.807 until a B200 measurement is documented.
+    # bidirectional (NVIDIA DGX B200 datasheet); 148 SMs; 1000 W. gemm_eff: no B200 training-stack
+    # measurement is documented; assumed equal to the H100 stack's (H100_STACK_GEMM_EFF), not the raw
+    # Hopper matmul figure (0.807), which over-predicts training throughput by ~1.8x on Hopper.
     "b200": Accelerator(
         name="b200", peak_tflops={"bf16": 2250.0, "fp8": 4500.0}, mem_gib=180, mem_bw_gbs=8000,
-        gemm_eff=0.807, attn_eff=0.50, nvlink_busbw_gbs=720, nic_gbs=45, sms=148, power_w=1000,
+        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=0.50, nvlink_busbw_gbs=720, nic_gbs=45, sms=148, power_w=1000,
     ),
     # A CPU "device" for the gloo test runs (fp32: the engine trains in fp32 on CPU): nominal figures for
     # a 2-core x86 runner (AVX2 FMA, 2 cores x 2.5 GHz x 32 fp32 FLOP/cycle = 160 GFLOP/s). gemm_eff,
@@ -116,7 +130,7 @@ ACCELERATORS: dict[str, Accelerator] = {
     "cpu": Accelerator(
         name="cpu", peak_tflops={"bf16": 0.16, "fp32": 0.16}, mem_gib=24, mem_bw_gbs=20, gemm_eff=0.3,
         attn_eff=0.15, nvlink_busbw_gbs=5, nic_gbs=1, sms=2, power_w=65, intra_lat_us=50, inter_lat_us=100,
-        reserved_gib=0.35,
+        reserved_gib=0.35, hbm_eff=1.0,
     ),
 }
 

@@ -4,7 +4,8 @@ GEMMs run at the accelerator's calibrated efficiency times their wave-quantizati
 is cut into output tiles and the tiles run in waves over the SMs; a last partial wave wastes the idle
 SMs), and never faster than their memory traffic allows. Attention runs at ``attn_eff`` (flash) or as
 GEMMs plus a memory-bound softmax (eager). Everything else (norms, activations, residuals, dropout,
-softmax) is memory-bound: priced as traffic over HBM bandwidth.
+softmax, the fp32 loss) is memory-bound: priced op by op (the byte table below) over the achievable
+HBM bandwidth (``mem_bw_gbs x hbm_eff``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 from apogee.planner.cluster import Accelerator
-from apogee.planner.memory import activation_bytes_per_layer
 from apogee.planner.spec import Layout, ModelShape
 
 TILE_M, TILE_N = 128, 256  # cuBLAS/CUTLASS's common large bf16 tile on Ampere and Hopper
@@ -20,11 +20,105 @@ TILE_M, TILE_N = 128, 256  # cuBLAS/CUTLASS's common large bf16 tile on Ampere a
 # of K (3-4 stages of 32-64 deep k-slices in CUTLASS's multistage/warp-specialised kernels), so a GEMM
 # with reduction depth K reaches K/(K+128) of its large-K efficiency.
 K_OVERHEAD = 128
-# Bytes moved per stored activation byte in forward + backward by the memory-bound ops: written once
-# and read once in forward, read once and its gradient written and read once in backward.
-ELEMENTWISE_TRAFFIC = 5.0
 # Bytes per GEMM operand element and, relative to 16-bit, per stored activation.
 ELEM_BYTES = {"bf16": 2, "fp8": 1, "fp32": 4}
+
+
+def hbm_bytes_per_s(acc: Accelerator) -> float:
+    """What a streaming kernel achieves: the datasheet HBM bandwidth times the accelerator's ``hbm_eff``."""
+    return acc.mem_bw_gbs * 1e9 * acc.hbm_eff
+
+
+# --- memory-bound work, op by op ---------------------------------------------------------------------
+# Bytes each non-GEMM, non-attention op reads and writes per token, in 16-bit activations (2 bytes per
+# element, dropout masks 1 byte), for one layer and one micro-batch. h hidden, f ffn_hidden, kv the
+# K/V width (kv_heads x head_dim). Two regions:
+#   R: ops on the full hidden vector (norms, residual adds, bias-dropout-add): replicated on every TP
+#      rank, or split 1/tp under sequence parallelism;
+#   S: ops inside the TP-sharded part (activation function, rotary, bias grads of column-parallel
+#      layers): 1/tp on every rank.
+# GEMM operands and results are not counted here (the GEMM's own memory roofline covers them), nor
+# what the attention kernel reads and writes (attn_eff covers flash attention; eager attention's
+# score GEMMs are GEMMs, its softmax chain is counted below).
+#
+# GPT block (Megatron-LM: fused LayerNorm, bias in the GEMM epilogue, jit-fused bias-GeLU and
+# bias-dropout-add, dropout 0.1 on both residual branches):
+#   forward   R  LayerNorm x2: read x, write y                          2 x (2h + 2h)       = 8h
+#                bias-dropout-add x2: read branch, residual; write out;
+#                write the 1-byte mask                                  2 x (2h+2h+2h+1h)   = 14h
+#             S  bias + GeLU on fc1's output: read, write               2f + 2f             = 4f
+#   backward  R  dropout-add backward x2: read grad, mask; write grad  2 x (2h+1h+2h)      = 10h
+#                LayerNorm backward x2: read dy, x; write dx            2 x 6h              = 12h
+#                residual gradient sum x2: read two, write one          2 x 6h              = 12h
+#                bias grads of the row-parallel layers (proj, fc2)      2 x 2h              = 4h
+#             S  GeLU backward (+ fused dbias): read grad, pre-activation; write grad
+#                                                                       2f + 2f + 2f        = 6f
+#                qkv bias grad: read the qkv gradient                   2(h + 2kv)
+#   = R 22h forward, 38h backward; with f = 4h: ~106h bytes per token per layer in all at tp=1.
+# Llama block (RMSNorm, rotary, SwiGLU, no biases, no dropout):
+#   forward   R  RMSNorm x2 (4h each), residual add x2 (read two, write one: 6h each)     = 20h
+#             S  rotary on q and k: read, write                         4(h + kv)
+#                SwiGLU: read gate, up; write silu(gate)*up             2f + 2f + 2f        = 6f
+#   backward  R  RMSNorm backward x2 (6h each), residual gradient sum x2 (6h each)        = 24h
+#             S  SwiGLU backward: read dy, gate, up; write dgate, dup   10f
+#                rotary backward on dq, dk                              4(h + kv)
+# Eager attention (Megatron 2021) adds the softmax chain on the b x a/t x s x s scores (E elements):
+#   forward   fused scale-mask-softmax: read, write 2 + 2; dropout: read, write, mask 2 + 2 + 1  = 9E
+#   backward  dropout backward: read grad, mask; write 2 + 1 + 2; softmax backward: read grad,
+#             softmax output; write 2 + 2 + 2                                                = 11E
+#   plus the [b a s d] -> [s b h] permute copy of the context (read, write: 4h/t each way).
+# MoE layers: the routed MLP's activation on top_k copies of each token, and the token permute /
+# unpermute copies (read, write 2h per copy, forward and backward: 2 x 4h x top_k each way).
+def _block_bytes(m: ModelShape, *, moe: bool) -> tuple[float, float, float, float]:
+    """(R forward, R backward, S forward, S backward) bytes per token, unsharded."""
+    h, kv = m.hidden, m.kv_dim
+    if moe:
+        f = m.moe_ffn_hidden * (m.top_k + m.shared_experts)
+    else:
+        f = m.ffn_hidden
+    if m.mlp == "gelu":
+        rf, rb = 22 * h, 38 * h
+        sf, sb = 4 * f, 6 * f + 2 * (h + 2 * kv)
+    else:
+        rf, rb = 20 * h, 24 * h
+        sf, sb = 4 * (h + kv) + 6 * f, 10 * f + 4 * (h + kv)
+    if m.attention == "eager":
+        sf, sb = sf + 4 * h, sb + 4 * h
+    if moe:
+        rf, rb = rf + 8 * h * m.top_k, rb + 8 * h * m.top_k
+    return rf, rb, sf, sb
+
+
+def elementwise_bytes(m: ModelShape, tp: int, cp: int, mb: int, sp: bool, *, moe: bool = False) -> tuple[float, float]:
+    """(forward, backward) HBM bytes of one layer's memory-bound ops for one micro-batch on one rank."""
+    tokens = mb * m.seq_len / cp
+    rf, rb, sf, sb = _block_bytes(m, moe=moe)
+    r_div = tp if (sp and tp > 1) else 1
+    fwd = tokens * (rf / r_div + sf / tp)
+    bwd = tokens * (rb / r_div + sb / tp)
+    if m.attention == "eager":
+        scores = mb * m.heads / tp * (m.seq_len / cp) * m.seq_len
+        fwd += 9 * scores
+        bwd += 11 * scores
+    return fwd, bwd
+
+
+def selective_recompute_bytes(m: ModelShape, tp: int, cp: int, mb: int, sp: bool) -> float:
+    """HBM bytes the selective recompute pass adds: GPT/eager, the softmax chain forward (Korthikanti
+    2022); Llama, the two norms' and SwiGLU's forward."""
+    if m.attention == "eager":
+        return 9 * mb * m.heads / tp * (m.seq_len / cp) * m.seq_len
+    tokens = mb * m.seq_len / cp
+    r_div = tp if (sp and tp > 1) else 1
+    return tokens * (8 * m.hidden / r_div + 6 * m.ffn_hidden / tp)
+
+
+# Megatron-LM's vocab-parallel cross-entropy runs on logits.float() (V = vocab/tp columns per rank):
+#   forward   cast bf16 -> fp32 (read 2V, write 4V) 6V; max (read) 4V; subtract max (read, write) 8V;
+#             exp (read, write) 8V; sum (read) 4V; divide in place -> softmax, kept for backward 8V = 38V
+#   backward  softmax - one_hot, times grad_output, in place (read, write) 8V; cast the gradient
+#             back to bf16 for the output layer's dgrad GEMM (read 4V, write 2V) 6V               = 14V
+CE_FWD_BYTES, CE_BWD_BYTES = 38, 14
 
 
 def wave_eff(M: float, N: float, sms: int, batch: float = 1) -> float:
@@ -48,7 +142,7 @@ def _gemm_parts(M: float, N: float, K: float, acc: Accelerator, peak: float, bat
     """(tensor-core seconds at core efficiency ``core``, compulsory HBM seconds) of a GEMM."""
     flops = 2.0 * M * N * K * batch
     t_core = flops / (peak * core * wave_eff(M, N, acc.sms, batch) * K / (K + K_OVERHEAD))
-    t_mem = elem_bytes * batch * (M * K + K * N + M * N) / (acc.mem_bw_gbs * 1e9)
+    t_mem = elem_bytes * batch * (M * K + K * N + M * N) / hbm_bytes_per_s(acc)
     return t_core, t_mem
 
 
@@ -133,6 +227,10 @@ def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe):
         f = m.ffn_hidden
         gemms += [(tokens, (m.mlp_mats - 1) * f / tp, h), (tokens, h, f / tp)]
     t_gemm = sum(gemm_time(M, N, K, acc, peak) for M, N, K in gemms) + moe_t
+    # Backward: for a forward [M,K]x[K,N], the input gradient is [M,N]x[N,K] (reduction depth N) and
+    # the weight gradient [K,M]x[M,N] (reduction depth M = the micro-batch's tokens); same FLOPs, other
+    # shapes, so other wave and K-prologue efficiencies.
+    t_gemm_b = sum(gemm_time(M, K, N, acc, peak) + gemm_time(K, N, M, acc, peak) for M, N, K in gemms) + 2 * moe_t
 
     # Attention scores: per rank heads/tp, queries tokens, keys seq_len (all keys under CP).
     attn_flops = 4.0 * tokens * m.seq_len * h / tp
@@ -149,19 +247,19 @@ def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe):
         sq = m.seq_len / cp
         attn_f = _gemm_time(sq, m.seq_len, m.head_dim, acc, peak16, nb) + _gemm_time(sq, m.head_dim, m.seq_len, acc, peak16, nb)
         attn_b = 2 * attn_f
-    bytes_moved = activation_bytes_per_layer(
-        m, Layout(tp=tp, cp=cp, microbatch=mb, sequence_parallel=sp, recompute="none"), micro_tokens=tokens
-    )
-    act_scale = 2.0 if precision == "fp32" else 1.0  # the breakdown counts 16-bit activations
-    t_elem = ELEMENTWISE_TRAFFIC * act_scale * bytes_moved / (acc.mem_bw_gbs * 1e9)
+    act_scale = 2.0 if precision == "fp32" else 1.0  # the per-op counts are for 16-bit activations
+    ef, eb_ = elementwise_bytes(m, tp, cp, mb, sp, moe=moe)
+    bw = hbm_bytes_per_s(acc)
+    t_elem_f, t_elem_b = act_scale * ef / bw, act_scale * eb_ / bw
 
-    fwd = t_gemm + attn_f + 0.4 * t_elem
-    bwd = 2 * t_gemm + attn_b + 0.6 * t_elem
+    fwd = t_gemm + attn_f + t_elem_f
+    bwd = t_gemm_b + attn_b + t_elem_b
     if recompute == "full":
         bwd += fwd
     elif recompute == "selective":
         # GPT/eager: recompute the attention core (scores, softmax, dropout); Llama: norms and SwiGLU.
-        bwd += (attn_f + 0.2 * t_elem) if m.attention == "eager" else 0.2 * t_elem
+        sel = selective_recompute_bytes(m, tp, cp, mb, sp)
+        bwd += act_scale * sel / bw + (attn_f if m.attention == "eager" else 0.0)
     return fwd, bwd
 
 
@@ -170,5 +268,5 @@ def logits_times(m: ModelShape, tp: int, cp: int, mb: int, acc: Accelerator, pre
     peak = acc.peak(precision)
     tokens = mb * m.seq_len / cp
     f = gemm_time(tokens, m.vocab / tp, m.hidden, acc, peak, elem_bytes=ELEM_BYTES.get(precision, 2))
-    ce = 3 * 4 * tokens * m.vocab / tp / (acc.mem_bw_gbs * 1e9)  # fp32 softmax: read, write, read
-    return f + ce, 2 * f + ce
+    per = tokens * m.vocab / tp / hbm_bytes_per_s(acc)
+    return f + CE_FWD_BYTES * per, 2 * f + CE_BWD_BYTES * per

@@ -7,14 +7,20 @@ from dataclasses import dataclass, field
 
 from apogee.planner import comms
 from apogee.planner.cluster import GIB, Cluster
-from apogee.planner.compute import layer_times, logits_times, moe_layer_times
+from apogee.planner.compute import hbm_bytes_per_s, layer_times, logits_times, moe_layer_times
 from apogee.planner.errors import PlannerError
 from apogee.planner.memory import MemoryBreakdown, memory_per_gpu, stage_params
 from apogee.planner.schedule import bubble_fraction, bubble_slots
 from apogee.planner.spec import Layout, ModelShape, RunSpec
 
 GRAD_REDUCE_BYTES = 4  # fp32 gradient reduction: Megatron-LM main_grad and torchtitan's reduce_dtype default
-ADAM_BYTES_PER_PARAM = 32  # Adam reads fp32 grad, master, m, v and writes master, m, v, bf16 weight
+# Per-step memory traffic outside the layers (priced at compute.hbm_bytes_per_s):
+#   Adam on the rank's optimizer shard: read fp32 grad, master, m, v (16); write master, m, v (12) and
+#   the bf16 weight (2); plus the gradient-norm pass re-reading the fp32 grad (4)       = 34 bytes/param
+#   on every parameter the rank holds (not only its shard): zero the fp32 gradient buffer before the
+#   first micro-batch (write 4)                                                          = 4 bytes/param
+ADAM_BYTES_PER_PARAM = 34
+GRAD_ZERO_BYTES_PER_PARAM = 4
 # TP collectives overlapped with GEMMs still cost some time: the communication kernels take SMs from
 # the GEMMs (Wang et al. 2023, "Overlap communication with dependent computation", report ~10-20%
 # residual); we charge 15% of the communication.
@@ -186,7 +192,7 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
             else:
                 dp_exposed = dp_comm
     local_params = params_rank / (shard if lay.zero >= 1 else 1)
-    t_opt = ADAM_BYTES_PER_PARAM * local_params / (acc.mem_bw_gbs * 1e9)
+    t_opt = (ADAM_BYTES_PER_PARAM * local_params + GRAD_ZERO_BYTES_PER_PARAM * params_rank) / hbm_bytes_per_s(acc)
 
     step = t_pipe + dp_exposed + t_opt
     tokens_step = run.global_batch * m.seq_len
