@@ -15,6 +15,7 @@ sequence parallelism on one DeviceMesh, and resumable distributed checkpoints.
   apogee train                      the default job: debug model, stdlib corpus, 4 CPU ranks
   apogee train CONFIG --nproc N     any preset or TOML file on N local ranks
   apogee generate RUN_DIR           sample from a run's latest checkpoint
+  apogee launch CONFIG --nproc N    train under supervision: restarts, hang detection, fault drills
 """
 
 
@@ -49,6 +50,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         text = generate(Path(result.run_dir), args.prompt, tokens=args.sample_tokens, seed=cfg.train.seed)
         print(f"sample (prompt {args.prompt!r}):\n{args.prompt}{text}")
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from apogee.config import validate
+    from apogee.resilience.supervisor import JobFailed, Nodes, supervise
+    from apogee.train.trainer import load_corpus
+
+    cfg = load_config(args.config, args.set or [])
+    if args.inject:
+        cfg = cfg.replace(resilience={"inject": [*cfg.resilience.inject, *args.inject]})
+    nodes = Nodes.parse(args.nnodes)
+    nproc = args.nproc or _default_nproc()
+    # An elastic world size is known only at rendezvous; a fixed one is checked now.
+    validate(cfg, nproc * nodes.min) if nodes.min == nodes.max else validate(cfg)
+    load_corpus(cfg, progress=True)  # tokenise once, before the ranks start
+    try:
+        result = supervise(cfg, nproc, nodes=nodes, rdzv_endpoint=args.rdzv_endpoint)
+    except JobFailed as exc:
+        print(f"apogee: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"\nrun directory: {result.run_dir} (events: {Path(result.run_dir) / 'events.jsonl'})")
+    print(f"final step {result.step}: train loss {_fmt(result.train_loss)}, val loss {_fmt(result.val_loss)}")
     return 0
 
 
@@ -92,6 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sample-tokens", type=int, default=120, help="tokens to sample at the end")
     train.add_argument("--no-sample", action="store_true", help="do not sample at the end")
     train.set_defaults(func=cmd_train)
+
+    launch = sub.add_parser(
+        "launch",
+        help="train under supervision: restart from the last durable checkpoint, detect hangs, run fault drills",
+        description="Run a job through torchrun's elastic agent (c10d rendezvous) and supervise it: a rank "
+        "that dies restarts all ranks from the latest durable checkpoint (up to resilience.max_restarts); "
+        "no heartbeat for resilience.hang_timeout_s is a hang: every rank's stack is dumped, a diagnosis "
+        "written to RUN_DIR/diagnosis/, and the ranks restarted. Events go to RUN_DIR/events.jsonl.",
+    )
+    launch.add_argument("config", help="TOML file or preset name")
+    launch.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+    launch.add_argument("--nproc", type=int, default=0, help="ranks per node (default: the number of GPUs, or 4 on CPU)")
+    launch.add_argument("--nnodes", default="1", metavar="N|MIN:MAX", help="nodes (elastic range), default 1")
+    launch.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
+                        help="c10d rendezvous endpoint shared by every node (default: a free local port)")
+    launch.add_argument("--inject", action="append", metavar="FAULT",
+                        help="fault drill, repeatable: kill:rank=R,step=S | hang:rank=R,step=S | "
+                        "corrupt-checkpoint:step=S[,mode=flip|truncate|delete] | kill-during-save:step=S[,rank=R]")
+    launch.set_defaults(func=cmd_launch)
 
     gen = sub.add_parser("generate", help="sample text from a run's latest checkpoint",
                          description="Load RUN_DIR's latest checkpoint into one process and sample.")

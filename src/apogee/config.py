@@ -111,6 +111,18 @@ class CheckpointConfig:
     interval: int = 100  # 0: only at the end
     resume: str = "auto"  # auto (latest in the run directory, if any) | never | a checkpoint directory
     keep: int = 3  # newest checkpoints kept; 0 keeps all
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: off)
+    async_save: bool = False  # stage to host memory, persist in the background (apogee/checkpoint/dcp.py)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResilienceConfig:
+    """``apogee launch``'s supervision (apogee/resilience/) and the fault drills."""
+
+    max_restarts: int = 3  # restarts of all ranks from the latest durable checkpoint before giving up
+    hang_timeout_s: float = 60.0  # no heartbeat from any rank for this long, once training: a hang
+    startup_timeout_s: float = 600.0  # the same, while ranks are still starting (build, resume)
+    inject: tuple[str, ...] = ()  # fault drills, e.g. ["kill:rank=1,step=6"] (apogee/resilience/faults.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +136,12 @@ class ParallelConfig:
     cp: int = 1
     sequence_parallel: bool = True  # with tp > 1
     loss_parallel: bool = True  # with tp > 1: cross-entropy on vocab-sharded logits
+    # Pipeline (apogee/parallel/pipeline.py): gpipe | 1f1b | interleaved-1f1b | zero-bubble | zbv | dualpipev
+    # (the last three where the installed torch has them).
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int = 0  # 0: global_batch / (dp x micro_batch); they replace gradient accumulation
+    pp_stages_per_rank: int = 0  # virtual stages; 0: 1 for gpipe / 1f1b, 2 for the others
+    recompute: str = "none"  # activation recomputation: none | selective | full (apogee/parallel/recompute.py)
 
     def degrees(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp")}
@@ -170,6 +188,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -233,6 +252,11 @@ def _coerce(section: str, key: str, value: Any, kind: type) -> Any:
         if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"{where} must be a string, got {value!r}")
+    if typing.get_origin(kind) is tuple:  # tuple[str, ...]: a TOML array of strings (one string: one item)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        return tuple(items)
     raise AssertionError(f"unsupported config type {kind} for {where}")
 
 
@@ -267,6 +291,13 @@ def _parse_scalar(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+def config_from_dict(sections: dict[str, dict[str, Any]], world_size: int | None = None) -> Config:
+    """A validated Config from plain sections (defaults for the rest), as a TOML file would give."""
+    cfg = _build(_merge({}, sections))
+    validate(cfg, world_size)
+    return cfg
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -349,6 +380,19 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelConfig:
         raise ConfigError("checkpoint.interval and eval.interval must be >= 0 and eval.batches >= 1")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).is_dir():
         raise ConfigError(f"checkpoint.resume must be auto, never or a checkpoint directory, got {cfg.checkpoint.resume!r}")
+    if cfg.checkpoint.keep < 0 or cfg.checkpoint.keep_every < 0:
+        raise ConfigError("checkpoint.keep and checkpoint.keep_every must be >= 0 (0: keep all / off)")
+    r = cfg.resilience
+    if r.max_restarts < 0:
+        raise ConfigError(f"resilience.max_restarts must be >= 0, got {r.max_restarts}")
+    if r.hang_timeout_s <= 0 or r.startup_timeout_s <= 0:
+        raise ConfigError("resilience.hang_timeout_s and resilience.startup_timeout_s must be > 0 seconds")
+    from apogee.resilience.faults import parse_faults  # plain Python, no torch
+
+    try:
+        faults = parse_faults(r.inject)
+    except ValueError as exc:
+        raise ConfigError(f"resilience.inject: {exc}") from None
 
     p = cfg.parallel
     if world_size is None:
@@ -358,21 +402,37 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelConfig:
         for v in p.degrees().values():
             world_size *= v
     p = p.resolved(world_size)
-    if p.pp > 1 or p.cp > 1:
-        raise ConfigError("parallel.pp and parallel.cp > 1 are not supported yet (the N-D parallelism issue adds them); set them to 1")
+    for fault in faults:
+        if fault.rank >= world_size:
+            raise ConfigError(f"resilience.inject: {fault.kind} names rank {fault.rank}, but the world size is {world_size}")
+    if p.cp > 1 and p.pp > 1:
+        raise ConfigError("parallel.cp > 1 together with parallel.pp > 1 is not supported yet; set one of them to 1")
+    if p.cp > 1 and t.seq_len % (2 * p.cp):
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} is not divisible by 2 x parallel.cp={2 * p.cp} "
+            f"(context parallel splits each sequence into 2 x cp chunks)"
+        )
+    if p.recompute not in ("none", "selective", "full"):
+        raise ConfigError(f"parallel.recompute must be none, selective or full, got {p.recompute!r}")
     if args.n_heads % p.tp:
         raise ConfigError(f"model heads ({args.n_heads}) are not divisible by parallel.tp={p.tp}")
     if args.n_kv_heads % p.tp:
         raise ConfigError(f"model kv heads ({args.n_kv_heads}) are not divisible by parallel.tp={p.tp}")
     if args.ffn_hidden % p.tp:
         raise ConfigError(f"model.ffn_hidden={args.ffn_hidden} is not divisible by parallel.tp={p.tp}")
-    if p.tp > 1 and p.sequence_parallel and t.seq_len % p.tp:
-        raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp} (needed by sequence parallel)")
+    if p.tp > 1 and p.sequence_parallel and (t.seq_len // p.cp) % p.tp:
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} / parallel.cp={p.cp} is not divisible by parallel.tp={p.tp} "
+            f"(needed by sequence parallel)"
+        )
     if t.global_batch % (t.micro_batch * p.dp):
         raise ConfigError(
             f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x "
             f"data-parallel size {p.dp} (dp_replicate x dp_shard); change train.global_batch or train.micro_batch"
         )
+    from apogee.parallel.pipeline import check_config  # lazy: it imports torch
+
+    check_config(cfg, p, args)
     return p
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
-from apogee.checkpoint.dcp import latest_checkpoint, single_process_quiet
+from apogee.checkpoint.dcp import latest_checkpoint, safe_load
 from apogee.config import load_config
 from apogee.data.tokenizers import load_tokenizer
 from apogee.models.llama import Transformer, rope_cos_sin
@@ -32,8 +31,7 @@ def load_model(run_dir: Path, device: torch.device) -> tuple[Transformer, object
         model = Transformer(args)
     model.to_empty(device=device)
     state = {"model": model.state_dict()}
-    with single_process_quiet():
-        dcp.load(state, checkpoint_id=str(checkpoint))
+    safe_load(state, checkpoint)  # allow-listed metadata, weights-only items
     model.load_state_dict(state["model"])
     # The rotary table is not persistent (not in checkpoints): compute it for the device.
     model.rope = rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta, device=device)

@@ -14,6 +14,9 @@ LAYOUTS = {
     "ddp2": ({"dp_replicate": 2, "dp_shard": 1, "tp": 1}, {}),
     "fsdp2_tp2_tied": ({"dp_shard": 2, "tp": 2}, {"tie_embeddings": "true"}),
     "hsdp2x2": ({"dp_replicate": 2, "dp_shard": 2, "tp": 1}, {}),
+    "cp2": ({"dp_shard": 1, "cp": 2, "tp": 1}, {}),
+    "cp2_tp2": ({"dp_shard": 1, "cp": 2, "tp": 2}, {}),
+    "fsdp2_cp2": ({"dp_shard": 2, "cp": 2, "tp": 1}, {}),
 }
 
 
@@ -32,7 +35,7 @@ def reference(tmp_path_factory, cache_dir):
 def test_layout_matches_single_process(name, tmp_path, cache_dir, reference):
     parallel, model = LAYOUTS[name]
     cfg = tiny_config(tmp_path, cache_dir, parallel=parallel, model=model)
-    nproc = cfg.parallel.dp_replicate * cfg.parallel.dp_shard * cfg.parallel.tp
+    nproc = cfg.parallel.dp_replicate * cfg.parallel.dp_shard * cfg.parallel.cp * cfg.parallel.tp
     launch_local(cfg, nproc)
     got, want = read_metrics(tmp_path), reference[model.get("tie_embeddings", "")]
     assert [r["step"] for r in got] == list(range(1, 11))

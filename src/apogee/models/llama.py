@@ -41,10 +41,19 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
+class CausalAttention(nn.Module):
+    """softmax(QK^T / sqrt(d)) V under a causal mask, for q [batch, heads, seq, head_dim] and k, v
+    with fewer (grouped) heads. A module of its own so that context parallelism can swap it."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.head_dim = args.head_dim
+        self.core = CausalAttention()
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -57,7 +66,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, heads, seq, head_dim]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        out = self.core(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
@@ -102,14 +111,24 @@ class Transformer(nn.Module):
         # Not persistent: derived from the shape, so it never enters a checkpoint.
         self.register_buffer("rope", rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab]."""
-        h = self.tok_embeddings(tokens)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [batch, seq] -> logits [batch, seq, vocab].
+
+        ``positions`` [seq] gives each token's position in its sequence when the tokens are not
+        0..seq-1 in order (a context-parallel rank holds two separated chunks of each sequence).
+
+        A pipeline stage is this model with some modules removed (set to None): without the
+        embedding it takes hidden states [batch, seq, dim], without norm and output it returns them.
+        """
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        rope = self.rope if positions is None else self.rope[:, positions]
         for layer in self.layers.values():
-            h = layer(h, self.rope)
-        return self.output(self.norm(h))
+            h = layer(h, rope)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
 
     def tie_weights(self) -> None:
         """Re-tie output and embedding after a parallel plan replaced one of them."""
-        if self.args.tie_embeddings:
+        if self.args.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
             self.output.weight = self.tok_embeddings.weight

@@ -62,3 +62,9 @@ def _gather_seq(x: torch.Tensor, mesh: DeviceMesh, cp: int) -> torch.Tensor:
     """All-gather along the sequence dim (2) of [batch, heads, local, dim], differentiably."""
     gathered = _all_gather_autograd(x.contiguous(), gather_dim=0, group=mesh)  # [cp*batch, ...]
     return torch.cat(gathered.chunk(cp, dim=0), dim=2)
+
+
+def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh) -> None:
+    """Swap every block's attention core for the all-gather context-parallel one."""
+    for block in model.layers.values():
+        block.attention.core = ContextParallelAttention(cp_mesh)

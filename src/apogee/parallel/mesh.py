@@ -23,7 +23,9 @@ class Mesh:
 
     parallel: ParallelConfig
     world: DeviceMesh | None  # None in a single process with no process group
-    dp: DeviceMesh | None = None  # data parallel (replicate x shard) flattened to one axis
+    dp: DeviceMesh | None = None  # data parallel (replicate x shard) flattened: who loads which batch
+    fsdp: DeviceMesh | None = None  # what FSDP2 shards over: 1-D for FSDP, 2-D (replicate, shard) for HSDP
+    dp_cp: DeviceMesh | None = None  # every rank holding different tokens: losses are averaged over it
 
     @classmethod
     def build(cls, parallel: ParallelConfig, device_type: str) -> "Mesh":
@@ -31,23 +33,39 @@ class Mesh:
             return cls(parallel, None)
         shape = tuple(getattr(parallel, axis) for axis in MESH_ORDER)
         world = init_device_mesh(device_type, shape, mesh_dim_names=MESH_ORDER)
-        # Data parallel as one axis, for loaders and loss averaging; kept here rather than sliced
-        # back out of the root mesh (torch deprecates slicing flattened dims from the root).
+        # Flattened views are built here, once, and kept (torch deprecates slicing flattened dims
+        # back out of the root mesh).
         dp = world["dp_replicate", "dp_shard"]._flatten("dp")
-        return cls(parallel, world, dp)
+        # Context-parallel ranks hold different tokens of the same sequences, so their gradients are
+        # averaged like data-parallel ones: FSDP shards over dp_shard x cp.
+        shard = world["dp_shard", "cp"]._flatten("dp_shard_cp")
+        fsdp = None
+        if parallel.dp_replicate > 1:
+            fsdp = _concatenate(world, world["dp_replicate"], shard)
+        elif parallel.dp_shard * parallel.cp > 1:
+            fsdp = shard
+        dp_cp = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        return cls(parallel, world, dp, fsdp, dp_cp)
+
+    @property
+    def pp(self) -> DeviceMesh | None:
+        return self.world["pp"] if self.world is not None and self.parallel.pp > 1 else None
+
+    @property
+    def pp_rank(self) -> int:
+        return self.world["pp"].get_local_rank() if self.world is not None else 0
 
     @property
     def tp(self) -> DeviceMesh | None:
         return self.world["tp"] if self.world is not None and self.parallel.tp > 1 else None
 
     @property
-    def fsdp(self) -> DeviceMesh | None:
-        """The mesh FSDP2 shards over: 1-D for FSDP, 2-D (replicate, shard) for HSDP and pure DDP."""
-        if self.world is None or self.parallel.dp == 1:
-            return None
-        if self.parallel.dp_replicate > 1:
-            return self.world["dp_replicate", "dp_shard"]
-        return self.world["dp_shard"]
+    def cp(self) -> DeviceMesh | None:
+        return self.world["cp"] if self.world is not None and self.parallel.cp > 1 else None
+
+    @property
+    def cp_rank(self) -> int:
+        return self.world["cp"].get_local_rank() if self.world is not None else 0
 
     @property
     def dp_rank(self) -> int:
@@ -56,3 +74,11 @@ class Mesh:
     @property
     def dp_size(self) -> int:
         return self.parallel.dp
+
+
+def _concatenate(world: DeviceMesh, *meshes: DeviceMesh) -> DeviceMesh:
+    """One mesh from sub-meshes of ``world`` (torch >= 2.13 has a method; 2.11 slices the root)."""
+    concatenate = getattr(type(world), "_concatenate", None)
+    if concatenate is not None:
+        return concatenate(list(meshes))
+    return world[tuple(name for mesh in meshes for name in mesh.mesh_dim_names)]

@@ -35,7 +35,10 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, *, sequence_p
     }
     if norm_style is not None:
         top_plan["norm"] = norm_style
-    parallelize_module(model, tp_mesh, top_plan)
+    # A pipeline stage lacks the embedding, or the norm and output, of the stages it does not own.
+    top_plan = {name: style for name, style in top_plan.items() if getattr(model, name) is not None}
+    if top_plan:
+        parallelize_module(model, tp_mesh, top_plan)
 
     for block in model.layers.values():
         plan = {

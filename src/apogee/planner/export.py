@@ -24,7 +24,7 @@ def layout_to_config(run: RunSpec, lay: Layout) -> dict:
     }
     # Keys the engine's [parallel] does not have yet are written only when they hold something other
     # than the engine's fixed behaviour (one pipeline stage, no recompute), so a pp=1, no-recompute
-    # layout loads with apogee.config.load_config as is; engine_unsupported() names the others.
+    # layout's config stays minimal; engine_rejection() asks the engine whether it accepts the result.
     if lay.pp > 1:
         parallel.update(
             pp_schedule=lay.pp_schedule,
@@ -41,13 +41,19 @@ def layout_to_config(run: RunSpec, lay: Layout) -> dict:
     return cfg
 
 
-# [parallel] keys apogee.config accepts today.
-ENGINE_PARALLEL_KEYS = frozenset({"dp_replicate", "dp_shard", "tp", "pp", "cp", "sequence_parallel", "loss_parallel"})
+def engine_rejection(run: RunSpec, lay: Layout) -> str | None:
+    """Why the engine's own validation (apogee.config) would refuse this layout's config, or None.
 
+    The planner asks the engine rather than restating its rules, so a plan never proposes a layout
+    ``apogee train`` then rejects (tied embeddings under pp, schedule micro-batch rules, ...).
+    """
+    from apogee.config import ConfigError, config_from_dict
 
-def engine_unsupported(run: RunSpec, lay: Layout) -> list[str]:
-    """The [parallel] keys this layout's config needs that the engine does not accept yet."""
-    return sorted(set(layout_to_config(run, lay)["parallel"]) - ENGINE_PARALLEL_KEYS)
+    try:
+        config_from_dict(layout_to_config(run, lay), world_size=lay.tp * lay.pp * lay.dp * lay.cp)
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def write_config(run: RunSpec, lay: Layout, path: str | Path) -> Path:

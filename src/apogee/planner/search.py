@@ -126,6 +126,19 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                                             raise PlannerError("search space too large: pin some [layout] keys")
     key = (lambda e: e.step_time_s / max(e.goodput, 1e-9)) if objective == "goodput" else (lambda e: e.step_time_s)
     results.sort(key=key)
+    if run.model.flavor:
+        # A flavor's plan becomes an engine config: keep only layouts the engine accepts, checked
+        # best-first so that only the top of the ranking pays for validation.
+        from apogee.planner.export import engine_rejection
+
+        wanted = max(top, 1) if top else len(results)
+        accepted = []
+        for e in results:
+            if len(accepted) == wanted:
+                break
+            if engine_rejection(run, e.layout) is None:
+                accepted.append(e)
+        results = accepted
     return PlanResult(ranked=results[:max(top, 1)] if top else results, considered=considered,
                       rejected_memory=rejected, best_nonfitting=best_nonfit)
 

@@ -48,13 +48,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+def clip_grad_norm(model: nn.Module, max_norm: float, *, pp: int = 1) -> float:
     """Global L2 norm of all gradients, as one process would compute it; clipped to ``max_norm``.
 
     Each rank sums the squares of its local shards, dividing a shard replicated over some mesh axes
     by their size so that every element counts once, and one all-reduce over the world adds them
-    up. (DTensor's own norm reduces mesh axis by axis, one collective each.) ``max_norm <= 0``
-    only measures.
+    up. (DTensor's own norm reduces mesh axis by axis, one collective each.) Under pipeline
+    parallelism (``pp`` stages) each rank holds only its stages' parameters: a plain tensor is then
+    the same on the world / pp ranks of its stage, not on every rank. ``max_norm <= 0`` only measures.
     """
     for p in model.parameters():
         if isinstance(p.grad, DTensor) and any(pl.is_partial() for pl in p.grad.placements):
@@ -74,7 +75,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
             local = g.to_local()
             total_sq += local.float().pow(2).sum() / copies
         else:
-            total_sq += g.float().pow(2).sum() / world  # a plain tensor is the same on every rank
+            total_sq += g.float().pow(2).sum() / (world // pp)  # the same on every rank of its stage
     if world > 1:
         dist.all_reduce(total_sq)
     total = total_sq.sqrt().item()

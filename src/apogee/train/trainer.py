@@ -19,14 +19,17 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from apogee.checkpoint.dcp import Checkpointer, latest_checkpoint
+from apogee.checkpoint.dcp import Checkpointer, config_hash, latest_checkpoint
 from apogee.config import Config, validate, write_config
 from apogee.data.prepare import PreparedCorpus, prepare_corpus
 from apogee.data.sampler import Batch, TrainSampler, split_tokens, val_batches
 from apogee.models.init import init_weights
 from apogee.models.llama import Transformer
-from apogee.parallel.apply import parallelize
+from apogee.parallel.apply import parallelize_stages
+from apogee.parallel.context import load_balanced_positions
 from apogee.parallel.mesh import Mesh
+from apogee.resilience.hooks import RankHooks
+from apogee.parallel.pipeline import Pipeline, stages_per_rank
 from apogee.telemetry.metrics import MetricsWriter, log, memory_gib
 from apogee.telemetry.mfu import peak_flops
 from apogee.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
@@ -87,6 +90,10 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.is_main = self.rank == 0
+        # Heartbeats, events and the fault-drill hook (apogee/resilience): the trainer's one contact.
+        self.hooks = RankHooks(self.run_dir, cfg.resilience.inject, rank=self.rank, world=self.world_size,
+                               log=lambda msg: log(msg))
+        self.hooks.beat("build", 0)
         if self.device.type == "cpu":
             # Ranks on one host share its cores; oversubscribed threads slow every rank down.
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -100,7 +107,13 @@ class Trainer:
         self.build_data()
         self.build_model()
         self.optimizer = build_optimizer(self.model, cfg.train, self.device)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        ck = cfg.checkpoint
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints", keep=ck.keep, keep_every=ck.keep_every, async_save=ck.async_save,
+            config_hash=config_hash(cfg.to_dict()), layout={"world_size": self.world_size, **parallel.degrees()},
+            events=self.hooks.events if self.is_main else None, faults=self.hooks.faults,
+            log=lambda msg: log(msg, enabled=self.is_main),
+        )
         self.step = 0
         self.resume()
         if self.is_main:
@@ -127,18 +140,39 @@ class Trainer:
         with torch.device("meta"):
             model = Transformer(args)
         param_dtype = torch.bfloat16 if self.use_bf16 else torch.float32
-        self.model = parallelize(model, self.mesh, param_dtype=param_dtype, compile=self.cfg.train.compile)
+        done = parallelize_stages(
+            model, self.mesh, param_dtype=param_dtype, compile=self.cfg.train.compile, seq_len=self.cfg.train.seq_len
+        )
+        self.model = done.model  # under pp: this rank's stages, under the full model's parameter names
         init_weights(self.model, self.cfg.train.seed, self.device)
+        self.pipeline = None
+        if done.stages:
+            p = self.mesh.parallel
+            self.pipeline = Pipeline(
+                self.model, done.stages, schedule=p.pp_schedule, n_stages=p.pp * stages_per_rank(p.pp_schedule, p.pp_stages_per_rank),
+                n_microbatches=self.grad_accum, group=self.mesh.pp.get_group(), device=self.device, loss_fn=self.pipeline_loss,
+            )
         self.flops_per_token = args.flops_per_token(self.cfg.train.seq_len)
 
     def resume(self) -> None:
+        """Load the checkpoint to continue from: verified against its manifest, and with
+        ``resume=auto`` the newest one that verifies (a restarted attempt always resumes)."""
+        self.hooks.beat("resume", 0)
         setting = self.cfg.checkpoint.resume
-        if setting == "never":
+        restarted = self.hooks.attempt > 0
+        if setting == "never" and not restarted:
             return
-        path = latest_checkpoint(self.run_dir / "checkpoints") if setting == "auto" else Path(setting)
+        if setting == "auto" or restarted:
+            found = self.checkpointer.load_latest(self.model, self.optimizer)
+            path, state = found if found else (None, None)
+        else:
+            path = Path(setting)
+            state = self.checkpointer.load(path, self.model, self.optimizer)
+        if restarted and self.is_main:
+            self.hooks.events("restart", attempt=self.hooks.attempt, checkpoint=str(path) if path else None,
+                              step=int(state["step"]) if state else 0)
         if path is None:
             return
-        state = self.checkpointer.load(path, self.model, self.optimizer, self.trainer_state())
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         log(f"resumed from {path} at step {self.step}", enabled=self.is_main)
@@ -150,8 +184,13 @@ class Trainer:
     def loss(self, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy of one micro-batch (a DTensor under loss parallel)."""
         inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
+        positions = None
+        if self.mesh.cp is not None:
+            # This cp rank's share of every sequence: two mirrored chunks (load-balanced causal split).
+            positions = load_balanced_positions(inputs.shape[1], self.mesh.parallel.cp, self.mesh.cp_rank, self.device)
+            inputs, targets = inputs[:, positions], targets[:, positions]
         with self.autocast():
-            logits = self.model(inputs)
+            logits = self.model(inputs, positions=positions)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
 
     def autocast(self):
@@ -165,8 +204,17 @@ class Trainer:
             return loss_parallel()
         return contextlib.nullcontext()
 
+    def pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The pipeline schedule's loss (last stage): one micro-batch's mean, divided by the number of
+        micro-batches as gradient accumulation divides it (the schedule does not rescale)."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1)) / self.grad_accum
+
     def forward_backward(self, batch: Batch) -> float:
         """Accumulate gradients over this rank's micro-batches; returns the mean loss of the step."""
+        if self.pipeline is not None:
+            # The schedule's micro-batches (grad_accum of them) replace the accumulation loop.
+            with self.autocast(), self.loss_context():
+                return self.mean_over_data_ranks(self.pipeline.step(batch.inputs, batch.targets))
         mb = self.cfg.train.micro_batch
         total = torch.zeros((), device=self.device)
         for i in range(self.grad_accum):
@@ -178,12 +226,12 @@ class Trainer:
                 loss = self.loss(micro) / self.grad_accum
                 loss.backward()
             total += _local(loss.detach())
-        return self.mean_over_dp(total)
+        return self.mean_over_data_ranks(total)
 
     def optimizer_step(self) -> tuple[float, float]:
         lr = lr_at(self.step + 1, self.cfg.train)
         set_lr(self.optimizer, lr)
-        grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip)
+        grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip, pp=self.mesh.parallel.pp)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -198,23 +246,31 @@ class Trainer:
             self.val_tokens, seq_len=t.seq_len, global_batch=t.global_batch, micro_batch=t.micro_batch,
             batches=self.cfg.eval.batches, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size,
         )
+        if self.pipeline is not None:
+            # One schedule run per grad_accum micro-batches (a rank's share of a global batch).
+            batches, group = list(batches), self.grad_accum
+            batches = [
+                Batch(torch.cat([b.inputs for b in batches[i : i + group]]), torch.cat([b.targets for b in batches[i : i + group]]))
+                for i in range(0, len(batches), group)
+            ]
         for batch in batches:
-            with self.loss_context():
-                total += _local(self.loss(batch))
+            with self.autocast(), self.loss_context():
+                total += self.pipeline.eval(batch.inputs, batch.targets) if self.pipeline is not None else _local(self.loss(batch))
             count += 1
         self.model.train()
-        return self.mean_over_dp(total / count)
+        return self.mean_over_data_ranks(total / count)
 
-    def mean_over_dp(self, value: torch.Tensor) -> float:
-        if self.mesh.dp is not None and self.mesh.dp_size > 1:
+    def mean_over_data_ranks(self, value: torch.Tensor) -> float:
+        # Over data and context parallel ranks: each holds an equal share of the tokens.
+        if self.mesh.dp_cp is not None and self.mesh.dp_cp.size() > 1:
             value = value.clone()
-            dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.mesh.dp.get_group())
+            dist.all_reduce(value, op=dist.ReduceOp.AVG, group=self.mesh.dp_cp.get_group())
         return float(value)
 
     def checkpoint(self) -> Path:
-        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
-        log(f"checkpoint saved: {path}", enabled=self.is_main)
-        return path
+        # The checkpointer logs "checkpoint saved" once it is durable (later, with async_save).
+        self.hooks.beat("checkpoint", self.step)
+        return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
 
     def log(self, *, loss: float, lr: float, grad_norm: float, tokens_per_s: float, val_loss: float | None) -> None:
         mfu = tokens_per_s * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None
@@ -245,8 +301,10 @@ class Trainer:
             batch = self.sampler.next_batch(
                 global_batch=cfg.train.global_batch, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size
             )
+            self.hooks.beat("forward_backward", self.step)
             loss = self.forward_backward(batch)
             lr, grad_norm = self.optimizer_step()
+            self.hooks.at("after_step", self.step)
             window_steps += 1
             last = self.step == cfg.train.steps
             stopping = self.step == cfg.run.stop_at_step
@@ -257,6 +315,8 @@ class Trainer:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 tokens_per_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+            if do_eval:
+                self.hooks.beat("evaluate", self.step)
             val_loss = self.evaluate() if do_eval else None
             if do_log:
                 self.log(loss=loss, lr=lr, grad_norm=grad_norm, val_loss=val_loss, tokens_per_s=tokens_per_s)
@@ -268,9 +328,11 @@ class Trainer:
             if stopping:
                 log(f"stopping at step {self.step} (run.stop_at_step); run again to resume", enabled=self.is_main)
                 break
+        self.checkpointer.close()  # an async save in flight becomes durable before the job ends
         if saved is None and self.step > 0:
             saved = latest_checkpoint(self.run_dir / "checkpoints")
         result = TrainResult(str(self.run_dir), self.step, loss, val_loss, str(saved) if saved else None)
+        self.hooks.beat("done", self.step)
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
