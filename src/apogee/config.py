@@ -142,6 +142,12 @@ class ParallelConfig:
     pp_microbatches: int = 0  # 0: global_batch / (dp x micro_batch); they replace gradient accumulation
     pp_stages_per_rank: int = 0  # virtual stages; 0: 1 for gpipe / 1f1b, 2 for the others
     recompute: str = "none"  # activation recomputation: none | selective | full (apogee/parallel/recompute.py)
+    # Memory-wall options (apogee/parallel/fsdp.py). reshard_after_forward: "default" frees each
+    # block's gathered parameters after forward (ZeRO-3) except the last block's; "never" keeps them
+    # until backward (ZeRO-2-like: more memory, no second all-gather); "always" frees every block's.
+    reshard_after_forward: str = "default"
+    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads and the optimizer step on CPU
+    activation_offload: bool = False  # saved activations go to (pinned) CPU memory during forward
 
     def degrees(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp")}
@@ -405,13 +411,15 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelConfig:
     for fault in faults:
         if fault.rank >= world_size:
             raise ConfigError(f"resilience.inject: {fault.kind} names rank {fault.rank}, but the world size is {world_size}")
-    if p.cp > 1 and p.pp > 1:
-        raise ConfigError("parallel.cp > 1 together with parallel.pp > 1 is not supported yet; set one of them to 1")
     if p.cp > 1 and t.seq_len % (2 * p.cp):
         raise ConfigError(
             f"train.seq_len={t.seq_len} is not divisible by 2 x parallel.cp={2 * p.cp} "
             f"(context parallel splits each sequence into 2 x cp chunks)"
         )
+    if p.reshard_after_forward not in ("default", "always", "never"):
+        raise ConfigError(f"parallel.reshard_after_forward must be default, always or never, got {p.reshard_after_forward!r}")
+    if p.cpu_offload and p.dp * p.cp == 1:
+        raise ConfigError("parallel.cpu_offload offloads FSDP shards: it needs parallel.dp_shard, dp_replicate or cp > 1")
     if p.recompute not in ("none", "selective", "full"):
         raise ConfigError(f"parallel.recompute must be none, selective or full, got {p.recompute!r}")
     if args.n_heads % p.tp:

@@ -17,6 +17,10 @@ LAYOUTS = {
     "cp2": ({"dp_shard": 1, "cp": 2, "tp": 1}, {}),
     "cp2_tp2": ({"dp_shard": 1, "cp": 2, "tp": 2}, {}),
     "fsdp2_cp2": ({"dp_shard": 2, "cp": 2, "tp": 1}, {}),
+    "pp2_cp2": ({"dp_shard": 1, "cp": 2, "tp": 1, "pp": 2}, {}),
+    # Memory-wall switches change where bytes live, never the numbers.
+    "fsdp2_offload_zero2": ({"dp_shard": 2, "tp": 1, "cpu_offload": True, "activation_offload": True,
+                             "reshard_after_forward": "never"}, {}),
 }
 
 
@@ -35,7 +39,7 @@ def reference(tmp_path_factory, cache_dir):
 def test_layout_matches_single_process(name, tmp_path, cache_dir, reference):
     parallel, model = LAYOUTS[name]
     cfg = tiny_config(tmp_path, cache_dir, parallel=parallel, model=model)
-    nproc = cfg.parallel.dp_replicate * cfg.parallel.dp_shard * cfg.parallel.cp * cfg.parallel.tp
+    nproc = cfg.parallel.pp * cfg.parallel.dp_replicate * cfg.parallel.dp_shard * cfg.parallel.cp * cfg.parallel.tp
     launch_local(cfg, nproc)
     got, want = read_metrics(tmp_path), reference[model.get("tie_embeddings", "")]
     assert [r["step"] for r in got] == list(range(1, 11))

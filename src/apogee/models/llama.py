@@ -111,19 +111,15 @@ class Transformer(nn.Module):
         # Not persistent: derived from the shape, so it never enters a checkpoint.
         self.register_buffer("rope", rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab].
-
-        ``positions`` [seq] gives each token's position in its sequence when the tokens are not
-        0..seq-1 in order (a context-parallel rank holds two separated chunks of each sequence).
 
         A pipeline stage is this model with some modules removed (set to None): without the
         embedding it takes hidden states [batch, seq, dim], without norm and output it returns them.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        rope = self.rope if positions is None else self.rope[:, positions]
         for layer in self.layers.values():
-            h = layer(h, rope)
+            h = layer(h, self.rope)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

@@ -57,7 +57,8 @@ def parallelize_stages(model: Transformer, mesh: Mesh, *, param_dtype: torch.dty
             for block in part.layers.values():
                 block.compile()  # in place: parameter names (and so checkpoints) stay unchanged
         if mesh.fsdp is not None:
-            apply_fsdp(part, mesh.fsdp, param_dtype=param_dtype)
+            apply_fsdp(part, mesh.fsdp, param_dtype=param_dtype, reshard_after_forward=p.reshard_after_forward,
+                       cpu_offload=p.cpu_offload)
     return Parallelized(model, stages)
 
 

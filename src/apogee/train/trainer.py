@@ -145,6 +145,14 @@ class Trainer:
         )
         self.model = done.model  # under pp: this rank's stages, under the full model's parameter names
         init_weights(self.model, self.cfg.train.seed, self.device)
+        self.cp_positions = None
+        if self.mesh.cp is not None:
+            # A cp rank holds two mirrored chunks of every sequence (the load-balanced causal split):
+            # its rotary table keeps the rows of those global positions, so the plain model rotates
+            # each local token by its place in the whole sequence.
+            p = self.mesh.parallel
+            self.cp_positions = load_balanced_positions(self.cfg.train.seq_len, p.cp, self.mesh.cp_rank, self.device)
+            self.model.rope = self.model.rope[:, self.cp_positions]
         self.pipeline = None
         if done.stages:
             p = self.mesh.parallel
@@ -184,19 +192,18 @@ class Trainer:
     def loss(self, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy of one micro-batch (a DTensor under loss parallel)."""
         inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
-        positions = None
-        if self.mesh.cp is not None:
-            # This cp rank's share of every sequence: two mirrored chunks (load-balanced causal split).
-            positions = load_balanced_positions(inputs.shape[1], self.mesh.parallel.cp, self.mesh.cp_rank, self.device)
-            inputs, targets = inputs[:, positions], targets[:, positions]
         with self.autocast():
-            logits = self.model(inputs, positions=positions)
+            logits = self.model(inputs)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
 
     def autocast(self):
+        """bf16 autocast on GPU, and activation offloading where configured: the forward's context."""
+        stack = contextlib.ExitStack()
         if self.use_bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        if self.mesh.parallel.activation_offload:
+            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda"))
+        return stack
 
     def loss_context(self):
         """Cross-entropy over vocabulary-sharded logits needs loss_parallel for forward and backward."""
@@ -209,8 +216,16 @@ class Trainer:
         micro-batches as gradient accumulation divides it (the schedule does not rescale)."""
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1)) / self.grad_accum
 
+    def cp_local(self, batch: Batch) -> Batch:
+        """This context-parallel rank's tokens of every sequence (all of them without cp)."""
+        if self.cp_positions is None:
+            return batch
+        index = self.cp_positions.to(batch.inputs.device)
+        return Batch(batch.inputs[:, index], batch.targets[:, index])
+
     def forward_backward(self, batch: Batch) -> float:
         """Accumulate gradients over this rank's micro-batches; returns the mean loss of the step."""
+        batch = self.cp_local(batch)
         if self.pipeline is not None:
             # The schedule's micro-batches (grad_accum of them) replace the accumulation loop.
             with self.autocast(), self.loss_context():
@@ -253,7 +268,7 @@ class Trainer:
                 Batch(torch.cat([b.inputs for b in batches[i : i + group]]), torch.cat([b.targets for b in batches[i : i + group]]))
                 for i in range(0, len(batches), group)
             ]
-        for batch in batches:
+        for batch in map(self.cp_local, batches):
             with self.autocast(), self.loss_context():
                 total += self.pipeline.eval(batch.inputs, batch.targets) if self.pipeline is not None else _local(self.loss(batch))
             count += 1
