@@ -1,25 +1,62 @@
-"""Pipeline bubble per schedule: measured idle fraction of each stage vs the theoretical bubble.
+"""Pipeline bubble per schedule: measured idle of each stage vs theory plus measured communication.
 
-    python benchmarks/pipeline_bubble.py [--pp 4] [--microbatches 8] [--schedules gpipe,1f1b,...]
+    python benchmarks/pipeline_bubble.py [--pp 4] [--microbatches 8] [--steps 5] [--schedules gpipe,1f1b,...]
 
 Runs apogee's own pipeline (``apogee.parallel.pipeline``: split, stages, torch schedules) on ``pp``
-gloo ranks on this host, one CPU thread each, over a small Llama (8 layers, dim 256) and times
-every compute action of every stage (forward, backward, and the weight-gradient half of a split
-backward) by wrapping ``PipelineStage``'s ``*_one_chunk`` methods. A rank's idle fraction is
-1 - (its compute time) / (the step's span, first action anywhere to last action anywhere), the
-median over the timed steps. Theory, with m micro-batches, p ranks and v stages per rank, when
-forward, backward-input and backward-weight take equal time:
+gloo ranks on this host (one process each, one intra-op thread each), over a small Llama (8 layers,
+dim 256), every schedule in one launch. Per rank and per step it records timestamps (one monotonic
+clock shared by the processes of a host) of:
+
+* every compute action: forward, backward (full, or its input-gradient half ``I``), the
+  weight-gradient half ``W``, and the loss, by wrapping ``PipelineStage``'s ``*_one_chunk`` methods
+  and the loss function;
+* every point-to-point operation, by wrapping the two functions all of torch's schedules send and
+  receive through (``torch.distributed.pipelining.schedules._batch_p2p``, which issues the
+  ``isend``/``irecv`` of a batch, ``_sorted_batch_p2p`` included, and ``_wait_batch_p2p``, which
+  waits on their works): when each op was issued, and when its wait started and ended.
+
+Measured idle of a rank = 1 - (its compute time) / (the step's span: first compute action anywhere
+to last anywhere); the median over the timed steps is reported.
+
+Measured communication (``comm``). Time blocked in a p2p wait is partly waiting for the neighbour
+to get there (that is bubble) and partly moving the data. Gloo matches the k-th send from A to B
+with the k-th receive on B from A, so every message is paired with its other end. A receive's
+transfer part is from max(wait start, the matching send's issue) to the wait's end; a send's is
+from max(wait start, the matching receive's post) to its end; plus the time spent issuing ops.
+Each interval lies inside its own wait, so they never overlap. ``comm`` = the sum / span, per rank.
+As a cross-check that does not depend on the pairing, a ping-pong between every pair of
+neighbouring ranks before the run gives the isolated one-way time of a 4-byte and an
+activation-sized message (latency + bytes / bandwidth; the minimum over 30 laps, the pure transfer
+cost); ``pp est`` = that time for every message a rank sends or receives in a step (counted by the
+wrappers), over the span: an estimate that assumes no send overlaps a receive or compute and no
+CPU contention. On a busy host the measured ``comm`` is far above it: a few messages whose data
+was sent and whose receiver was waiting still take milliseconds to land (neither end got a core),
+while most land before the receiver asks for them (``recv/send ms``, the median per message).
+
+Theory, with m micro-batches, p ranks, v stages per rank, and every stage's forward (F),
+backward-input (I) and backward-weight (W) equal:
 
     GPipe, 1F1B          (p - 1) / (m + p - 1)
     interleaved 1F1B     (p - 1) / (v m + p - 1)
     zero bubble (ZB1P)   (p - 1) / 3 / (v m + (p - 1) / 3)   (a third of the interleaved bubble)
-    ZB-V                 ~0 (its schedule has no bubble when F = B = W)
+    ZB-V                 0
     DualPipeV            not modelled here
 
-The measured idle also holds the point-to-point time (send, receive, waiting on the neighbour):
-``comm`` is the idle the schedule's theory does not account for (measured - theory). On a CPU
-host with fewer cores than ranks the ranks also compete for cores, which stretches busy periods
-and shrinks measured bubbles; read these as the shape of each schedule, not as GPU figures.
+The 1F1B-family formulas do not depend on the F : B ratio as long as all stages cost the same
+(their bubble is (p - 1)(F + B) against m(F + B) of work). The zero-bubble ones do: ZB1P's bubble
+is (p - 1)(F + I - W) per chunk, a third of 1F1B's only when F = I = W, and ZB-V is bubble-free only
+when F = I = W. On a CPU, B = I + W is about 2 F and I and W differ, so the measured F / B / I / W
+per micro-batch and chunk are printed. ``sim`` replays each rank's executed action order with the
+median measured cost of each (stage, action) and free communication: the bubble this schedule
+would have with these costs, stage imbalance included; it is a diagnostic, the verdict is against
+the formula, as the criterion asks: |mean idle - (theory + comm)| / (theory + comm) <= 10%.
+
+On a host with fewer cores than ranks (pp=4 on 2 cores) the ranks compete for cores: busy
+periods in the steady state (all ranks computing) are stretched and those in the fill and drain
+are not, which shrinks the neighbour waiting (``nbr w``) below the formula. ``--pp 2`` on 2 cores
+avoids that. Other jobs on the host stall ranks at random: those stalls land in ``comm`` (and in
+compute), and the figures move by several points between runs. Read CPU figures as the shape of
+each schedule, not as GPU figures.
 """
 
 from __future__ import annotations
@@ -29,6 +66,7 @@ import os
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -45,6 +83,8 @@ from apogee.parallel.pipeline import Pipeline, available_schedules, split_model,
 
 ARGS = ModelArgs(dim=256, n_layers=8, n_heads=4, n_kv_heads=4, ffn_hidden=768, vocab_size=256, max_seq_len=128)
 MICRO_BATCH, SEQ = 2, 128
+TOLERANCE = 0.10
+now = time.perf_counter  # CLOCK_MONOTONIC on Linux: comparable across the processes of one host
 
 
 def theory(schedule: str, p: int, m: int, v: int) -> float | None:
@@ -59,56 +99,311 @@ def theory(schedule: str, p: int, m: int, v: int) -> float | None:
     return None
 
 
-def _instrument(log: list) -> None:
+# --- per-process instrumentation -------------------------------------------------------------
+# COMPUTE: (kind, stage, micro-batch, start, end), kind in F B I W L (L: loss, on the last stage)
+# P2P: [peer, is_send, nbytes, batch issue start, batch issue end, wait start, wait end]
+COMPUTE: list[tuple] = []
+P2P: list[list] = []
+_WORKS: dict[int, tuple] = {}
+
+
+def _instrument() -> None:
+    from torch.distributed.pipelining import schedules as sched_mod
     from torch.distributed.pipelining import stage as stage_mod
 
     base = stage_mod._PipelineStageBase
+
+    def kind_of(name, a, k):
+        if name == "forward_one_chunk":
+            return "F"
+        if name == "backward_weight_one_chunk":
+            return "W"
+        full = k.get("full_backward", a[2] if len(a) > 2 else True)
+        return "B" if full else "I"
+
     for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
         original = getattr(base, name)
 
-        def timed(self, *a, __original=original, **k):
-            start = time.perf_counter()
+        def timed(self, *a, __original=original, __name=name, **k):
+            start = now()
             try:
                 return __original(self, *a, **k)
             finally:
-                log.append((start, time.perf_counter()))
+                COMPUTE.append((kind_of(__name, a, k), self.stage_index, a[0] if a else -1, start, now()))
 
         setattr(base, name, timed)
 
+    batch_p2p = sched_mod._batch_p2p
 
-def _rank(rank: int, world: int, port: int, schedule: str, m: int, steps: int, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    log: list = []
-    _instrument(log)
+    def timed_batch_p2p(p2p_ops, desc=None):
+        start = now()
+        works = batch_p2p(p2p_ops, desc)
+        end = now()
+        # gloo does not coalesce: one work per op, in order (torch 2.13 batch_isend_irecv)
+        assert len(works) == len(p2p_ops), (len(works), len(p2p_ops))
+        for op, work in zip(p2p_ops, works):
+            rec = [op.peer, op.op is dist.isend, op.tensor.numel() * op.tensor.element_size(), start, end, None, None]
+            P2P.append(rec)
+            _WORKS[id(work)] = (work, rec)
+        return works
+
+    def timed_wait(works):
+        for work in works:
+            start = now()
+            work.wait()
+            end = now()
+            entry = _WORKS.pop(id(work), None)
+            if entry is not None and entry[1][5] is None:
+                entry[1][5], entry[1][6] = start, end
+
+    sched_mod._batch_p2p = timed_batch_p2p  # _sorted_batch_p2p calls it through the module too
+    sched_mod._wait_batch_p2p = timed_wait
+
+
+def _pingpong(rank: int, world: int, nbytes: int, iters: int = 30, warm: int = 3) -> dict:
+    """One-way seconds per neighbour pair {(a, b): (4 bytes, nbytes, 4 bytes min, nbytes min)}: half a
+    round trip, median (printed: it holds the host's scheduling noise) and minimum (the pure transfer
+    cost, used for ``pp est``) over ``iters`` laps."""
+    pairs = sorted({tuple(sorted((r, (r + 1) % world))) for r in range(world)})
+    out = {}
+    for a, b in pairs:
+        times = []
+        for n in (1, nbytes // 4):
+            buf = torch.zeros(n)
+            dist.barrier()
+            if rank in (a, b):
+                peer = b if rank == a else a
+                laps = []
+                for _ in range(warm + iters):
+                    t0 = now()
+                    if rank == a:
+                        dist.send(buf, peer)
+                        dist.recv(buf, peer)
+                    else:
+                        dist.recv(buf, peer)
+                        dist.send(buf, peer)
+                    laps.append(now() - t0)
+                times.append((statistics.median(laps[warm:]) / 2, min(laps[warm:]) / 2))
+        if rank == a:
+            out[(a, b)] = (times[0][0], times[1][0], times[0][1], times[1][1])
+    gathered = [None] * world
+    dist.all_gather_object(gathered, out)
+    return {k: v for g in gathered for k, v in g.items()}
+
+
+def _run_schedule(rank: int, world: int, schedule: str, m: int, steps: int) -> list:
     v = stages_per_rank(schedule, 0)
     with torch.device("meta"):
         model = Transformer(ARGS)
     model, stages = split_model(model, pp_rank=rank, pp=world, schedule=schedule, per_rank=v, seq_len=SEQ)
     init_weights(model, seed=0, device=torch.device("cpu"))
-    loss_fn = lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten()) / m  # noqa: E731
+
+    def loss_fn(logits, y):
+        start = now()
+        last = next((c for c in reversed(COMPUTE) if c[0] == "F"), ("F", -1, -1))
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) / m
+        COMPUTE.append(("L", last[1], last[2], start, now()))
+        return loss
+
     pipe = Pipeline(model, stages, schedule=schedule, n_stages=world * v, n_microbatches=m,
                     group=dist.group.WORLD, device=torch.device("cpu"), loss_fn=loss_fn)
     tokens = torch.randint(0, ARGS.vocab_size, (m * MICRO_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
-    spans = []
-    for step in range(steps + 1):  # the first step also infers shapes: not timed
+    logs = []
+    for step in range(steps + 1):  # the first step also infers shapes and sets up p2p: not timed
         dist.barrier()
-        log.clear()
+        COMPUTE.clear()
+        P2P.clear()
+        _WORKS.clear()
         pipe.step(tokens[:, :-1], tokens[:, 1:])
         for p in model.parameters():
             p.grad = None
-        first = torch.tensor([min(s for s, _ in log), -max(e for _, e in log)], dtype=torch.float64)
-        dist.all_reduce(first, op=dist.ReduceOp.MIN)  # earliest start, latest end over all ranks
-        span = -first[1].item() - first[0].item()
-        busy = sum(e - s for s, e in log)
         if step:
-            spans.append((1 - busy / span, span))
-    result = torch.tensor([statistics.median(i for i, _ in spans), statistics.median(s for _, s in spans)], dtype=torch.float64)
-    gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
-    dist.all_gather(gathered, result)
+            logs.append((list(COMPUTE), [tuple(r) for r in P2P]))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, logs)
+    return gathered  # [rank][step] -> (compute, p2p)
+
+
+# --- analysis (rank 0) -----------------------------------------------------------------------
+
+def _clip(a: float, b: float, lo: float, hi: float) -> float:
+    return max(0.0, min(b, hi) - max(a, lo))
+
+
+def _analyse_step(per_rank: list, world: int, pingpong: dict) -> dict:
+    """per_rank[r] = (compute, p2p) of one step -> per-rank fractions of the step's span."""
+    lo = min(c[3] for comp, _ in per_rank for c in comp)
+    hi = max(c[4] for comp, _ in per_rank for c in comp)
+    span = hi - lo
+    busy = [sum(c[4] - c[3] for c in comp) for comp, _ in per_rank]
+    # time inside p2p calls (issuing a batch once, and every wait)
+    p2p_time, comm_time, est_time = [0.0] * world, [0.0] * world, [0.0] * world
+    for r, (_, p2p) in enumerate(per_rank):
+        for issue in {(x[3], x[4]) for x in p2p}:
+            d = _clip(issue[0], issue[1], lo, hi)
+            p2p_time[r] += d
+            comm_time[r] += d
+        for x in p2p:
+            if x[5] is not None:
+                p2p_time[r] += _clip(x[5], x[6], lo, hi)
+            small, big = pingpong[tuple(sorted((r, x[0])))][2:]  # minimum: the pure transfer cost
+            est_time[r] += small + (big - small) * max(0, x[2] - 4) / max(1, 4 * _ACT_ELEMS - 4)
+    # pair the k-th send A -> B with the k-th receive on B from A
+    paired, per_msg = True, {"recv": [], "send": []}
+    for a in range(world):
+        for b in range(world):
+            if a == b:
+                continue
+            sends = [x for x in per_rank[a][1] if x[0] == b and x[1]]
+            recvs = [x for x in per_rank[b][1] if x[0] == a and not x[1]]
+            if len(sends) != len(recvs):
+                paired = False
+                continue
+            for s, q in zip(sends, recvs):
+                if q[5] is not None:  # receive: transfer part starts when both are there
+                    comm_time[b] += _clip(max(q[5], s[3]), q[6], lo, hi)
+                    per_msg["recv"].append(max(0.0, q[6] - max(q[5], s[3])))
+                if s[5] is not None:  # send: likewise, from the receive's post
+                    comm_time[a] += _clip(max(s[5], q[3]), s[6], lo, hi)
+                    per_msg["send"].append(max(0.0, s[6] - max(s[5], q[3])))
+    return {
+        "span": span,
+        "idle": [1 - b / span for b in busy],
+        "p2p": [t / span for t in p2p_time],
+        "comm": [t / span for t in comm_time] if paired else None,
+        "est": [t / span for t in est_time],
+        "msgs": [len(p2p) for _, p2p in per_rank],
+        "per_msg": per_msg if paired else None,
+    }
+
+
+def _costs(logs: list, world: int) -> tuple[dict, dict]:
+    """Median seconds per (stage, kind) and per kind, over ranks and steps (robust to a busy host)."""
+    by_stage, by_kind = defaultdict(list), defaultdict(list)
+    for rank_logs in logs:
+        for comp, _ in rank_logs:
+            for kind, stage, _, s, e in comp:
+                by_stage[(stage, kind)].append(e - s)
+                by_kind[kind].append(e - s)
+    return ({k: statistics.median(x) for k, x in by_stage.items()}, {k: statistics.median(x) for k, x in by_kind.items()})
+
+
+def _simulate(orders: list, cost: dict, n_stages: int) -> list[float]:
+    """Replay each rank's action order with median costs and free communication: idle per rank."""
+    done: dict = {}
+    pos = [0] * len(orders)
+    free = [0.0] * len(orders)
+    busy = [0.0] * len(orders)
+    progress = True
+    while progress:
+        progress = False
+        for r, order in enumerate(orders):
+            while pos[r] < len(order):
+                kind, stage, mb = order[pos[r]]
+                if kind == "F" and stage > 0:
+                    dep = done.get(("F", stage - 1, mb))
+                elif kind in ("B", "I") and stage < n_stages - 1:
+                    dep = done.get(("B", stage + 1, mb), done.get(("I", stage + 1, mb)))
+                else:
+                    dep = 0.0  # same-rank dependencies hold by the order
+                if dep is None:
+                    break
+                start = max(free[r], dep)
+                free[r] = start + cost[(stage, kind)]
+                busy[r] += cost[(stage, kind)]
+                done[(kind, stage, mb)] = free[r]
+                pos[r] += 1
+                progress = True
+    if any(p < len(o) for p, o in zip(pos, orders)):
+        return [float("nan")] * len(orders)
+    span = max(free)
+    return [1 - b / span for b in busy]
+
+
+_ACT_ELEMS = MICRO_BATCH * SEQ * ARGS.dim
+
+
+def xfer(steps_stats: list) -> str:
+    if any(st["per_msg"] is None for st in steps_stats):
+        return "n/a".rjust(12)
+    r = [t for st in steps_stats for t in st["per_msg"]["recv"]]
+    s = [t for st in steps_stats for t in st["per_msg"]["send"]]
+    return f"{statistics.median(r) * 1e3:5.2f} /{statistics.median(s) * 1e3:5.2f}" if r and s else "-".rjust(12)
+
+
+def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _instrument()
+    pingpong = _pingpong(rank, world, 4 * _ACT_ELEMS)
+    out = print if rank == 0 else (lambda *a, **k: None)
+    out(f"pp={world}, m={m} micro-batches of {MICRO_BATCH}x{SEQ} tokens, {ARGS.n_layers} layers, dim {ARGS.dim}; "
+        f"{os.cpu_count()} CPU cores, gloo, torch {torch.__version__}, {steps} timed steps (median)")
+    out("ping-pong one-way, median (min), 4 B / " + f"{4 * _ACT_ELEMS // 1024} KiB (an activation or its gradient): "
+        + ", ".join(f"{a}<->{b} {t[0] * 1e6:.0f} ({t[2] * 1e6:.0f}) / {t[1] * 1e6:.0f} ({t[3] * 1e6:.0f}) us"
+                    for (a, b), t in sorted(pingpong.items())), flush=True)
+    rows, diag = [], []
+    for schedule in schedules:
+        if schedule not in available_schedules():
+            rows.append(f"{schedule:17} (not in torch {torch.__version__})")
+            continue
+        v = stages_per_rank(schedule, 0)
+        if ARGS.n_layers < world * v:
+            rows.append(f"{schedule:17} (needs {world * v} layers)")
+            continue
+        logs = _run_schedule(rank, world, schedule, m, steps)
+        if rank:
+            continue
+        steps_stats = [_analyse_step([logs[r][s] for r in range(world)], world, pingpong) for s in range(steps)]
+
+        def med(key):
+            if any(st[key] is None for st in steps_stats):
+                return None
+            return [statistics.median(st[key][r] for st in steps_stats) for r in range(world)]
+
+        idle, p2p, comm, est = med("idle"), med("p2p"), med("comm"), med("est")
+        mean = statistics.mean(idle)
+        th = theory(schedule, world, m, v)
+        cost, kinds = _costs(logs, world)
+        orders = [[c[:3] for c in logs[r][0][0]] for r in range(world)]
+        sim = _simulate(orders, cost, world * v)
+        comm_mean = statistics.mean(comm) if comm is not None else None
+        cells = [f"{schedule:17}", f"{v:>1}", " ".join(f"{x:5.3f}" for x in idle).rjust(6 * world), f"{mean:5.3f}"]
+        if th is None or comm_mean is None:
+            cells += [" n/a " if th is None else f"{th:5.3f}",
+                      f"{comm_mean:5.3f}" if comm_mean is not None else " n/a ", "  n/a ", "   n/a", "  -  "]
+        else:
+            target = th + comm_mean
+            err = abs(mean - target) / target if target else float("inf")
+            per_stage = sum(abs(i - (th + c)) <= TOLERANCE * (th + c) for i, c in zip(idle, comm))
+            cells += [f"{th:5.3f}", f"{comm_mean:5.3f}", f"{target:6.3f}", f"{err:6.1%}",
+                      f"{'PASS' if err <= TOLERANCE else 'MISS'} (stages within: {per_stage}/{world})"]
+        rows.append("  ".join(cells))
+        fbw = " ".join(f"{kinds[k] * 1e3:5.1f}" if k in kinds else "    -" for k in "FBIWL")
+        diag.append("  ".join([
+            f"{schedule:17}", fbw, f"{statistics.mean(p2p):5.3f}",
+            f"{statistics.mean(p2p) - (comm_mean or 0):5.3f}",
+            f"{mean - statistics.mean(p2p):6.3f}", f"{statistics.mean(est):5.3f}",
+            f"{statistics.mean(sim):5.3f}", f"{statistics.mean(statistics.mean(s['msgs']) for s in steps_stats):4.0f}",
+            xfer(steps_stats),
+            f"{statistics.median(s['span'] for s in steps_stats):6.3f}"]))
+        print(f"  {schedule} done", file=sys.stderr, flush=True)
     if rank == 0:
-        out.put([g.tolist() for g in gathered])
+        head = ["schedule".ljust(17), "v", "idle per stage (rank 0..p-1)".rjust(6 * world), " mean", "theor",
+                " comm", "th+comm", "rel err", "verdict on the mean (<= 10%)"]
+        print("  ".join(head))
+        print("\n".join(rows))
+        print()
+        print("  ".join(["schedule".ljust(17), "    F     B     I     W     L (ms per micro-batch and chunk)",
+                         "  p2p", "nbr w", " other", "pp est", "  sim", "msgs", "recv/send ms", "step s"]))
+        print("\n".join(diag))
+        print("idle = 1 - compute / span; comm = measured transfer part of p2p (timestamps, see the docstring); "
+              "theor = formula with F = I = W;\np2p = time in p2p calls, nbr w = of which waiting for the "
+              "neighbour, other = idle - p2p (schedule overhead); pp est = min ping-pong time x messages / span;\n"
+              "recv/send ms = median measured transfer part of one received / sent message; "
+              "sim = bubble of the executed orders with the measured median costs and free communication; "
+              "msgs = p2p messages per rank per step; all fractions are means over ranks", flush=True)
     dist.destroy_process_group()
 
 
@@ -116,32 +411,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pp", type=int, default=4)
     parser.add_argument("--microbatches", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--schedules", default=",".join(available_schedules()))
+    parser.add_argument("--port", type=int, default=29650)
     a = parser.parse_args()
-    ctx = mp.get_context("spawn")
-    print(f"pp={a.pp}, m={a.microbatches} micro-batches of {MICRO_BATCH}x{SEQ} tokens, {ARGS.n_layers} layers, dim {ARGS.dim}; "
-          f"{os.cpu_count()} CPU cores, gloo")
-    print(f"{'schedule':18} {'v':>2} {'theory':>7} {'idle per stage (rank 0..p-1)':>34} {'mean':>6} {'comm':>6} {'step s':>7}")
-    for i, schedule in enumerate(a.schedules.split(",")):
-        if schedule not in available_schedules():
-            print(f"{schedule:18} (not in torch {torch.__version__})")
-            continue
-        v = stages_per_rank(schedule, 0)
-        if ARGS.n_layers < a.pp * v:
-            print(f"{schedule:18} (needs {a.pp * v} layers)")
-            continue
-        out = ctx.SimpleQueue()
-        mp.start_processes(_rank, args=(a.pp, 29650 + i, schedule, a.microbatches, a.steps, out), nprocs=a.pp,
-                           start_method="spawn")
-        rows = out.get()
-        idle = [r[0] for r in rows]
-        mean = sum(idle) / len(idle)
-        th = theory(schedule, a.pp, a.microbatches, v)
-        th_text = f"{th:7.3f}" if th is not None else "    n/a"
-        comm = f"{mean - th:6.3f}" if th is not None else "   n/a"
-        print(f"{schedule:18} {v:>2} {th_text} {' '.join(f'{x:6.3f}' for x in idle):>34} {mean:6.3f} {comm} {rows[0][1]:7.3f}")
-    print("idle = 1 - compute / span per rank; comm = mean idle - theory (point-to-point and waiting not in the model)")
+    mp.start_processes(_rank, args=(a.pp, a.port, a.schedules.split(","), a.microbatches, a.steps), nprocs=a.pp,
+                       start_method="spawn")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     load_corpus(cfg, progress=True)  # tokenise once, with progress, before the ranks start
     result = launch_local(cfg, nproc)
+    if result.stopped:  # repeated anomalies at one step (resilience.max_anomalies)
+        print(f"apogee: error: {result.stopped}", file=sys.stderr)
+        return 1
     print(f"\nrun directory: {result.run_dir}")
     print(f"final step {result.step}: train loss {_fmt(result.train_loss)}, val loss {_fmt(result.val_loss)}")
     if result.checkpoint and not args.no_sample:
@@ -133,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="c10d rendezvous endpoint shared by every node (default: a free local port)")
     launch.add_argument("--inject", action="append", metavar="FAULT",
                         help="fault drill, repeatable: kill:rank=R,step=S | hang:rank=R,step=S | "
-                        "corrupt-checkpoint:step=S[,mode=flip|truncate|delete] | kill-during-save:step=S[,rank=R]")
+                        "corrupt-checkpoint:step=S[,mode=flip|truncate|delete] | kill-during-save:step=S[,rank=R] | "
+                        "nan:step=S[,times=N] | spike:step=S[,factor=F,times=N] | slow:rank=R[,factor=F,step=S]")
     launch.set_defaults(func=cmd_launch)
 
     gen = sub.add_parser("generate", help="sample text from a run's latest checkpoint",

@@ -123,6 +123,17 @@ class ResilienceConfig:
     hang_timeout_s: float = 60.0  # no heartbeat from any rank for this long, once training: a hang
     startup_timeout_s: float = 600.0  # the same, while ranks are still starting (build, resume)
     inject: tuple[str, ...] = ()  # fault drills, e.g. ["kill:rank=1,step=6"] (apogee/resilience/faults.py)
+    # Anomalies (apogee/resilience/anomalies.py): a non-finite loss or grad norm, or a loss above
+    # spike_factor x its moving average (after anomaly_warmup good steps; 0: no spike check), rolls
+    # back to the last checkpoint and skips the step's batch; max_anomalies at one step stop the job.
+    spike_factor: float = 3.0
+    anomaly_warmup: int = 10
+    max_anomalies: int = 3
+    # Stragglers (apogee/resilience/stragglers.py): own compute above straggler_factor x the peers'
+    # median for straggler_steps steps in a row is reported. exclude_stragglers: not implemented yet.
+    straggler_factor: float = 1.3
+    straggler_steps: int = 5
+    exclude_stragglers: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -393,6 +404,14 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelConfig:
         raise ConfigError(f"resilience.max_restarts must be >= 0, got {r.max_restarts}")
     if r.hang_timeout_s <= 0 or r.startup_timeout_s <= 0:
         raise ConfigError("resilience.hang_timeout_s and resilience.startup_timeout_s must be > 0 seconds")
+    if r.spike_factor != 0 and r.spike_factor <= 1:
+        raise ConfigError(f"resilience.spike_factor must be > 1 (0: no spike check), got {r.spike_factor}")
+    if r.anomaly_warmup < 0 or r.max_anomalies < 1:
+        raise ConfigError("resilience.anomaly_warmup must be >= 0 and resilience.max_anomalies >= 1")
+    if r.straggler_factor <= 1 or r.straggler_steps < 1:
+        raise ConfigError("resilience.straggler_factor must be > 1 and resilience.straggler_steps >= 1")
+    if r.exclude_stragglers:
+        raise ConfigError("resilience.exclude_stragglers (elastic shrink without a straggler's node) is not implemented yet")
     from apogee.resilience.faults import parse_faults  # plain Python, no torch
 
     try:

@@ -33,14 +33,16 @@ def test_async_resume_is_bit_identical(tmp_path, cache_dir):
 
 
 def test_resume_into_another_layout(tmp_path, cache_dir):
-    model = {"flavor": "tiny", "n_kv_heads": 4}  # tp=4 needs 4 kv heads
+    model = {"flavor": "tiny", "n_kv_heads": 4, "tie_embeddings": "false"}  # tp=4: 4 kv heads; pp: untied
     base = tmp_path / "dp2xtp2"
     # Checkpoint at step 5, then go on unchanged to step 6: the reference loss.
     launch_local(tiny_config(base, cache_dir, steps=8, model=model, parallel={"dp_shard": 2, "tp": 2},
                              checkpoint={"interval": 5}, run={"stop_at_step": 6}), 4)
     want = next(r["loss"] for r in read_metrics(base) if r["step"] == 6)
     step5 = base / "checkpoints" / "step-00000005"
-    for name, parallel in {"tp4": {"dp_shard": 1, "tp": 4}, "dp4": {"dp_shard": 4, "tp": 1}}.items():
+    layouts = {"tp4": {"dp_shard": 1, "tp": 4}, "dp4": {"dp_shard": 4, "tp": 1},
+               "pp2xdp2": {"pp": 2, "dp_shard": 2, "tp": 1}}
+    for name, parallel in layouts.items():
         run_dir = tmp_path / name
         launch_local(tiny_config(run_dir, cache_dir, steps=8, model=model, parallel=parallel,
                                  checkpoint={"resume": str(step5)}, run={"stop_at_step": 6}), 4)

@@ -142,7 +142,7 @@ def test_fault_specs_and_config():
     f = parse_fault("kill:rank=1,step=6")
     assert (f.kind, f.rank, f.step, f.point) == ("kill", 1, 6, "after_step")
     assert parse_fault("corrupt-checkpoint:step=3,mode=truncate").options == {"mode": "truncate"}
-    for bad in ("kill:rank=1", "explode:step=1", "kill:step=x", "hang:rank=0,step=2,when=now", "nan:step=3"):
+    for bad in ("kill:rank=1", "explode:step=1", "kill:step=x", "hang:rank=0,step=2,when=now", "nan:rank=0"):
         with pytest.raises(ValueError):
             parse_fault(bad)
     cfg = load_config(None, {"resilience": {"inject": "kill:rank=0,step=2"}, "parallel": {"dp_shard": 1}})

@@ -47,6 +47,7 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -69,6 +70,11 @@ TMP_DIR = re.compile(r"^step-(\d{8})\.tmp$")
 LATEST = "latest"
 
 EventSink = Callable[..., None]  # emit(kind, **fields)
+
+# Flattened optimizer state: keys name parameters (``optim.state.<fqn>.exp_avg``,
+# ``optim.param_groups.<fqn>.lr``), so pipeline ranks, whose parameter groups hold different
+# parameters, each save their own groups instead of DCP keeping one rank's copy.
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class CheckpointError(ValueError):
@@ -263,7 +269,7 @@ class Checkpointer:
         _barrier(self.group)
         state = {
             "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optimizer),
+            "optim": get_optimizer_state_dict(model, optimizer, options=_OPTIM_OPTIONS),
             # Per-rank key: each rank's generator is its own (the rest is deduplicated across ranks).
             f"rng.rank{_rank()}": torch.get_rng_state(),
         }
@@ -388,14 +394,14 @@ class Checkpointer:
                      f"(hash {manifest.config_hash}, now {self.config_hash})")
         state: dict[str, Any] = {"model": get_model_state_dict(model)}
         if optimizer is not None:
-            state["optim"] = get_optimizer_state_dict(model, optimizer)
+            state["optim"] = get_optimizer_state_dict(model, optimizer, options=_OPTIM_OPTIONS)
         rng_key = f"rng.rank{_rank()}"
         if rng_key in saved_keys(path):
             state[rng_key] = torch.get_rng_state()
         safe_load(state, path, process_group=self.group)
         set_model_state_dict(model, state["model"])
         if optimizer is not None:
-            set_optimizer_state_dict(model, optimizer, state["optim"])
+            set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIM_OPTIONS)
         if rng_key in state:
             torch.set_rng_state(state[rng_key])
         return copy.deepcopy(manifest.trainer)

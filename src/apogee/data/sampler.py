@@ -50,6 +50,7 @@ class TrainSampler:
         self.seq_len = seq_len
         self.seed = seed
         self.consumed = 0  # windows taken so far, over all ranks
+        self.skips: dict[int, int] = {}  # first global window -> count: step windows never trained on
         self._epoch = -1
         self._epoch_starts: np.ndarray | None = None
         self._epoch_first = 0  # global index of the current epoch's first window
@@ -90,9 +91,16 @@ class TrainSampler:
     def next_batch(self, *, global_batch: int, dp_rank: int, dp_size: int) -> Batch:
         """This rank's share of the next global batch, and advance the stream by one step."""
         per_rank = global_batch // dp_size
+        while self.consumed in self.skips:  # an anomaly's batch (resilience/anomalies.py)
+            self.consumed += self.skips[self.consumed]
         starts = self.window_starts(self.consumed + dp_rank * per_rank, per_rank)
         self.consumed += global_batch
         return _windows(self.tokens, starts, self.seq_len)
+
+    def skip(self, first: int, count: int) -> None:
+        """Never train on global windows ``first .. first + count - 1``: a step that reaches
+        ``first`` takes the windows after them (the same choice in every layout and on resume)."""
+        self.skips[int(first)] = int(count)
 
     @property
     def epoch(self) -> float:

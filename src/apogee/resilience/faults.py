@@ -6,9 +6,16 @@ Every rank holds a ``FaultInjector`` and the engine calls it at a few named poin
   ``after_step``   the trainer, after each optimizer step (``kill``, ``hang``)
   ``during_save``  the checkpointer, shards written but no manifest yet (``kill-during-save``)
   ``after_save``   the checkpointer, once a checkpoint is durable (``corrupt-checkpoint``)
+  ``after_backward`` the trainer, gradients computed, before the anomaly check (``nan``, ``spike``):
+                   returns the (poisoned) loss; the gradients are poisoned in place
+  ``compute``      the trainer, at the end of a rank's own forward/backward compute (``slow``)
 
 A fault fires once per run directory, not once per attempt: before firing, the rank writes a marker
 under ``RUN_DIR/faults/`` (fsynced), and a restarted attempt that replays the step skips it.
+``nan`` and ``spike`` fire on every rank (each rank its own marker), ``times=N`` times (default 1:
+the anomaly rollback then replays the step with the next batch, cleanly). ``slow`` is a condition,
+not an event: from ``step`` (default 1) on, every step of that rank burns (factor - 1) x its own
+compute time on the CPU, as a slower chip would (a plain sleep would look like idle waiting).
 ``corrupt-checkpoint`` damages one file of the checkpoint it names and then kills rank 0, so that
 the restart has to load (and reject) it.
 """
@@ -27,8 +34,13 @@ KINDS = {
     "hang": ("after_step", {"rank", "step"}),
     "kill-during-save": ("during_save", {"rank", "step"}),
     "corrupt-checkpoint": ("after_save", {"step", "mode"}),
+    "nan": ("after_backward", {"step", "times"}),
+    "spike": ("after_backward", {"step", "factor", "times"}),
+    "slow": ("compute", {"rank", "factor", "step"}),
 }
-PLANNED = ("nan", "spike", "slow")  # named by the issue, not implemented yet
+PLANNED: tuple[str, ...] = ()  # named by the issue, not implemented yet
+EVERY_RANK = {"nan", "spike"}  # an anomaly every rank sees (rank = -1)
+PERSISTENT = {"slow"}  # a condition from its step on, not a one-off event
 CORRUPT_MODES = ("flip", "truncate", "delete")
 
 
@@ -46,7 +58,10 @@ class Fault:
 
     @property
     def marker(self) -> str:
-        return f"{self.index}-{self.kind}-rank{self.rank}-step{self.step}.fired"
+        return self.marker_for(self.rank)
+
+    def marker_for(self, rank: int) -> str:
+        return f"{self.index}-{self.kind}-rank{rank}-step{self.step}.fired"
 
 
 def parse_fault(spec: str, index: int = 0) -> Fault:
@@ -63,18 +78,31 @@ def parse_fault(spec: str, index: int = 0) -> Fault:
         if not eq or key not in allowed:
             raise ValueError(f"fault {spec!r}: {item!r} is not one of {', '.join(sorted(k + '=...' for k in allowed))}")
         values[key] = value
-    if "step" not in values:
+    if "step" not in values and kind != "slow":
         raise ValueError(f"fault {spec!r} needs step=S (e.g. {kind}:step=5)")
+    if kind == "slow" and "rank" not in values:
+        raise ValueError(f"fault {spec!r} needs rank=R (e.g. slow:rank=1,factor=2)")
     try:
-        step, rank = int(values["step"]), int(values.get("rank", 0))
+        step, rank = int(values.get("step", 1)), int(values.get("rank", 0))
+        times = int(values.get("times", 1))
+        factor = float(values.get("factor", 2.0 if kind == "slow" else 10.0))
     except ValueError:
-        raise ValueError(f"fault {spec!r}: rank and step must be integers") from None
-    if step < 1 or rank < 0:
-        raise ValueError(f"fault {spec!r}: step must be >= 1 and rank >= 0")
+        raise ValueError(f"fault {spec!r}: rank, step and times must be integers, factor a number") from None
+    if step < 1 or rank < 0 or times < 1:
+        raise ValueError(f"fault {spec!r}: step and times must be >= 1 and rank >= 0")
+    if kind in ("slow", "spike") and not factor > 1.0:
+        raise ValueError(f"fault {spec!r}: factor must be > 1")
     mode = values.get("mode", "flip")
     if mode not in CORRUPT_MODES:
         raise ValueError(f"fault {spec!r}: mode must be one of {', '.join(CORRUPT_MODES)}")
-    return Fault(index=index, kind=kind, step=step, rank=rank, options={"mode": mode} if kind == "corrupt-checkpoint" else {})
+    options: dict = {}
+    if kind == "corrupt-checkpoint":
+        options = {"mode": mode}
+    elif kind in ("nan", "spike"):
+        options = {"times": times, "factor": factor}
+    elif kind == "slow":
+        options = {"factor": factor}
+    return Fault(index=index, kind=kind, step=step, rank=-1 if kind in EVERY_RANK else rank, options=options)
 
 
 def parse_faults(specs) -> list[Fault]:
@@ -86,23 +114,44 @@ class FaultInjector:
 
     def __init__(self, specs, *, rank: int, run_dir: Path, events: Callable[..., object] | None = None,
                  log: Callable[[str], None] | None = None):
-        self.faults = [f for f in parse_faults(specs) if f.rank == rank]
+        self.faults = [f for f in parse_faults(specs) if f.rank in (rank, -1)]
         self.rank = rank
         self.dir = Path(run_dir) / "faults"
         self.events = events or (lambda kind, **fields: None)
         self.log = log or (lambda msg: None)
 
-    def __call__(self, point: str, step: int, **ctx) -> None:
+    def __call__(self, point: str, step: int, **ctx) -> dict:
+        """Fire this rank's faults due at ``point``; returns ``ctx``, updated by the faults that
+        change a value (``after_backward``: the loss)."""
         for fault in self.faults:
-            if fault.point == point and fault.step == step and not (self.dir / fault.marker).exists():
-                self._mark(fault)
-                self.events("fault_injected", fault=fault.kind, rank=self.rank, step=step, point=point)
-                self.log(f"drill: injecting {fault.kind} on rank {self.rank} at step {step} ({point})")
-                getattr(self, "_" + fault.kind.replace("-", "_"))(fault, **ctx)
+            if fault.point != point:
+                continue
+            if fault.kind in PERSISTENT:
+                if step >= fault.step:
+                    if self._fired(fault) == 0:
+                        self._announce(fault, step, point)
+                    ctx.update(getattr(self, "_" + fault.kind)(fault, **ctx) or {})
+                continue
+            if fault.step == step and self._fired(fault) < fault.options.get("times", 1):
+                self._announce(fault, step, point)
+                ctx.update(getattr(self, "_" + fault.kind.replace("-", "_"))(fault, **ctx) or {})
+        return ctx
+
+    def _announce(self, fault: Fault, step: int, point: str) -> None:
+        self._mark(fault)
+        self.events("fault_injected", fault=fault.kind, rank=self.rank, step=step, point=point)
+        self.log(f"drill: injecting {fault.kind} on rank {self.rank} at step {step} ({point})")
+
+    def _fired(self, fault: Fault) -> int:
+        """How often this rank fired ``fault`` in this run directory (a line per firing)."""
+        try:
+            return len((self.dir / fault.marker_for(self.rank)).read_text().splitlines())
+        except FileNotFoundError:
+            return 0
 
     def _mark(self, fault: Fault) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / fault.marker, "w") as f:
+        with open(self.dir / fault.marker_for(self.rank), "a") as f:
             f.write(f"{time.time()}\n")
             f.flush()
             os.fsync(f.fileno())
@@ -117,6 +166,23 @@ class FaultInjector:
     def _hang(self, fault: Fault, **_) -> None:
         while True:  # a rank stuck outside any collective: its peers block in the next one
             time.sleep(1.0)
+
+    def _nan(self, fault: Fault, loss: float = 0.0, model=None, **_) -> dict:
+        """A NaN in the loss and in every gradient, as an overflow would leave them."""
+        _scale_grads(model, float("nan"))
+        return {"loss": float("nan")}
+
+    def _spike(self, fault: Fault, loss: float = 0.0, model=None, **_) -> dict:
+        """The loss (and so its gradients) ``factor`` times larger, as a bad batch would make it."""
+        factor = fault.options.get("factor", 10.0)
+        _scale_grads(model, factor)
+        return {"loss": loss * factor}
+
+    def _slow(self, fault: Fault, compute_s: float = 0.0, **_) -> None:
+        """Burn (factor - 1) x this step's own compute time on the CPU: a slower chip."""
+        deadline = time.thread_time() + (fault.options.get("factor", 2.0) - 1.0) * compute_s
+        while time.thread_time() < deadline:
+            pass
 
     def _corrupt_checkpoint(self, fault: Fault, path: Path | None = None, **_) -> None:
         if path is None:
@@ -136,3 +202,14 @@ class FaultInjector:
                 f.write(bytes([byte[0] ^ 0xFF]))
         self.events("checkpoint_corrupted", checkpoint=str(path), file=victim.name, mode=mode)
         os.kill(os.getpid(), signal.SIGKILL)  # so that the restart has to load it
+
+
+def _scale_grads(model, factor: float) -> None:
+    if model is None:
+        return
+    import torch  # lazy: config validation imports this module without torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)

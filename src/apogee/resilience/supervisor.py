@@ -99,6 +99,9 @@ def supervise(cfg: Config, nproc: int, *, nodes: Nodes | None = None, rdzv_endpo
         watchdog.stop()
         watchdog.join()
     result = results[0] if 0 in results else next(iter(results.values()))  # rank 0 may be on another node
+    if getattr(result, "stopped", None):  # repeated anomalies: restarting would only loop
+        events("job_stopped", after_s=round(time.time() - start, 1), step=result.step, reason=result.stopped)
+        raise JobFailed(result.stopped)
     events("job_finished", after_s=round(time.time() - start, 1), step=result.step,
            rank_exits=watchdog.failures, hangs=watchdog.hangs)
     return result

@@ -72,6 +72,7 @@ class TrainResult:
     train_loss: float | None
     val_loss: float | None
     checkpoint: str | None
+    stopped: str | None = None  # why the job stopped before train.steps (repeated anomalies)
 
 
 class Trainer:
@@ -92,7 +93,7 @@ class Trainer:
         self.is_main = self.rank == 0
         # Heartbeats, events and the fault-drill hook (apogee/resilience): the trainer's one contact.
         self.hooks = RankHooks(self.run_dir, cfg.resilience.inject, rank=self.rank, world=self.world_size,
-                               log=lambda msg: log(msg))
+                               log=lambda msg: log(msg), resilience=cfg.resilience, device=self.device)
         self.hooks.beat("build", 0)
         if self.device.type == "cpu":
             # Ranks on one host share its cores; oversubscribed threads slow every rank down.
@@ -133,6 +134,8 @@ class Trainer:
             self.corpus = load_corpus(self.cfg, progress=False)
         train_tokens, self.val_tokens = split_tokens(self.corpus.tokens, self.cfg.data.val_fraction)
         self.sampler = TrainSampler(train_tokens, seq_len=self.cfg.train.seq_len, seed=self.cfg.train.seed)
+        for first, count in self.hooks.skips.windows():  # batches an anomaly skipped, in any attempt
+            self.sampler.skip(first, count)
 
     def build_model(self) -> None:
         args = self.cfg.model.args().with_vocab(model_vocab(self.cfg, self.corpus.vocab_size))
@@ -183,10 +186,54 @@ class Trainer:
             return
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
+        self.hooks.anomalies.load_state_dict(state.get("anomaly"))
         log(f"resumed from {path} at step {self.step}", enabled=self.is_main)
 
     def trainer_state(self) -> dict:
-        return {"step": self.step, "sampler": self.sampler.state_dict()}
+        return {"step": self.step, "sampler": self.sampler.state_dict(), "anomaly": self.hooks.anomalies.state_dict()}
+
+    def recover(self, anomaly, first_window: int) -> str | None:
+        """An anomaly at ``anomaly.step`` (all ranks agree): its gradients were dropped. Record the
+        step's global windows in the skip list, roll back to the last durable checkpoint in this
+        process (model, optimizer, RNG, data position, moving average) and go on; the sampler then
+        steps over those windows. Returns a message instead when this step failed too often.
+
+        In-process rather than exiting for the supervisor to restart: no restart is spent from
+        ``resilience.max_restarts``, plain ``apogee train`` recovers too, and a rollback costs one
+        verified checkpoint load rather than a new process group, build and load."""
+        gb = self.cfg.train.global_batch
+        count = self.hooks.skips.at_step(anomaly.step) + 1
+        entry = {"step": anomaly.step, "reason": anomaly.reason, "loss": anomaly.loss, "grad_norm": anomaly.grad_norm,
+                 "average": anomaly.average, "first_window": first_window, "count": gb,
+                 "windows": list(range(first_window, first_window + gb)),
+                 "token_offsets": self.sampler.window_starts(first_window, gb).tolist(), "attempt": self.hooks.attempt}
+        self.hooks.skips.add(entry)  # durable before the rollback: a crash from here on skips it too
+        self.sampler.skip(first_window, gb)
+        limit = self.cfg.resilience.max_anomalies
+        if count >= limit:
+            message = (f"stopping: {count} anomalies at step {anomaly.step} (last: {anomaly.reason}, loss {anomaly.loss:.4g}, "
+                       f"grad norm {anomaly.grad_norm:.4g}) reached resilience.max_anomalies={limit}; "
+                       f"skipped batches in {self.hooks.skips.path}")
+            if self.is_main:
+                self.hooks.events("anomaly_stop", step=anomaly.step, reason=anomaly.reason, count=count)
+            log(message, enabled=self.is_main)
+            return message
+        self.checkpointer.wait()  # an async save in flight is of a good step: make it the latest
+        found = self.checkpointer.load_latest(self.model, self.optimizer)
+        back = int(found[1]["step"]) if found else self.step
+        if found:
+            self.step = back
+            self.sampler.load_state_dict(found[1]["sampler"])
+            self.hooks.anomalies.load_state_dict(found[1].get("anomaly"))
+            self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=self.is_main, resume_step=self.step)
+        if self.is_main:
+            self.hooks.events("anomaly", step=anomaly.step, reason=anomaly.reason, loss=anomaly.loss,
+                              grad_norm=anomaly.grad_norm, average=anomaly.average, rollback_to=back,
+                              checkpoint=str(found[0]) if found else None, skipped_windows=[first_window, gb], count=count)
+        log(f"anomaly at step {anomaly.step}: {anomaly.reason} (loss {anomaly.loss:.4g}, grad norm {anomaly.grad_norm:.4g}); "
+            f"step not applied; " + (f"rolled back to {found[0].name}" if found else "no checkpoint yet, no rollback")
+            + f"; skipping global windows {first_window}..{first_window + gb - 1}", enabled=self.is_main)
+        return None
 
     # ------------------------------------------------------------------------------- the steps
     def loss(self, batch: Batch) -> torch.Tensor:
@@ -243,14 +290,19 @@ class Trainer:
             total += _local(loss.detach())
         return self.mean_over_data_ranks(total)
 
-    def optimizer_step(self) -> tuple[float, float]:
+    def optimizer_step(self, loss: float = 0.0, compute_s: float = 0.0):
+        """Clip, check the step for anomalies (all ranks agree) and apply it unless it is one.
+        Returns (lr, grad norm, the anomaly or None)."""
         lr = lr_at(self.step + 1, self.cfg.train)
         set_lr(self.optimizer, lr)
         grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip, pp=self.mesh.parallel.pp)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return lr, grad_norm
+        anomaly = self.hooks.check_step(self.step + 1, loss, grad_norm, compute_s)
+        if anomaly is None:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # an anomaly's gradients are dropped unapplied
+        if anomaly is None:
+            self.step += 1
+        return lr, grad_norm, anomaly
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -310,15 +362,27 @@ class Trainer:
         cfg = self.cfg
         tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
         loss = val_loss = None
-        saved = None
+        saved = stopped = None
         window_start, window_steps = time.perf_counter(), 0
         while self.step < cfg.train.steps:
             batch = self.sampler.next_batch(
                 global_batch=cfg.train.global_batch, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size
             )
+            first_window = self.sampler.consumed - cfg.train.global_batch
             self.hooks.beat("forward_backward", self.step)
+            # This rank's own compute (stragglers): CPU time excludes the waits inside collectives.
+            clock = time.process_time if self.device.type == "cpu" else time.perf_counter
+            started = clock()
             loss = self.forward_backward(batch)
-            lr, grad_norm = self.optimizer_step()
+            self.hooks.inject("compute", self.step + 1, compute_s=clock() - started)  # drill: slow
+            compute_s = clock() - started
+            loss = self.hooks.inject("after_backward", self.step + 1, loss=loss, model=self.model)["loss"]  # nan, spike
+            lr, grad_norm, anomaly = self.optimizer_step(loss, compute_s)
+            if anomaly is not None:
+                stopped = self.recover(anomaly, first_window)
+                if stopped:
+                    break
+                continue
             self.hooks.at("after_step", self.step)
             window_steps += 1
             last = self.step == cfg.train.steps
@@ -346,7 +410,7 @@ class Trainer:
         self.checkpointer.close()  # an async save in flight becomes durable before the job ends
         if saved is None and self.step > 0:
             saved = latest_checkpoint(self.run_dir / "checkpoints")
-        result = TrainResult(str(self.run_dir), self.step, loss, val_loss, str(saved) if saved else None)
+        result = TrainResult(str(self.run_dir), self.step, loss, val_loss, str(saved) if saved else None, stopped)
         self.hooks.beat("done", self.step)
         if dist.is_initialized():
             dist.barrier()

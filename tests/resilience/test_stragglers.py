@@ -1,0 +1,24 @@
+"""The straggler drill (2 gloo ranks, tiny model): one rank computes twice as slowly; the job names
+that rank, and only it, within 20 steps, and finishes on its own."""
+
+from __future__ import annotations
+
+import pytest
+
+from apogee.resilience.events import read_events
+from apogee.resilience.supervisor import supervise
+from helpers import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("slow_rank", [1])
+def test_straggler_drill_names_the_rank(slow_rank, tmp_path, cache_dir):
+    cfg = tiny_config(tmp_path, cache_dir, steps=12, parallel={"dp_shard": 2},
+                      resilience={"max_restarts": 0, "hang_timeout_s": 30.0, "startup_timeout_s": 120.0,
+                                  "inject": [f"slow:rank={slow_rank},factor=2"]})
+    result = supervise(cfg, 2, poll_s=0.1)
+    assert result.step == 12
+    found = [e for e in read_events(tmp_path) if e["event"] == "straggler"]
+    assert [e["rank"] for e in found] == [slow_rank], found
+    assert found[0]["step"] <= 20 and found[0]["vs_peers"] > 1.3
