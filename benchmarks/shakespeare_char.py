@@ -62,7 +62,7 @@ def main() -> None:
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         best = min(r["val_loss"] for r in records if "val_loss" in r)
         # The whole validation split, once, for a figure that does not depend on the eval subset.
-        model = trainer.model.eval()
+        trainer.model.eval()
         total, count = 0.0, 0
         with torch.no_grad():
             n_batches = (len(trainer.val_tokens) - 1) // (64 * 12)

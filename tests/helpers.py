@@ -41,3 +41,15 @@ def checkpoint_params(checkpoint: Path) -> dict[str, torch.Tensor]:
     }
     dcp.load(state, checkpoint_id=str(checkpoint))
     return state
+
+
+def full_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (model and optimizer), unsharded, without per-rank RNG states."""
+    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
+    state = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in metadata.state_dict_metadata.items()
+        if hasattr(m, "size") and not k.startswith("rng.")
+    }
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    return state

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 from apogee.checkpoint.dcp import list_checkpoints
 from apogee.launch import launch_local
 from apogee.parallel.pipeline import available_schedules
 from apogee.train.trainer import Trainer
-from helpers import checkpoint_params, read_metrics, tiny_config
+from helpers import checkpoint_params, full_state, read_metrics, tiny_config
 
 # Reading a checkpoint back in the test process is single-process DCP, which warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -36,18 +35,6 @@ LAYOUTS = {
     "fsdp2_pp2_interleaved": ({"pp": 2, "dp_shard": 2, "pp_schedule": "interleaved-1f1b"}, 4),
     "dp2_tp2_pp2_selective": ({"pp": 2, "dp_shard": 2, "tp": 2, "pp_schedule": "1f1b", "recompute": "selective"}, 8),
 }
-
-
-def full_state(checkpoint) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint (model and optimizer), unsharded."""
-    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
-    state = {
-        k: torch.empty(m.size, dtype=m.properties.dtype)
-        for k, m in metadata.state_dict_metadata.items()
-        if hasattr(m, "size") and not k.startswith("rng.")
-    }
-    dcp.load(state, checkpoint_id=str(checkpoint))
-    return state
 
 
 def _schedule_available(parallel: dict) -> bool:

@@ -5,24 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 from apogee.checkpoint.dcp import list_checkpoints
 from apogee.launch import launch_local
 from apogee.train.trainer import Trainer
-from helpers import checkpoint_params, read_metrics, tiny_config
-
-
-def full_state(checkpoint):
-    """Every tensor of a checkpoint (model and optimizer), unsharded."""
-    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
-    state = {
-        k: torch.empty(m.size, dtype=m.properties.dtype)
-        for k, m in metadata.state_dict_metadata.items()
-        if hasattr(m, "size") and not k.startswith("rng.")
-    }
-    dcp.load(state, checkpoint_id=str(checkpoint))
-    return state
+from helpers import checkpoint_params, full_state, read_metrics, tiny_config
 
 
 def run(cfg, nproc):

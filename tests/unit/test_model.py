@@ -73,7 +73,6 @@ def test_rope_preserves_norm_and_is_relative():
 
 
 def test_gqa_matches_repeated_kv_heads():
-    import dataclasses
 
     model = build()  # 4 heads, 2 kv heads
     attn = model.layers["0"].attention

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from apogee.planner.cli import register
-from apogee.planner.cluster import Cluster, get_accelerator
+from apogee.planner.cluster import get_accelerator
 from apogee.planner.errors import PlannerError
 from apogee.planner.estimate import estimate
 from apogee.planner.memory import activation_bytes_per_layer, zero_model_state_bytes
@@ -241,7 +241,6 @@ def test_elementwise_bytes_hand_count():
 
 
 def test_hopper_variants_share_the_h100_stack_calibration():
-    from apogee.planner.cluster import get_accelerator
 
     ref = get_accelerator("h100-80gb").gemm_eff
     assert ref < 0.6  # the training stack's figure, not the raw 8192^3 matmul (0.807)

@@ -13,7 +13,7 @@ from apogee.planner.errors import PlannerError
 from apogee.planner.estimate import Estimate
 from apogee.planner.export import write_config
 from apogee.planner.search import complete_layout, search
-from apogee.planner.spec import RunSpec, load_run, run_from_dict
+from apogee.planner.spec import RunSpec, run_from_dict
 
 RUN_HELP = """\
 RUN.toml describes the run:

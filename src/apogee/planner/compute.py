@@ -13,7 +13,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from apogee.planner.cluster import Accelerator
-from apogee.planner.spec import Layout, ModelShape
+from apogee.planner.spec import ModelShape
 
 TILE_M, TILE_N = 128, 256  # cuBLAS/CUTLASS's common large bf16 tile on Ampere and Hopper
 # A tile's main loop runs K/k_step iterations behind a pipeline fill and an epilogue worth about 128

@@ -11,7 +11,6 @@ Keys the run description pins are taken as given, including the dominated choice
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from apogee.planner.cluster import GIB
