@@ -38,7 +38,6 @@ KINDS = {
     "spike": ("after_backward", {"step", "factor", "times"}),
     "slow": ("compute", {"rank", "factor", "step"}),
 }
-PLANNED: tuple[str, ...] = ()  # named by the issue, not implemented yet
 EVERY_RANK = {"nan", "spike"}  # an anomaly every rank sees (rank = -1)
 PERSISTENT = {"slow"}  # a condition from its step on, not a one-off event
 CORRUPT_MODES = ("flip", "truncate", "delete")
@@ -67,8 +66,6 @@ class Fault:
 def parse_fault(spec: str, index: int = 0) -> Fault:
     """``kill:rank=1,step=6`` -> Fault. Raises ValueError naming what is wrong."""
     kind, _, rest = spec.strip().partition(":")
-    if kind in PLANNED:
-        raise ValueError(f"fault {kind!r} is not implemented yet; drills available: {', '.join(KINDS)}")
     if kind not in KINDS:
         raise ValueError(f"unknown fault {kind!r} in {spec!r}; choose one of: {', '.join(KINDS)}")
     allowed = KINDS[kind][1]
