@@ -53,3 +53,20 @@ def full_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     }
     dcp.load(state, checkpoint_id=str(checkpoint))
     return state
+
+
+def assert_matches_reference(got: list[dict], want: list[dict], *, steps: int, evals: int = 2) -> None:
+    """A parallel run's metrics equal the single-process run's: loss, grad norm and val loss at
+    rtol 1e-4 on every step, the same token counts, and the loss falls (it trains, not just agrees)."""
+    import pytest
+
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-4), g["step"]
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4), g["step"]
+        assert g["tokens"] == w["tokens"]
+    val = [(g["val_loss"], w["val_loss"]) for g, w in zip(got, want) if "val_loss" in w]
+    assert len(val) == evals
+    for g, w in val:
+        assert g == pytest.approx(w, rel=1e-4)
+    assert got[-1]["loss"] < got[0]["loss"] - 0.5

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 from apogee.checkpoint.dcp import list_checkpoints
 from apogee.resilience.events import read_events
 from apogee.resilience.supervisor import supervise
-from helpers import read_metrics, tiny_config
+from helpers import full_state, read_metrics, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +25,6 @@ def drill_config(run_dir, cache_dir, inject=(), **sections):
         resilience={"max_restarts": 2, "hang_timeout_s": hang_timeout, "startup_timeout_s": 120.0,
                     "inject": list(inject)}, **sections,
     )
-
-
-def full_state(checkpoint):
-    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata()
-    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
-             if hasattr(m, "size") and not k.startswith("rng.")}
-    dcp.load(state, checkpoint_id=str(checkpoint))
-    return state
 
 
 def losses(run_dir):

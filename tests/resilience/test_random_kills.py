@@ -9,8 +9,8 @@ import pytest
 
 from apogee.resilience.events import read_events
 from apogee.resilience.supervisor import supervise
-from helpers import tiny_config
-from test_drills import full_state, losses
+from helpers import full_state, tiny_config
+from test_drills import losses
 
 pytestmark = pytest.mark.slow
 
