@@ -110,6 +110,7 @@ def test_async_save_is_a_snapshot_and_durable_after_wait(tmp_path):
     ck, _ = saver(tmp_path, async_save=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     path = ck.save(5, model, optim, {"step": 5})
+    ck.wait_staged()  # the host copy is done: the trainer's optimizer step may now write the parameters
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # training goes on while the save persists

@@ -36,6 +36,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -64,6 +65,10 @@ from apogee.checkpoint.manifest import (
     verify_share,
     write_durable,
 )
+
+# DCP warns on every save and load without a process group, also from its background thread; one
+# process is a supported case here (this filter matches that one message only).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_DIR = re.compile(r"^step-(\d{8})\.tmp$")
@@ -168,9 +173,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 def safe_load(state: dict, path: Path, *, process_group=None) -> None:
     """``dcp.load`` with the allow-list metadata reader and weights-only non-tensor items."""
-    with single_process_quiet():
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
-                 process_group=process_group)
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
+             process_group=process_group)
 
 
 def saved_keys(path: Path) -> set[str]:
@@ -184,14 +188,6 @@ def _rank() -> int:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-@contextlib.contextmanager
-def single_process_quiet():
-    """DCP warns when it runs without a process group; one process is a supported case here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def _barrier(group=None) -> None:
@@ -223,6 +219,16 @@ def _no_faults(point: str, step: int, **ctx: Any) -> None:
     pass
 
 
+def _background_stager():
+    """Copies the state into reused host buffers on a background thread (on CUDA: pinned buffers,
+    a side stream, non-blocking copies), so the copy overlaps the next step's compute."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    cuda = torch.cuda.is_available()
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                        use_async_staging=True, use_non_blocking_copy=cuda))
+
+
 class Checkpointer:
     """Durable, verified DCP checkpoints under ``root``; optionally persisted in the background.
 
@@ -251,14 +257,13 @@ class Checkpointer:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stager = None
         self._pending: concurrent.futures.Future | None = None
+        self._staging: concurrent.futures.Future | None = None
         self.blocked_s: list[float] = []  # seconds each save held training up (for benchmarks)
 
     # ---------------------------------------------------------------------------------- save
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
         """Checkpoint ``step``. Synchronous: durable on return. Async: staged on return, durable
         once ``wait()`` (called by the next save and by ``close``) returns."""
-        import time
-
         start = time.perf_counter()
         self.wait()
         final = step_dir(self.root, step)
@@ -276,22 +281,29 @@ class Checkpointer:
         trainer = json.loads(json.dumps(trainer_state))  # a snapshot, and proof that it is plain JSON
         if self.async_save:
             if self._executor is None:
-                from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
                 self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="apogee-ckpt")
-                # Synchronous staging into reused host buffers: once save() returns, training may
-                # change the parameters, the copy is what gets written.
-                self._stager = DefaultStager(StagingOptions(False, False, False, False))
-            with single_process_quiet():
-                upload = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group,
-                                        async_stager=self._stager)
-            self._pending = self._executor.submit(self._finish, upload, step, tmp, final, trainer)
+                self._stager = _background_stager()
+            response = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group,
+                                      async_stager=self._stager)
+            # The host copy runs behind the next forward/backward (which read the parameters but do
+            # not change them); wait_staged(), before the optimizer writes them, is the only wait.
+            self._staging = response.staging_completion
+            self._pending = self._executor.submit(self._finish, response.upload_completion, step, tmp, final, trainer)
         else:
-            with single_process_quiet():
-                dcp.save(state, checkpoint_id=str(tmp), process_group=self.group)
+            dcp.save(state, checkpoint_id=str(tmp), process_group=self.group)
             self._finish(None, step, tmp, final, trainer)
         self.blocked_s.append(time.perf_counter() - start)
         return final
+
+    def wait_staged(self) -> None:
+        """Block until the pending async save has copied the state to host memory. Call before
+        anything changes the parameters or optimizer state (the optimizer step, a load)."""
+        if self._staging is None:
+            return
+        start = time.perf_counter()
+        staging, self._staging = self._staging, None
+        staging.result()
+        self.blocked_s[-1] += time.perf_counter() - start  # the save's share of training's time
 
     def _finish(self, upload: concurrent.futures.Future | None, step: int, tmp: Path, final: Path, trainer: dict) -> Path:
         """Steps 2-3: checksums and manifest, rename, ``latest``; in the persisting thread if async."""
@@ -318,6 +330,7 @@ class Checkpointer:
 
     def wait(self) -> Path | None:
         """Block until the pending async save is durable; re-raises its failure."""
+        self.wait_staged()
         if self._pending is None:
             return None
         pending, self._pending = self._pending, None

@@ -298,6 +298,7 @@ class Trainer:
         grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip, pp=self.mesh.parallel.pp)
         anomaly = self.hooks.check_step(self.step + 1, loss, grad_norm, compute_s)
         if anomaly is None:
+            self.checkpointer.wait_staged()  # an async save's host copy must finish first
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # an anomaly's gradients are dropped unapplied
         if anomaly is None:
