@@ -80,9 +80,15 @@ def test_pipeline_config_rejections_name_the_key(parallel, message):
     assert "\n" not in str(info.value)
 
 
-def test_pipeline_rejects_tied_embeddings_and_split_backward_compile():
-    with pytest.raises(ConfigError, match="model.tie_embeddings"):
-        load_config(None, {"model": {"flavor": "tiny", "tie_embeddings": "true"}, "parallel": {"dp_shard": 1, "pp": 2}})
+def test_pipeline_tied_embeddings_only_where_first_and_last_stages_differ_in_rank():
+    tied = {"flavor": "tiny", "tie_embeddings": "true"}
+    assert validate(load_config(None, {"model": tied, "parallel": {"dp_shard": 1, "pp": 2}})).pp == 2
+    for name in {"zbv", "dualpipev"} & set(available_schedules()):  # V: both ends on rank 0
+        with pytest.raises(ConfigError, match="model.tie_embeddings"):
+            load_config(None, {"model": tied, "parallel": {"dp_shard": 1, "pp": 2, "pp_schedule": name}})
+
+
+def test_pipeline_rejects_split_backward_compile():
     if "zero-bubble" in available_schedules():
         with pytest.raises(ConfigError, match="train.compile=false"):
             load_config(None, {"model": {"flavor": "tiny"}, "train": {"compile": True},

@@ -23,7 +23,7 @@ from apogee.models.llama import Transformer
 from apogee.parallel.context import apply_context_parallel
 from apogee.parallel.fsdp import apply_fsdp
 from apogee.parallel.mesh import Mesh
-from apogee.parallel.pipeline import split_model, stages_per_rank
+from apogee.parallel.pipeline import split_model, stages_per_rank, tie_across_stages
 from apogee.parallel.recompute import apply_recompute
 from apogee.parallel.tensor import apply_tensor_parallel
 
@@ -59,6 +59,7 @@ def parallelize_stages(model: Transformer, mesh: Mesh, *, param_dtype: torch.dty
         if mesh.fsdp is not None:
             apply_fsdp(part, mesh.fsdp, param_dtype=param_dtype, reshard_after_forward=p.reshard_after_forward,
                        cpu_offload=p.cpu_offload)
+    tie_across_stages(model, p.pp)
     return Parallelized(model, stages)
 
 

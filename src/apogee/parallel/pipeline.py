@@ -16,6 +16,10 @@ Stage placement follows torch's conventions: ``single`` (one stage per rank, GPi
 bubble) and ``v`` (rank r holds stages r and 2 pp - 1 - r: ZB-V and DualPipeV, whose first and
 last stages therefore share rank 0).
 
+Tied embeddings: the first and last stages each hold a copy of the shared weight under its one
+name and sum their gradients after every step (``tie_across_stages``, ``TiedGrads``); the V
+placements, whose two ends share rank 0 in separate FSDP units, do not support it yet.
+
 Batches: the schedule's micro-batches replace gradient accumulation. A rank's share of the global
 batch (``global_batch / dp`` sequences) is split into ``pp_microbatches`` micro-batches of
 ``train.micro_batch`` sequences each; the loss function divides each micro-batch's mean loss by
@@ -142,9 +146,10 @@ def check_config(cfg, parallel, args: ModelArgs) -> None:
             f"model.n_layers={args.n_layers} cannot fill parallel.pp x parallel.pp_stages_per_rank = {n_stages} "
             f"pipeline stages (each needs a layer); lower parallel.pp or parallel.pp_stages_per_rank"
         )
-    if args.tie_embeddings:
-        raise ConfigError("model.tie_embeddings=true is not supported with parallel.pp > 1 (the embedding and the "
-                          "output live on different stages); set model.tie_embeddings=false")
+    if args.tie_embeddings and style == "v":
+        raise ConfigError(f"model.tie_embeddings=true is not supported with parallel.pp_schedule={name} (its first and "
+                          "last stages are separate FSDP units on one rank); choose 1f1b, gpipe, interleaved-1f1b or "
+                          "zero-bubble, or set model.tie_embeddings=false")
     t = cfg.train
     local = t.global_batch // parallel.dp
     n_mb = parallel.pp_microbatches or local // t.micro_batch
@@ -193,12 +198,55 @@ def split_model(model: Transformer, *, pp_rank: int, pp: int, schedule: str, per
     owned = {str(i) for s in ids for i in ranges[s]}
     for key in [k for k in model.layers if k not in owned]:
         del model.layers[key]
-    if 0 not in ids:
+    if 0 not in ids and not (model.args.tie_embeddings and n_stages - 1 in ids):
+        # A tied model's last stage keeps the embedding module, unused, as the holder of the output
+        # weight under its single-process name (see tie_across_stages).
         model.tok_embeddings = None
     if n_stages - 1 not in ids:
         model.norm = None
         model.output = None
     return model, stages
+
+
+def tie_across_stages(model: Transformer, pp: int) -> None:
+    """Tied embeddings when the first and last stages sit on different ranks (Megatron's scheme).
+
+    Each of the two ranks holds a copy of the [vocab, dim] weight: the first stage as the embedding,
+    the last as the output projection. Both copies are named ``tok_embeddings.weight`` (the last
+    stage's union keeps an unused embedding module pointing at the output weight), so they start
+    equal (initialisation is seeded by name), are saved and loaded under the single-process names,
+    and, once ``TiedGrads`` sums their gradients, take the same optimizer step and stay equal.
+    Call after TP and FSDP have replaced the output weight (it points the holder at the new one).
+    """
+    if pp > 1 and model.args.tie_embeddings and model.output is not None and model.tok_embeddings is not None:
+        model.tok_embeddings.weight = model.output.weight
+
+
+class TiedGrads:
+    """Sums the two copies' gradients of a tied embedding between the ranks holding the first and
+    the last pipeline stage (one two-rank group per data/context/tensor coordinate). Middle stages
+    take no part; ``counted_elsewhere`` names the copy the gradient norm must not count twice."""
+
+    def __init__(self, model: Transformer, group: dist.ProcessGroup, first_rank: int, last_rank: int):
+        pp = dist.get_world_size(group)
+        ends = (dist.get_global_rank(group, first_rank), dist.get_global_rank(group, last_rank))
+        pairs: list[tuple[int, int]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(pairs, ends)
+        # Every rank creates every pair's group, in the same order (new_group is collective).
+        self.group, _ = dist.new_subgroups_by_enumeration(sorted({tuple(p) for p in pairs}))
+        pp_rank = dist.get_rank(group)
+        self.param = model.tok_embeddings.weight if pp_rank in (first_rank, last_rank) and pp > 1 else None
+        self.counted_elsewhere = [self.param] if self.param is not None and pp_rank == last_rank else []
+
+    def all_reduce(self) -> None:
+        if self.param is None or self.param.grad is None:
+            return
+        grad = self.param.grad
+        if isinstance(grad, DTensor) and grad.placements != self.param.placements:
+            # The vocab-parallel embedding's gradient comes back replicated: shard it like the
+            # output copy's (a local slice), so both ranks reduce the same block.
+            grad = self.param.grad = grad.redistribute(self.param.device_mesh, self.param.placements)
+        dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.group)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -227,6 +275,9 @@ class Pipeline:
         self.style = SCHEDULES[schedule][1]
         self.has_first = 0 in self.ids
         self.has_last = n_stages - 1 in self.ids
+        self.tied = None
+        if model.args.tie_embeddings:
+            self.tied = TiedGrads(model, group, stage_owner(0, self.pp, self.style), stage_owner(n_stages - 1, self.pp, self.style))
         pipeline_stages = [
             pipelining.PipelineStage(module, s, n_stages, device, group=group) for s, module in stages
         ]
@@ -252,7 +303,15 @@ class Pipeline:
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward and backward over the micro-batches; the sum of their (pre-divided) losses."""
-        return self._run(self.schedule.step, inputs, targets, **self._no_outputs)
+        loss = self._run(self.schedule.step, inputs, targets, **self._no_outputs)
+        if self.tied is not None:
+            self.tied.all_reduce()
+        return loss
+
+    @property
+    def counted_elsewhere(self) -> list[torch.Tensor]:
+        """Parameters whose gradient another rank already counts in the global norm."""
+        return self.tied.counted_elsewhere if self.tied is not None else []
 
     @torch.no_grad()
     def eval(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -48,14 +48,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float, *, pp: int = 1) -> float:
+def clip_grad_norm(model: nn.Module, max_norm: float, *, pp: int = 1, counted_elsewhere: list[torch.Tensor] = ()) -> float:
     """Global L2 norm of all gradients, as one process would compute it; clipped to ``max_norm``.
 
     Each rank sums the squares of its local shards, dividing a shard replicated over some mesh axes
     by their size so that every element counts once, and one all-reduce over the world adds them
     up. (DTensor's own norm reduces mesh axis by axis, one collective each.) Under pipeline
     parallelism (``pp`` stages) each rank holds only its stages' parameters: a plain tensor is then
-    the same on the world / pp ranks of its stage, not on every rank. ``max_norm <= 0`` only measures.
+    the same on the world / pp ranks of its stage, not on every rank. ``counted_elsewhere``: copies
+    of a parameter another rank counts (a tied embedding's second copy), clipped but not counted.
+    ``max_norm <= 0`` only measures.
     """
     for p in model.parameters():
         if isinstance(p.grad, DTensor) and any(pl.is_partial() for pl in p.grad.placements):
@@ -66,7 +68,10 @@ def clip_grad_norm(model: nn.Module, max_norm: float, *, pp: int = 1) -> float:
     device = grads[0].device if grads else torch.device("cpu")
     total_sq = torch.zeros((), device=device, dtype=torch.float32)
     world = dist.get_world_size() if dist.is_initialized() else 1
+    skip = {id(p.grad) for p in counted_elsewhere}
     for g in grads:
+        if id(g) in skip:
+            continue
         if isinstance(g, DTensor):
             copies = 1
             for size, placement in zip(g.device_mesh.shape, g.placements):

@@ -295,7 +295,8 @@ class Trainer:
         Returns (lr, grad norm, the anomaly or None)."""
         lr = lr_at(self.step + 1, self.cfg.train)
         set_lr(self.optimizer, lr)
-        grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip, pp=self.mesh.parallel.pp)
+        grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip, pp=self.mesh.parallel.pp,
+                                   counted_elsewhere=self.pipeline.counted_elsewhere if self.pipeline else [])
         anomaly = self.hooks.check_step(self.step + 1, loss, grad_norm, compute_s)
         if anomaly is None:
             self.checkpointer.wait_staged()  # an async save's host copy must finish first
