@@ -337,8 +337,8 @@ class MemorySnapshots:
             del state, buffer
             self.holder.mkdir(parents=True, exist_ok=True)
             write_atomic(self.holder / file_name(step, self.rank, "own"), blob)
-        except OSError as exc:
-            problem, blob = f"writing the own snapshot: {exc}", bytearray()
+        except Exception as exc:  # noqa: BLE001 - a local failure must not skip the collectives below
+            problem, blob = f"writing the own snapshot: {type(exc).__name__}: {exc}", bytearray()
         keep = {file_name(step, self.rank, "own")}
         if self.group is not None and self.peer is not None:
             sizes = torch.tensor([len(blob)], dtype=torch.int64)
