@@ -12,6 +12,7 @@ import pytest
 from apogee.checkpoint.dcp import list_checkpoints
 from apogee.resilience.events import read_events
 from apogee.resilience.supervisor import supervise
+from helpers import tiny_config
 from test_drills import STEPS, assert_same_end_state, drill_config
 
 pytestmark = pytest.mark.slow
@@ -54,3 +55,23 @@ def test_kill_recovers_from_memory_bit_identical(lose_memory, plain_reference, t
     assert_same_end_state(tmp_path, plain_reference)  # model, optimizer and every logged loss
     token = (tmp_path / "memory-snapshots.id").read_text().strip()
     assert not (Path(cfg.checkpoint.memory_dir) / f"apogee-{token}").exists()  # RAM freed at the end
+
+
+def test_fsdp_x_tp_peer_copy_bit_identical(tmp_path, cache_dir):
+    """4 ranks as dp_shard=2 x tp=2 (DTensor shards of both kinds): rank 2 dies with its RAM; its
+    shard comes from rank 3's copy, and the job ends equal to an uninterrupted run of that layout."""
+    plain, drilled = tmp_path / "plain", tmp_path / "drilled"
+    layout = {"parallel": {"dp_shard": 2, "tp": 2}}
+
+    def config(run_dir, inject=(), memory_interval=2):
+        return tiny_config(run_dir, cache_dir, steps=STEPS, **layout,
+                           checkpoint={"interval": DURABLE, "memory_interval": memory_interval},
+                           resilience={"max_restarts": 1, "hang_timeout_s": 60.0, "startup_timeout_s": 180.0,
+                                       "inject": list(inject)})
+
+    assert supervise(config(plain, memory_interval=0), 4, poll_s=0.1).step == STEPS
+    assert supervise(config(drilled, ["kill:rank=2,step=7", "lose-memory:rank=2"]), 4, poll_s=0.1).step == STEPS
+    restored = next(e for e in read_events(drilled) if e["event"] == "snapshot_restored")
+    assert restored["step"] == 6
+    assert restored["sources"] == {"0": "own", "1": "own", "2": "peer: copy held by rank 3", "3": "own"}
+    assert_same_end_state(drilled, plain)

@@ -428,13 +428,13 @@ class MemorySnapshots:
         returns (a label for logs and events, the trainer state), or None to resume from storage."""
         if not self.enabled:
             return None
-        start = time.perf_counter()
         durable = -1
         if self.rank == 0:
             latest = latest_checkpoint(self.checkpoints)
             durable = int(latest.name.split("-")[1]) if latest else 0
         mine = self.inventory()
         rows = self._gather((mine, durable))
+        start = time.perf_counter()  # from here on every rank has arrived: the restore's own cost
         durable = rows[0][1]
         for _, problems in (row[0] for row in rows):
             for problem in problems:
