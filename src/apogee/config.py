@@ -113,6 +113,12 @@ class CheckpointConfig:
     keep: int = 3  # newest checkpoints kept; 0 keeps all
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: off)
     async_save: bool = False  # stage to host memory, persist in the background (apogee/checkpoint/dcp.py)
+    # In-memory snapshots (apogee/checkpoint/snapshot.py): every memory_interval steps each rank keeps
+    # its shard, and a copy of a peer's (the next node's rank), in memory_dir, a RAM-backed directory
+    # that outlives a restarted worker but not the node; a restart loads the newest one held for every
+    # rank instead of reading storage when it is newer than the latest durable checkpoint. 0: off.
+    memory_interval: int = 0
+    memory_dir: str = "/dev/shm"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -399,6 +405,12 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelConfig:
         raise ConfigError(f"checkpoint.resume must be auto, never or a checkpoint directory, got {cfg.checkpoint.resume!r}")
     if cfg.checkpoint.keep < 0 or cfg.checkpoint.keep_every < 0:
         raise ConfigError("checkpoint.keep and checkpoint.keep_every must be >= 0 (0: keep all / off)")
+    ck = cfg.checkpoint
+    if ck.memory_interval < 0:
+        raise ConfigError(f"checkpoint.memory_interval must be >= 0 (0: off), got {ck.memory_interval}")
+    if ck.memory_interval > 0 and not Path(ck.memory_dir).is_dir():
+        raise ConfigError(f"checkpoint.memory_dir {ck.memory_dir!r} is not a directory; in-memory snapshots need a "
+                          f"RAM-backed one (e.g. /dev/shm): set checkpoint.memory_dir, or checkpoint.memory_interval=0")
     r = cfg.resilience
     if r.max_restarts < 0:
         raise ConfigError(f"resilience.max_restarts must be >= 0, got {r.max_restarts}")
@@ -418,6 +430,13 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelConfig:
         faults = parse_faults(r.inject)
     except ValueError as exc:
         raise ConfigError(f"resilience.inject: {exc}") from None
+    for fault in faults:
+        if fault.kind == "lose-memory":
+            if ck.memory_interval == 0:
+                raise ConfigError("resilience.inject: lose-memory wipes in-memory snapshots; it needs checkpoint.memory_interval > 0")
+            if not any(f.kind in ("kill", "kill-during-save") and f.rank == fault.rank for f in faults):
+                raise ConfigError(f"resilience.inject: lose-memory:rank={fault.rank} acts when rank {fault.rank} is killed; "
+                                  f"add kill:rank={fault.rank},step=S")
 
     p = cfg.parallel
     if world_size is None:

@@ -17,12 +17,17 @@ the anomaly rollback then replays the step with the next batch, cleanly). ``slow
 not an event: from ``step`` (default 1) on, every step of that rank burns (factor - 1) x its own
 compute time on the CPU, as a slower chip would (a plain sleep would look like idle waiting).
 ``corrupt-checkpoint`` damages one file of the checkpoint it names and then kills rank 0, so that
-the restart has to load (and reject) it.
+the restart has to load (and reject) it. ``lose-memory:rank=R[,step=S]`` has no point of its own:
+when a ``kill`` or ``kill-during-save`` of rank R fires (at step S, or any step without one), rank R
+first wipes its in-memory snapshots (``checkpoint.memory_interval``), as if its node's RAM went with
+it; the restart must then load R's shard from the peer copy. The snapshot module tells the hook
+where they are (``provide(memory_dir=...)``).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -37,6 +42,7 @@ KINDS = {
     "nan": ("after_backward", {"step", "times"}),
     "spike": ("after_backward", {"step", "factor", "times"}),
     "slow": ("compute", {"rank", "factor", "step"}),
+    "lose-memory": ("kill", {"rank", "step"}),  # a modifier of this rank's kills: no point of its own
 }
 EVERY_RANK = {"nan", "spike"}  # an anomaly every rank sees (rank = -1)
 PERSISTENT = {"slow"}  # a condition from its step on, not a one-off event
@@ -75,17 +81,17 @@ def parse_fault(spec: str, index: int = 0) -> Fault:
         if not eq or key not in allowed:
             raise ValueError(f"fault {spec!r}: {item!r} is not one of {', '.join(sorted(k + '=...' for k in allowed))}")
         values[key] = value
-    if "step" not in values and kind != "slow":
+    if "step" not in values and kind not in ("slow", "lose-memory"):
         raise ValueError(f"fault {spec!r} needs step=S (e.g. {kind}:step=5)")
-    if kind == "slow" and "rank" not in values:
-        raise ValueError(f"fault {spec!r} needs rank=R (e.g. slow:rank=1,factor=2)")
+    if kind in ("slow", "lose-memory") and "rank" not in values:
+        raise ValueError(f"fault {spec!r} needs rank=R (e.g. {kind}:rank=1)")
     try:
-        step, rank = int(values.get("step", 1)), int(values.get("rank", 0))
+        step, rank = int(values.get("step", 0 if kind == "lose-memory" else 1)), int(values.get("rank", 0))
         times = int(values.get("times", 1))
         factor = float(values.get("factor", 2.0 if kind == "slow" else 10.0))
     except ValueError:
         raise ValueError(f"fault {spec!r}: rank, step and times must be integers, factor a number") from None
-    if step < 1 or rank < 0 or times < 1:
+    if step < (0 if kind == "lose-memory" else 1) or rank < 0 or times < 1:
         raise ValueError(f"fault {spec!r}: step and times must be >= 1 and rank >= 0")
     if kind in ("slow", "spike") and not factor > 1.0:
         raise ValueError(f"fault {spec!r}: factor must be > 1")
@@ -116,10 +122,17 @@ class FaultInjector:
         self.dir = Path(run_dir) / "faults"
         self.events = events or (lambda kind, **fields: None)
         self.log = log or (lambda msg: None)
+        self.context: dict = {}  # standing context other modules provide (memory_dir)
+
+    def provide(self, **ctx) -> None:
+        """Context every firing receives, from modules the trainer does not route it through
+        (the in-memory snapshots' directory, for ``lose-memory``)."""
+        self.context.update(ctx)
 
     def __call__(self, point: str, step: int, **ctx) -> dict:
         """Fire this rank's faults due at ``point``; returns ``ctx``, updated by the faults that
         change a value (``after_backward``: the loss)."""
+        ctx = {**self.context, **ctx}
         for fault in self.faults:
             if fault.point != point:
                 continue
@@ -154,11 +167,20 @@ class FaultInjector:
             os.fsync(f.fileno())
 
     # Each fault is a method, so a drill is readable in one place.
-    def _kill(self, fault: Fault, **_) -> None:
+    def _kill(self, fault: Fault, memory_dir: Path | None = None, **_) -> None:
+        self._lose_memory(fault, memory_dir)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def _kill_during_save(self, fault: Fault, **_) -> None:
+    def _kill_during_save(self, fault: Fault, memory_dir: Path | None = None, **_) -> None:
+        self._lose_memory(fault, memory_dir)
         os.kill(os.getpid(), signal.SIGKILL)
+
+    def _lose_memory(self, kill: Fault, memory_dir: Path | None) -> None:
+        """A ``lose-memory`` of this rank that matches the kill: wipe the rank's snapshots first."""
+        for fault in self.faults:
+            if fault.kind == "lose-memory" and fault.step in (0, kill.step) and memory_dir is not None:
+                self._announce(fault, kill.step, kill.point)
+                shutil.rmtree(memory_dir, ignore_errors=True)
 
     def _hang(self, fault: Fault, **_) -> None:
         while True:  # a rank stuck outside any collective: its peers block in the next one

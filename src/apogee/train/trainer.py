@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from apogee.checkpoint.dcp import Checkpointer, config_hash, latest_checkpoint
+from apogee.checkpoint.snapshot import MemorySnapshots
 from apogee.config import Config, validate, write_config
 from apogee.data.prepare import PreparedCorpus, prepare_corpus
 from apogee.data.sampler import Batch, TrainSampler, split_tokens, val_batches
@@ -115,6 +116,8 @@ class Trainer:
             events=self.hooks.events if self.is_main else None, faults=self.hooks.faults,
             log=lambda msg: log(msg, enabled=self.is_main),
         )
+        self.snapshots = MemorySnapshots(cfg, layout=self.checkpointer.layout, device=self.device, events=self.hooks.events,
+                                         faults=self.hooks.faults, log=lambda msg: log(msg, enabled=self.is_main))
         self.step = 0
         self.resume()
         if self.is_main:
@@ -174,7 +177,8 @@ class Trainer:
         if setting == "never" and not restarted:
             return
         if setting == "auto" or restarted:
-            found = self.checkpointer.load_latest(self.model, self.optimizer)
+            # An in-memory snapshot newer than the latest durable checkpoint, else storage.
+            found = self.snapshots.restore(self.model, self.optimizer) or self.checkpointer.load_latest(self.model, self.optimizer)
             path, state = found if found else (None, None)
         else:
             path = Path(setting)
@@ -385,6 +389,7 @@ class Trainer:
                 if stopped:
                     break
                 continue
+            self.snapshots.after_step(self.step, self.model, self.optimizer, self.trainer_state)
             self.hooks.at("after_step", self.step)
             window_steps += 1
             last = self.step == cfg.train.steps
@@ -410,6 +415,7 @@ class Trainer:
                 log(f"stopping at step {self.step} (run.stop_at_step); run again to resume", enabled=self.is_main)
                 break
         self.checkpointer.close()  # an async save in flight becomes durable before the job ends
+        self.snapshots.close()  # and the RAM the in-memory snapshots hold is freed
         if saved is None and self.step > 0:
             saved = latest_checkpoint(self.run_dir / "checkpoints")
         result = TrainResult(str(self.run_dir), self.step, loss, val_loss, str(saved) if saved else None, stopped)
