@@ -23,9 +23,10 @@ pytestmark = pytest.mark.slow
 STEPS, BAD = 10, 8  # checkpoints at 3, 6, 9: an anomaly at step 8 rolls back to 6 and replays step 7
 
 
-def anomaly_config(run_dir, cache_dir, inject=()):
+def anomaly_config(run_dir, cache_dir, inject=(), memory_interval=0):
     return tiny_config(
-        run_dir, cache_dir, steps=STEPS, parallel={"dp_shard": 2}, checkpoint={"interval": 3, "keep": 2},
+        run_dir, cache_dir, steps=STEPS, parallel={"dp_shard": 2},
+        checkpoint={"interval": 3, "keep": 2, "memory_interval": memory_interval},
         resilience={"max_restarts": 0, "hang_timeout_s": 30.0, "startup_timeout_s": 120.0, "anomaly_warmup": 3,
                     "inject": list(inject)},
     )
@@ -64,20 +65,41 @@ def test_anomaly_drill_rolls_back_and_skips(kind, drilled):
     assert all(math.isfinite(r["loss"]) for r in metrics)
 
 
-def test_anomaly_recovery_is_deterministic(drilled, tmp_path, cache_dir):
+@pytest.fixture(scope="module")
+def skip_reference(drilled, tmp_path_factory, cache_dir):
+    """An uninterrupted run given the nan drill's skip list from the start."""
+    run_dir = tmp_path_factory.mktemp("skip_reference")
+    shutil.copy(drilled["nan"] / SKIPPED, run_dir / SKIPPED)
+    assert supervise(anomaly_config(run_dir, cache_dir), 2, poll_s=0.1).step == STEPS
+    return run_dir
+
+
+def test_anomaly_recovery_is_deterministic(drilled, skip_reference):
     """An uninterrupted run given the same skip list from the start ends bit-identical."""
-    shutil.copy(drilled["nan"] / SKIPPED, tmp_path / SKIPPED)
-    result = supervise(anomaly_config(tmp_path, cache_dir), 2, poll_s=0.1)
-    assert result.step == STEPS
     assert skipped(drilled["spike"])[0]["windows"] == skipped(drilled["nan"])[0]["windows"]
-    ref = full_state(tmp_path / "checkpoints" / f"step-{STEPS:08d}")
-    for kind, run_dir in drilled.items():
+    _assert_same_end_state(drilled, skip_reference)
+
+
+def test_anomaly_rolls_back_to_the_memory_snapshot(skip_reference, tmp_path, cache_dir):
+    """With in-memory snapshots every step, the nan at step 8 rolls back to step 7's snapshot
+    (newer than the durable step 6), replays nothing twice, and ends bit-identical all the same."""
+    result = supervise(anomaly_config(tmp_path, cache_dir, [f"nan:step={BAD}"], memory_interval=1), 2, poll_s=0.1)
+    assert result.step == STEPS and result.stopped is None
+    anomaly = next(e for e in read_events(tmp_path) if e["event"] == "anomaly")
+    assert anomaly["rollback_to"] == BAD - 1 and "memory snapshot" in anomaly["checkpoint"]
+    assert skipped(tmp_path)[0]["windows"] == list(range(56, 64))
+    _assert_same_end_state({"nan-memory": tmp_path}, skip_reference)
+
+
+def _assert_same_end_state(runs: dict, reference):
+    ref = full_state(reference / "checkpoints" / f"step-{STEPS:08d}")
+    for kind, run_dir in runs.items():
         got = full_state(run_dir / "checkpoints" / f"step-{STEPS:08d}")
         assert set(got) == set(ref)
         for key in ref:
             assert torch.equal(got[key], ref[key]), (kind, key)
         losses = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d)]  # noqa: E731
-        assert losses(run_dir) == losses(tmp_path), kind
+        assert losses(run_dir) == losses(reference), kind
 
 
 def test_repeated_anomaly_stops_the_job(tmp_path, cache_dir):

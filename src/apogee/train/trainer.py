@@ -198,8 +198,8 @@ class Trainer:
 
     def recover(self, anomaly, first_window: int) -> str | None:
         """An anomaly at ``anomaly.step`` (all ranks agree): its gradients were dropped. Record the
-        step's global windows in the skip list, roll back to the last durable checkpoint in this
-        process (model, optimizer, RNG, data position, moving average) and go on; the sampler then
+        step's global windows in the skip list, roll back to the newest good state (in-memory
+        snapshot or durable checkpoint) in this process (model, optimizer, RNG, data position, moving average) and go on; the sampler then
         steps over those windows. Returns a message instead when this step failed too often.
 
         In-process rather than exiting for the supervisor to restart: no restart is spent from
@@ -223,8 +223,11 @@ class Trainer:
             log(message, enabled=self.is_main)
             return message
         self.checkpointer.wait()  # an async save in flight is of a good step: make it the latest
-        found = self.checkpointer.load_latest(self.model, self.optimizer)
+        self.snapshots.wait()  # likewise an in-memory snapshot being written
+        # The newest good state: an in-memory snapshot newer than the durable checkpoint, else storage.
+        found = self.snapshots.restore(self.model, self.optimizer) or self.checkpointer.load_latest(self.model, self.optimizer)
         back = int(found[1]["step"]) if found else self.step
+        where = (found[0] if isinstance(found[0], str) else found[0].name) if found else None
         if found:
             self.step = back
             self.sampler.load_state_dict(found[1]["sampler"])
@@ -235,7 +238,7 @@ class Trainer:
                               grad_norm=anomaly.grad_norm, average=anomaly.average, rollback_to=back,
                               checkpoint=str(found[0]) if found else None, skipped_windows=[first_window, gb], count=count)
         log(f"anomaly at step {anomaly.step}: {anomaly.reason} (loss {anomaly.loss:.4g}, grad norm {anomaly.grad_norm:.4g}); "
-            f"step not applied; " + (f"rolled back to {found[0].name}" if found else "no checkpoint yet, no rollback")
+            f"step not applied; " + (f"rolled back to {where}" if found else "no checkpoint yet, no rollback")
             + f"; skipping global windows {first_window}..{first_window + gb - 1}", enabled=self.is_main)
         return None
 
