@@ -2,18 +2,24 @@
 
     python benchmarks/planner_vs_measured.py [--steps 12] [--json]
 
-1. Micro-benchmark (the `cpu` device's calibration, on this machine): ``nproc`` worker processes run at
-   once, each with the thread count the engine gives a rank (cores // local ranks), and time
-   - a fp32 matmul of the run's largest GEMM shape (tokens x ffn x dim)  -> gemm_eff,
+1. Micro-benchmarks (the `cpu` device's calibration, on this machine): ``nproc`` worker processes (gloo
+   ranks) run at once, each with the thread count the engine gives a rank (cores // local ranks), and
+   take the minimum over repeats of each primitive (load from other work only adds time):
+   - a chain of 100 tiny multiplies, forward and backward      -> host_call_s, host_node_s,
+   - a chain of DTensor multiplies (no communication)          -> dtensor_call_s,
+   - four FSDP2 units around tiny Linears vs the same unsharded -> fsdp_unit_s,
+   - gloo all-gather on the run's TP (else DP) group, 1 KiB and 4 MiB -> link latency, bus bandwidth,
+   - the resident size after all of the above (imports, gloo, op code pages; no model) -> reserved_gib,
+   - every GEMM shape the cost model prices (compute.gemm_shapes)  -> gemm_table,
    - causal scaled_dot_product_attention forward + backward at the run's shape -> attn_eff,
-   - a large tensor copy -> mem_bw_gbs (the memory-bound ops' bandwidth),
-   - the resident size after importing the engine -> reserved_gib (runtime memory no tensor holds).
+   - a 64 MiB copy -> mem_bw_gbs.
    These replace the nominal figures of the `cpu` accelerator (apogee.planner.cluster); nothing is
-   fitted to the runs below.
+   fitted to the runs below, and the training job itself is not timed for the calibration.
 2. The engine trains each config for ``--steps`` steps (apogee.launch.launch_local, gloo ranks);
-   metrics.jsonl gives tokens/s per step (log_interval 1) and rank 0's peak RSS (mem_gib). The first
-   3 steps (warm-up) and the last (it evaluates and checkpoints) are skipped; the step time is the
-   median over the rest, because other work on a shared machine makes single steps noisy.
+   metrics.jsonl gives tokens/s per step (log_interval 1) and rank 0's peak RSS (mem_gib = VmHWM). The
+   first 3 steps (warm-up) and the last (it evaluates and checkpoints) are skipped. The error is taken
+   against the minimum step time (the step least disturbed by other work on a shared machine, which is
+   what the planner predicts); the median and maximum are printed too, with the load average.
 3. The planner predicts the same layout (tp, dp = dp_shard with FSDP = ZeRO 3, micro-batch, fp32).
 
 Target (issue 5): within 10% on step time and memory per rank.
@@ -47,27 +53,100 @@ def _threads(nproc: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // nproc)  # what apogee.train.trainer does
 
 
-def _worker(args: tuple) -> dict:
-    nproc, M, N, K, mb, heads, kv_heads, seq, head_dim, reps = args
+def _best(fn, n: int) -> float:
+    """Minimum of ``n`` timed calls after a warm-up: other work on a shared machine only ever adds
+    time, so the minimum is the estimate least disturbed by it."""
+    fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+def _vmhwm() -> int:
+    # VmHWM, not ru_maxrss: the latter carries the parent's peak across fork + exec.
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+
+
+def _worker(rank: int, args: tuple, out) -> None:
+    nproc, dp, tp, shapes, mb, heads, kv_heads, seq, head_dim, reps, port = args
     import torch
+    import torch.distributed as dist
+    from torch import nn
 
     import apogee.train.trainer  # noqa: F401  (the rank's imports: its resident baseline)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Shard
 
-    # VmHWM, not ru_maxrss: the latter carries the parent's peak across fork + exec.
-    base_rss = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
     torch.set_num_threads(_threads(nproc))
-    a, b = torch.randn(M, K), torch.randn(K, N)
+    res: dict = {}
+    # 1. Host cost of one torch call and of one autograd node: a chain of 100 tiny multiplies.
+    x = torch.randn(4, requires_grad=True)
 
-    def best(fn, n):
-        fn()
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+    def chain():
+        y = x
+        for _ in range(100):
+            y = y * 1.0001
+        return y
 
-    t_mm = best(lambda: a @ b, reps)
+    t_f = _best(chain, reps * 4)
+    t_fb = _best(lambda: chain().sum().backward(), reps * 4)
+    res["host_call_s"] = t_f / 100
+    res["host_node_s"] = max(0.0, t_fb - t_f) / 100
+    if nproc > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=nproc)
+        mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+        # 2. A DTensor op (sharding propagation + wrap/unwrap), forward + backward, no communication.
+        dx = DTensor.from_local(torch.randn(4), mesh["tp" if tp > 1 else "dp"], [Shard(0)]).requires_grad_()
+
+        def dchain():
+            y = dx
+            for _ in range(20):
+                y = y * 1.0001
+            return y
+
+        dist.barrier()
+        res["dtensor_call_s"] = _best(lambda: dchain().sum().backward(), reps * 2) / 20
+        # 3. One FSDP2 unit (hooks, copy-in/out, a tiny all-gather and reduce-scatter) forward + backward:
+        # four units around tiny Linears plus the root, against the same modules unsharded.
+        if dp > 1:
+            torch.manual_seed(0)
+            plain = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+            sharded = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+            for layer in sharded:
+                fully_shard(layer, mesh=mesh["dp"])
+            fully_shard(sharded, mesh=mesh["dp"])
+            inp = torch.randn(4, 16)
+            dist.barrier()
+            t_plain = _best(lambda: plain(inp).sum().backward(), reps * 2)
+            dist.barrier()
+            t_sh = _best(lambda: sharded(inp).sum().backward(), reps * 2)
+            res["fsdp_unit_s"] = max(0.0, t_sh - t_plain) / 5
+        # 4. gloo all-gather on a group of the run's TP (else DP) size, all groups at once as in the run:
+        # a small message gives the per-step latency, a 4 MiB one the bandwidth.
+        group = mesh["tp" if tp > 1 else "dp"].get_group()
+        n = dist.get_world_size(group)
+
+        def ag(nbytes):
+            src = torch.empty(nbytes // 4 // n)
+            dst = torch.empty(src.numel() * n)
+            dist.barrier()
+            return _best(lambda: dist.all_gather_into_tensor(dst, src, group=group), reps * 2), dst.numel() * 4
+
+        t_small, _ = ag(1024 * n)
+        t_big, big = ag(4 * 2**20)
+        res["lat_s"] = t_small / (n - 1)
+        res["busbw_gbs"] = (n - 1) / n * big / max(1e-9, t_big - t_small) / 1e9
+    res["base_rss"] = _vmhwm()  # runtime: imports, gloo, the code pages of the ops above; no model
+    # 5. Every GEMM shape the cost model prices for this layout, at the rank's thread count.
+    table = {}
+    for M, N, K in shapes:
+        a, b = torch.randn(M, K), torch.randn(K, N)
+        table[(M, N, K)] = _best(lambda: a @ b, reps)
+    res["gemm_table"] = table
     q = torch.randn(mb, heads, seq, head_dim, requires_grad=True)
     k = torch.randn(mb, kv_heads, seq, head_dim, requires_grad=True)
     v = torch.randn(mb, kv_heads, seq, head_dim, requires_grad=True)
@@ -76,40 +155,57 @@ def _worker(args: tuple) -> dict:
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
         o.sum().backward()
 
-    t_attn = best(attn, reps)
-    x, y = torch.empty(16 * 2**20), torch.randn(16 * 2**20)  # 64 MiB each, well past the caches
-    t_copy = best(lambda: x.copy_(y), reps)
-    return {"t_mm": t_mm, "t_attn": t_attn, "copy_gbs": 2 * x.numel() * 4 / t_copy / 1e9, "base_rss": base_rss}
+    res["t_attn"] = _best(attn, reps)
+    xs, ys = torch.empty(16 * 2**20), torch.randn(16 * 2**20)  # 64 MiB each, well past the caches
+    res["copy_gbs"] = 2 * xs.numel() * 4 / _best(lambda: xs.copy_(ys), reps) / 1e9
+    out.put((rank, res))
+    if nproc > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
-def measure_cpu(nproc: int, shape, mb: int, seq: int, heads: tuple[int, int, int], reps: int = 7) -> dict:
-    """Per-rank rates with ``nproc`` ranks sharing this machine, as the engine's ranks do.
-    ``heads``: (query heads, kv heads, head dim) per rank."""
-    M, N, K = shape
-    args = (nproc, M, N, K, mb, heads[0], heads[1], seq, heads[2], reps)
-    # One fresh process per rank (maxtasksperchild=1, chunksize=1), all running at once.
-    with mp.get_context("spawn").Pool(nproc, maxtasksperchild=1) as pool:
-        res = pool.map(_worker, [args] * nproc, chunksize=1)
-    return {k: statistics.median(r[k] for r in res) for k in res[0]}
+def measure_cpu(nproc: int, dp: int, tp: int, shapes, mb: int, seq: int, heads: tuple[int, int, int],
+                reps: int = 7) -> dict:
+    """The primitives' costs with ``nproc`` ranks on this machine at once, each with the engine's thread
+    count. ``heads``: (query heads, kv heads, head dim) per rank. Per primitive: the median over ranks
+    of each rank's minimum over repeats."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = (nproc, dp, tp, sorted(shapes), mb, heads[0], heads[1], seq, heads[2], reps, port)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, args, q)) for r in range(nproc)]
+    for p in procs:
+        p.start()
+    res = [q.get(timeout=600)[1] for _ in procs]
+    for p in procs:
+        p.join()
+    merged = {k: statistics.median(r[k] for r in res) for k in res[0] if k != "gemm_table"}
+    merged["gemm_table"] = {s: statistics.median(r["gemm_table"][s] for r in res) for s in res[0]["gemm_table"]}
+    return merged
 
 
-def cpu_from_measurement(meas: dict, m, shape, mb: int):
+def cpu_from_measurement(meas: dict, m, mb: int):
     """The `cpu` accelerator with its calibration replaced by the micro-benchmark's figures."""
     from apogee.planner.cluster import ACCELERATORS
-    from apogee.planner.compute import gemm_efficiency
 
     base = ACCELERATORS["cpu"]
     peak = base.peak("fp32")
-    M, N, K = shape
-    acc = dataclasses.replace(base, mem_bw_gbs=meas["copy_gbs"], reserved_gib=meas["base_rss"] / 2**30)
-    measured_eff = 2.0 * M * N * K / meas["t_mm"] / peak
-    # gemm_eff is stated at the reference shape; scale it so this shape lands on what was measured.
-    unit = gemm_efficiency(M, N, K, dataclasses.replace(acc, gemm_eff=1.0), "fp32")
-    acc = dataclasses.replace(acc, gemm_eff=measured_eff / unit)
+    acc = dataclasses.replace(base, mem_bw_gbs=meas["copy_gbs"], reserved_gib=meas["base_rss"] / 2**30,
+                              gemm_table=meas["gemm_table"], host_call_s=meas["host_call_s"],
+                              host_node_s=meas["host_node_s"])
+    for key in ("dtensor_call_s", "fsdp_unit_s"):
+        if key in meas:
+            acc = dataclasses.replace(acc, **{key: meas[key]})
+    if "lat_s" in meas:
+        acc = dataclasses.replace(acc, intra_lat_us=meas["lat_s"] * 1e6, nvlink_busbw_gbs=meas["busbw_gbs"])
     # compute.py prices causal flash-style attention as 3.5 * (4 * tokens * seq * hidden) / 2 FLOPs.
     attn_flops = 3.5 * 4.0 * mb * m.seq_len * m.seq_len * m.hidden / 2
     acc = dataclasses.replace(acc, attn_eff=attn_flops / meas["t_attn"] / peak)
-    return acc, measured_eff
+    return acc
 
 
 def run_engine(flavor: str, nproc: int, parallel: dict, seq: int, gb: int, mbs: int, steps: int, d: Path) -> dict:
@@ -136,12 +232,13 @@ def run_engine(flavor: str, nproc: int, parallel: dict, seq: int, gb: int, mbs: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     from apogee.models.flavors import FLAVORS
     from apogee.planner.cluster import Cluster
+    from apogee.planner.compute import gemm_shapes
     from apogee.planner.estimate import estimate
     from apogee.planner.spec import Layout, RunSpec, shape_from_args
 
@@ -150,10 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         fa = FLAVORS[flavor]
         m = shape_from_args(fa, flavor=flavor, seq_len=seq, vocab=256)  # byte tokenizer: 256 tokens
         tp, dp = par["tp"], par["dp_shard"]
-        shape = (mbs * seq, m.ffn_hidden // tp, m.hidden)  # the largest GEMM of a layer (MLP up)
+        shapes = gemm_shapes(m, tp, 1, mbs)
         heads = (m.heads // tp, max(1, m.kv_heads // tp), m.head_dim)
-        meas = measure_cpu(nproc, shape, mbs, seq, heads)
-        acc, eff = cpu_from_measurement(meas, m, shape, mbs)
+        meas = measure_cpu(nproc, dp, tp, shapes, mbs, seq, heads)
+        acc = cpu_from_measurement(meas, m, mbs)
         run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=nproc, gpus_per_node=nproc), fixed={},
                       global_batch=gb, precision="fp32")
         lay = Layout(tp=tp, dp=dp, microbatch=mbs, zero=3, sequence_parallel=tp > 1, dp_overlap=False)
@@ -161,28 +258,35 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as td:
             got = run_engine(flavor, nproc, par, seq, gb, mbs, args.steps, Path(td) / "run")
         pred_mem = est.memory.total / 2**30
+        gemm_s = sum(meas["gemm_table"].values())
+        gemm_flops = sum(2 * a * b * c for a, b, c in meas["gemm_table"])
         out.append({
             "config": name, "ranks": nproc, "threads_per_rank": _threads(nproc), "layout": lay.short(),
-            "calibration": {"gemm_shape": shape, "gemm_gflops": round(eff * acc.peak("fp32") / 1e9, 2),
-                            "gemm_eff": round(acc.gemm_eff, 4), "attn_eff": round(acc.attn_eff, 4),
-                            "mem_bw_gbs": round(acc.mem_bw_gbs, 2), "reserved_gib": round(acc.reserved_gib, 3)},
-            "pred_step_s": round(est.step_time_s, 4), "meas_step_s": round(got["step_s"], 4),
-            "meas_step_range_s": [round(got["step_s_min"], 4), round(got["step_s_max"], 4)],
-            "step_err_pct": round(100 * (est.step_time_s / got["step_s"] - 1), 1),
+            "calibration": {"gemm_shapes": len(shapes), "gemm_gflops_mean": round(gemm_flops / gemm_s / 1e9, 1),
+                            "attn_eff": round(acc.attn_eff, 4), "mem_bw_gbs": round(acc.mem_bw_gbs, 2),
+                            "host_call_us": round(acc.host_call_s * 1e6, 2), "host_node_us": round(acc.host_node_s * 1e6, 2),
+                            "dtensor_call_us": round(acc.dtensor_call_s * 1e6, 1) if "dtensor_call_s" in meas else None,
+                            "fsdp_unit_ms": round(acc.fsdp_unit_s * 1e3, 2) if "fsdp_unit_s" in meas else None,
+                            "gloo_lat_us": round(acc.intra_lat_us, 1) if "lat_s" in meas else None,
+                            "gloo_busbw_gbs": round(acc.nvlink_busbw_gbs, 2) if "lat_s" in meas else None,
+                            "reserved_gib": round(acc.reserved_gib, 3)},
+            "pred_step_s": round(est.step_time_s, 4), "meas_step_min_s": round(got["step_s_min"], 4),
+            "meas_step_median_s": round(got["step_s"], 4), "meas_step_max_s": round(got["step_s_max"], 4),
+            "step_err_pct": round(100 * (est.step_time_s / got["step_s_min"] - 1), 1),
+            "step_err_vs_median_pct": round(100 * (est.step_time_s / got["step_s"] - 1), 1),
+            "pred_compute_s": round(est.compute_s, 4), "pred_comm_exposed_s": {k: round(v, 4) for k, v in est.comm_exposed_s.items()},
             "pred_mem_gib": round(pred_mem, 3), "meas_mem_gib": round(got["mem_gib"], 3),
             "mem_err_pct": round(100 * (pred_mem / got["mem_gib"] - 1), 1),
             "pred_breakdown_gib": {k: round(v, 3) for k, v in est.memory.gib().items()},
-            "engine_wall_s": round(got["wall_s"], 1),
+            "engine_wall_s": round(got["wall_s"], 1), "loadavg_1min": os.getloadavg()[0],
         })
         if not args.json:
             r = out[-1]
-            c = r["calibration"]
-            print(f"{name:<24} {r['layout']:<28} calib: gemm {c['gemm_gflops']} GFLOP/s at {c['gemm_shape']}, "
-                  f"attn_eff {c['attn_eff']}, mem {c['mem_bw_gbs']} GB/s, runtime {c['reserved_gib']} GiB")
-            print(f"{'':<24} step: predicted {r['pred_step_s']:.3f} s, measured {r['meas_step_s']:.3f} s "
-                  f"(range {r['meas_step_range_s'][0]:.3f}-{r['meas_step_range_s'][1]:.3f}) -> {r['step_err_pct']:+.1f}%   "
-                  f"memory/rank: predicted {r['pred_mem_gib']:.3f} GiB, measured {r['meas_mem_gib']:.3f} GiB "
-                  f"-> {r['mem_err_pct']:+.1f}%", flush=True)
+            print(f"{name:<24} {r['layout']:<28} calib: {json.dumps(r['calibration'])}")
+            print(f"{'':<24} step: predicted {r['pred_step_s']:.3f} s, measured min {r['meas_step_min_s']:.3f} s "
+                  f"(median {r['meas_step_median_s']:.3f}, max {r['meas_step_max_s']:.3f}) -> {r['step_err_pct']:+.1f}% "
+                  f"({r['step_err_vs_median_pct']:+.1f}% vs median)   memory/rank: predicted {r['pred_mem_gib']:.3f} GiB, "
+                  f"measured {r['meas_mem_gib']:.3f} GiB -> {r['mem_err_pct']:+.1f}%   load {r['loadavg_1min']:.1f}", flush=True)
     if args.json:
         json.dump(out, sys.stdout, indent=1)
         print()

@@ -248,3 +248,45 @@ def test_hopper_variants_share_the_h100_stack_calibration():
     assert ref < 0.6  # the training stack's figure, not the raw 8192^3 matmul (0.807)
     for name in ("h100-96gb", "h200", "h800"):
         assert get_accelerator(name).gemm_eff == ref
+
+
+def test_host_op_counts_match_the_engine_model():
+    """planner/host.py prices the engine's Llama block by its op counts: re-count them from the model
+    (forward torch calls under a TorchFunctionMode, backward autograd nodes by walking the graph) for
+    one and two blocks, so a change to apogee.models.llama cannot leave the planner's counts stale."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    from apogee.models.flavors import FLAVORS
+    from apogee.models.llama import Transformer
+    from apogee.planner import host
+
+    class Count(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for layers in (1, 2):
+        model = Transformer(dataclasses.replace(FLAVORS["tiny"], n_layers=layers).with_vocab(64))
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        x = torch.randint(0, 64, (1, 16))
+        mode = Count()
+        with mode:
+            loss = F.cross_entropy(model(x).flatten(0, 1).float(), x.flatten(0, 1))
+        seen, todo = set(), [loss.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is not None and node not in seen:
+                seen.add(node)
+                todo.extend(f for f, _ in node.next_functions)
+        counts.append((mode.calls, len(seen)))
+    (c1, n1), (c2, n2) = counts
+    assert (c2 - c1, n2 - n1) == (host.BLOCK_CALLS, host.BLOCK_NODES)
+    assert (c1 - host.BLOCK_CALLS, n1 - host.BLOCK_NODES) == (host.HEAD_CALLS, host.HEAD_NODES)

@@ -44,6 +44,23 @@ class Accelerator:
     # in Megatron-LM / torchtitan memory snapshots on H100. The cpu device: the rank process's resident
     # size before training (Python, torch, gloo), measured by benchmarks/planner_vs_measured.py.
     reserved_gib: float = 2.5
+    # Host-bound execution (the cpu device; zero on GPUs, whose host work runs ahead of the device
+    # and is hidden behind it). Each is measured by benchmarks/planner_vs_measured.py's micro-benchmarks
+    # and priced against the engine's op counts (planner/host.py):
+    host_call_s: float = 0.0  # seconds per Python-level torch call in a forward (dispatch + autograd record)
+    host_node_s: float = 0.0  # seconds per autograd node run in the backward
+    dtensor_call_s: float = 0.0  # seconds per DTensor op, forward + its backward (sharding propagation)
+    fsdp_unit_s: float = 0.0  # seconds per FSDP2 unit per micro-batch: its hooks, copy-in/out, forward + backward
+    # Cores the node's ranks share (cpu device): ranks x threads beyond them time-share, and collectives
+    # (gloo: host copies and socket I/O) run on the same cores instead of overlapping compute. 0: not host-bound.
+    cores: int = 0
+    # Measured seconds of single [M,K]x[K,N] GEMMs, keyed by (M, N, K) (cpu device: small GEMMs are far
+    # from any roofline; benchmarks/planner_vs_measured.py times each shape compute.gemm_shapes lists).
+    gemm_table: dict | None = None
+
+    @property
+    def host_bound(self) -> bool:
+        return self.cores > 0
 
     def peak(self, precision: str) -> float:
         """Peak FLOP/s for ``precision`` (bf16 or fp8)."""
@@ -126,11 +143,14 @@ ACCELERATORS: dict[str, Accelerator] = {
     # A CPU "device" for the gloo test runs (fp32: the engine trains in fp32 on CPU): nominal figures for
     # a 2-core x86 runner (AVX2 FMA, 2 cores x 2.5 GHz x 32 fp32 FLOP/cycle = 160 GFLOP/s). gemm_eff,
     # attn_eff, mem_bw_gbs and reserved_gib here are nominal; benchmarks/planner_vs_measured.py replaces
-    # them with what its micro-benchmark measures on the machine at hand (cpu_from_measurement).
+    # them with what its micro-benchmark measures on the machine at hand (cpu_from_measurement), as it does
+    # the host costs (host_call_s ... fsdp_unit_s: nominal orders of magnitude here, from one run of those
+    # micro-benchmarks on the 2-core runner) and the gloo link (nvlink_busbw_gbs, intra_lat_us).
     "cpu": Accelerator(
         name="cpu", peak_tflops={"bf16": 0.16, "fp32": 0.16}, mem_gib=24, mem_bw_gbs=20, gemm_eff=0.3,
         attn_eff=0.15, nvlink_busbw_gbs=5, nic_gbs=1, sms=2, power_w=65, intra_lat_us=50, inter_lat_us=100,
-        reserved_gib=0.35, hbm_eff=1.0,
+        reserved_gib=0.35, hbm_eff=1.0, host_call_s=5e-6, host_node_s=5e-6, dtensor_call_s=150e-6,
+        fsdp_unit_s=2e-3, cores=2,
     ),
 }
 

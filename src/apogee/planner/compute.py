@@ -167,6 +167,10 @@ def gemm_time(M: float, N: float, K: float, acc: Accelerator, peak: float, batch
     store of C) makes the A100 rows worse (MAE 2.5% -> 7.6% / 5.0%) and moves the H100 rows by
     less than 2 points: the shapes in the published runs are all far above the ridge point.
     """
+    if acc.gemm_table is not None:
+        measured = acc.gemm_table.get((round(M), round(N), round(K)))
+        if measured is not None:
+            return batch * measured
     t_core, t_mem = _gemm_parts(M, N, K, acc, peak, batch, elem_bytes, core_eff(acc, peak, elem_bytes))
     return max(t_core, t_mem)
 
@@ -196,6 +200,39 @@ def moe_layer_times(m: ModelShape, tp: int, cp: int, ep: int, mb: int, sp: bool,
     return _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, moe=True)
 
 
+def _attn_gemms(m: ModelShape, tokens: float, tp: int) -> list[tuple[float, float, float]]:
+    """The attention block's forward GEMMs [M, N, K]: fused or separate Q/K/V, then the output projection."""
+    h = m.hidden
+    if m.fused_gemms:
+        qkv = [(tokens, (h + 2 * m.kv_dim) / tp, h)]
+    else:
+        qkv = [(tokens, h / tp, h), (tokens, m.kv_dim / tp, h), (tokens, m.kv_dim / tp, h)]
+    return qkv + [(tokens, h, h / tp)]
+
+
+def _mlp_gemms(m: ModelShape, tokens: float, f: float, tp: int) -> list[tuple[float, float, float]]:
+    """A dense MLP's forward GEMMs (GeLU: fc1, fc2; SwiGLU: gate and up, fused or not, then down)."""
+    ups = m.mlp_mats - 1
+    if m.fused_gemms or ups == 1:
+        up = [(tokens, ups * f / tp, m.hidden)]
+    else:
+        up = [(tokens, f / tp, m.hidden)] * ups
+    return up + [(tokens, m.hidden, f / tp)]
+
+
+def gemm_shapes(m: ModelShape, tp: int, cp: int, mb: int) -> set[tuple[int, int, int]]:
+    """Every (M, N, K) the cost model prices for a dense layer and the output layer at this layout:
+    forward, input-gradient and weight-gradient shapes (what a measured gemm_table must hold)."""
+    tokens = mb * m.seq_len / cp
+    f = m.ffn_hidden
+    fwd = _attn_gemms(m, tokens, tp) + _mlp_gemms(m, tokens, f, tp)
+    out = set()
+    for M, N, K in fwd:
+        out |= {(M, N, K), (M, K, N), (K, N, M)}
+    out |= {(tokens, m.vocab / tp, m.hidden)}
+    return {(round(M), round(N), round(K)) for M, N, K in out}
+
+
 def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe):
     peak = acc.peak(precision)
     eb = ELEM_BYTES.get(precision, 2)
@@ -204,10 +241,7 @@ def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe):
         return _gemm_time(M, N, K, acc, peak, batch, elem_bytes=eb)
     tokens = mb * m.seq_len / cp
     h = m.hidden
-    gemms = [
-        (tokens, (h + 2 * m.kv_dim) / tp, h),  # qkv
-        (tokens, h, h / tp),  # attention output projection
-    ]
+    gemms = _attn_gemms(m, tokens, tp)
     if moe:
         # Routed experts: each EP rank runs experts/ep experts on ~tokens*top_k*... tokens; the FLOPs
         # equal top_k dense MLPs of moe_ffn_hidden. Grouped GEMM per expert of tokens*top_k/experts*ep rows.
@@ -225,7 +259,7 @@ def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe):
     else:
         moe_t = 0.0
         f = m.ffn_hidden
-        gemms += [(tokens, (m.mlp_mats - 1) * f / tp, h), (tokens, h, f / tp)]
+        gemms += _mlp_gemms(m, tokens, f, tp)
     t_gemm = sum(gemm_time(M, N, K, acc, peak) for M, N, K in gemms) + moe_t
     # Backward: for a forward [M,K]x[K,N], the input gradient is [M,N]x[N,K] (reduction depth N) and
     # the weight gradient [K,M]x[M,N] (reduction depth M = the micro-batch's tokens); same FLOPs, other

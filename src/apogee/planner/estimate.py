@@ -9,6 +9,7 @@ from apogee.planner import comms
 from apogee.planner.cluster import GIB, Cluster
 from apogee.planner.compute import hbm_bytes_per_s, layer_times, logits_times, moe_layer_times
 from apogee.planner.errors import PlannerError
+from apogee.planner.host import host_microbatch_s, host_step_s, oversubscription
 from apogee.planner.memory import MemoryBreakdown, memory_per_gpu, stage_params
 from apogee.planner.schedule import bubble_fraction, bubble_slots
 from apogee.planner.spec import Layout, ModelShape, RunSpec
@@ -121,14 +122,23 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     f_stage = (Ls - n_moe) * fd + n_moe * fm
     b_stage = (Ls - n_moe) * bd + n_moe * bm
     lf, lb = logits_times(m, t, lay.cp, mb, acc, run.precision)
+    # Host-bound devices (cpu): dispatch/autograd/DTensor/FSDP host work joins the compute, and all of
+    # it slows down when the node's ranks x threads exceed its cores.
+    fsdp = lay.zero >= 3 and lay.dp * lay.cp > 1
+    ranks_node = min(cl.gpus, cl.gpus_per_node)
+    share = oversubscription(acc, ranks_node)
+    if acc.host_bound:
+        f_stage = (f_stage + host_microbatch_s(m, lay, acc, Ls, fsdp)) * share
+        b_stage *= share
+        lf, lb = lf * share, lb * share
 
     # --- communication per micro-batch per stage ------------------------------------------------
-    act_bytes = tokens * m.hidden * 2
+    act_bytes = tokens * m.hidden * (4 if run.precision == "fp32" else 2)
     tp_link = comms.axis_link(lay, "tp", cl)
     n_tp = 4 + (2 if lay.recompute == "full" else 0)  # 2 fwd + 2 bwd (+2 in the recomputed forward)
     tp_comm = Ls * n_tp * comms.all_reduce(act_bytes, t, tp_link)
     tp_comm += 2 * comms.all_reduce(act_bytes, t, tp_link) if t > 1 else 0.0  # embedding / logits boundaries
-    if lay.tp_overlap:
+    if lay.tp_overlap and not acc.host_bound:
         tp_exposed = max(0.0, tp_comm - 0.5 * (f_stage + b_stage)) + TP_OVERLAP_RESIDUAL * tp_comm
     else:
         tp_exposed = tp_comm
@@ -178,14 +188,24 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
         grad_rs = comms.reduce_scatter(GRAD_REDUCE_BYTES * params_rank, shard, dp_link)
         param_ag = comms.all_gather(2 * params_rank, shard, dp_link)
         if lay.zero >= 3:
-            # FSDP: gather weights before each micro-batch's forward and backward, reduce-scatter grads
-            # after each backward, prefetched behind the neighbouring layers' compute.
-            per_micro = 2 * param_ag + grad_rs
-            dp_comm = n_micro * per_micro
-            dp_exposed = n_micro * max(0.0, per_micro - (f_stage + b_stage)) + param_ag / max(1, Ls)
+            # FSDP2: gather weights before each micro-batch's forward and again for its backward, one
+            # unit (block) at a time; reduce-scatter the gradients once, after the last micro-batch
+            # (apogee.train.trainer turns gradient sync off before it). Prefetched behind the
+            # neighbouring blocks' compute on GPUs; on a host-bound device gloo's copies and socket
+            # I/O run on the rank's own cores and the latency is paid per unit.
+            units = Ls + 1
+            param_ag = comms.all_gather(2 * params_rank * (2 if run.precision == "fp32" else 1), shard, dp_link)
+            if acc.host_bound:
+                param_ag += (units - 1) * (shard - 1) * dp_link.latency
+                grad_rs += (units - 1) * (shard - 1) * dp_link.latency
+            dp_comm = n_micro * 2 * param_ag + grad_rs
+            if acc.host_bound:
+                dp_exposed = dp_comm
+            else:
+                dp_exposed = n_micro * max(0.0, 2 * param_ag - (f_stage + b_stage)) + param_ag / max(1, Ls) + grad_rs / max(1, Ls)
         else:
             dp_comm = grad_rs + param_ag
-            if lay.dp_overlap:
+            if lay.dp_overlap and not acc.host_bound:
                 # Gradient buckets reduce during the last micro-batch's backward; the parameter
                 # all-gather overlaps the next step's first forward (Megatron-LM distributed optimizer).
                 dp_exposed = max(0.0, grad_rs - b_stage) + max(0.0, param_ag - f_stage) + grad_rs / max(1, Ls)
@@ -193,6 +213,12 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
                 dp_exposed = dp_comm
     local_params = params_rank / (shard if lay.zero >= 1 else 1)
     t_opt = (ADAM_BYTES_PER_PARAM * local_params + GRAD_ZERO_BYTES_PER_PARAM * params_rank) / hbm_bytes_per_s(acc)
+    if acc.host_bound:
+        t_opt = (t_opt + host_step_s(m, lay, acc, Ls)) * share
+        # Small latency-bound collectives every step: the loss mean over data ranks and the global
+        # gradient norm, plus (sequence parallel) one all-reduce per norm gain's partial gradient.
+        small = (1 if shard > 1 else 0) + (1 if cl.gpus > 1 else 0) + ((2 * Ls + 1) if sp and t > 1 else 0)
+        t_opt += small * comms.all_reduce(8, max(2, min(cl.gpus, ranks_node)), comms.axis_link(lay, "tp", cl, size=2, stride=1))
 
     step = t_pipe + dp_exposed + t_opt
     tokens_step = run.global_batch * m.seq_len

@@ -32,6 +32,9 @@ class ModelShape:
     shared_experts: int = 0
     moe_ffn_hidden: int = 0
     dense_layers: int = 0
+    # Fused Q/K/V and gate/up GEMMs (Megatron-LM) or separate ones (apogee's Llama: wq, wk, wv and w1,
+    # w3): same FLOPs, other shapes.
+    fused_gemms: bool = True
     flavor: str | None = None
 
     def __post_init__(self) -> None:
@@ -142,7 +145,7 @@ def shape_from_args(m: ModelArgs, *, flavor: str | None = None, seq_len: int | N
         layers=m.n_layers, hidden=m.dim, heads=m.n_heads, kv_heads=m.n_kv_heads, ffn_hidden=m.ffn_hidden,
         vocab=vocab or m.vocab_size or 32000, seq_len=seq_len or m.max_seq_len, tie_embeddings=m.tie_embeddings,
         experts=m.experts, top_k=m.top_k, shared_experts=m.shared_experts, moe_ffn_hidden=m.moe_ffn_hidden,
-        dense_layers=m.dense_layers, flavor=flavor,
+        dense_layers=m.dense_layers, fused_gemms=False, flavor=flavor,
     )
 
 

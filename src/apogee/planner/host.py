@@ -1,0 +1,72 @@
+"""Host-side cost of a step on a host-bound device (the cpu device): op dispatch, autograd, DTensor, FSDP2.
+
+On a GPU the host enqueues kernels ahead of the device and this work hides behind it (its accelerators
+carry zero costs). On CPU ranks every Python-level torch call, autograd node, DTensor sharding
+propagation and FSDP2 hook runs on the same cores as the math, and for small models it is most of
+the step. The cost model is count x unit cost: the counts below are the engine's own (apogee's Llama
+block, torchtitan-style TP plan, FSDP2 per block), the unit costs come from micro-benchmarks of one
+primitive each (benchmarks/planner_vs_measured.py: a chain of tiny ops forward + backward, a chain of
+DTensor ops, one FSDP2 unit around a tiny Linear).
+"""
+
+from __future__ import annotations
+
+from apogee.planner.cluster import Accelerator
+from apogee.planner.spec import Layout, ModelShape
+
+# apogee.models.llama, counted with a TorchFunctionMode (forward calls) and a walk of the autograd
+# graph (backward nodes); tests/unit/test_planner.py re-counts them from the model so they cannot drift.
+#   one TransformerBlock: 65 torch calls forward (2 RMSNorms, 7 Linears, 2 rotaries, SDPA, SwiGLU,
+#   residuals, views), 82 autograd nodes;
+#   the rest of the model (embedding, final norm, output layer, fp32 cast, cross-entropy): 11 / 17.
+BLOCK_CALLS, BLOCK_NODES = 65, 82
+HEAD_CALLS, HEAD_NODES = 11, 17
+# Tensor parallelism (apogee.parallel.tensor, sequence parallel, tp=2), per block and per micro-batch,
+# counted the same way in a gloo run: 45 torch calls on DTensors (norms and residuals on Shard(1)
+# activations, the DTensor weights of the 7 Linears, PrepareModuleInput) and 59 more plain calls
+# (to_local/from_local wrappers, redistribute internals). The embedding/output boundary counts as one
+# more block.
+TP_DTENSOR_CALLS, TP_PLAIN_CALLS = 45, 59
+# Per step, after the micro-batches: gradient clipping walks every parameter (to_local, float, pow,
+# sum, divide, add: 6 calls each); AdamW(foreach) runs ~12 calls per parameter group (2 groups).
+CLIP_CALLS_PER_TENSOR = 6
+OPT_CALLS = 24
+TENSORS_PER_BLOCK = 9  # 7 Linear weights, 2 RMSNorm gains
+TENSORS_HEAD = 3  # embedding, final norm, output (untied)
+
+
+def host_microbatch_s(m: ModelShape, lay: Layout, acc: Accelerator, layers: int, fsdp: bool) -> float:
+    """Host seconds of one micro-batch's forward + backward on a rank holding ``layers`` blocks."""
+    if not acc.host_bound:
+        return 0.0
+    per_call = acc.host_call_s
+    t = (layers * BLOCK_CALLS + HEAD_CALLS) * per_call + (layers * BLOCK_NODES + HEAD_NODES) * acc.host_node_s
+    if lay.tp > 1:
+        # Each plain wrapper call also leaves about one autograd node behind.
+        t += (layers + 1) * (TP_DTENSOR_CALLS * acc.dtensor_call_s + TP_PLAIN_CALLS * (per_call + acc.host_node_s))
+    if fsdp:
+        t += (layers + 1) * acc.fsdp_unit_s  # every block is a unit, and the root holds the rest
+    return t
+
+
+def host_step_s(m: ModelShape, lay: Layout, acc: Accelerator, layers: int) -> float:
+    """Host seconds of the per-step work outside the micro-batches: clipping and the optimizer's calls."""
+    if not acc.host_bound:
+        return 0.0
+    tensors = layers * TENSORS_PER_BLOCK + TENSORS_HEAD
+    sharded = lay.tp > 1 or (lay.zero >= 3 and lay.dp * lay.cp > 1)  # parameters are DTensors
+    if sharded:
+        # Clipping unwraps each gradient once (to_local, a DTensor call) and works on the local shard.
+        clip = tensors * (acc.dtensor_call_s + (CLIP_CALLS_PER_TENSOR - 1) * acc.host_call_s)
+        return clip + OPT_CALLS * acc.dtensor_call_s
+    return (tensors * CLIP_CALLS_PER_TENSOR + OPT_CALLS) * acc.host_call_s
+
+
+def oversubscription(acc: Accelerator, ranks_per_node: int) -> float:
+    """How much slower a rank's host work runs because the node's ranks share its cores: each rank
+    gets max(1, cores // ranks) threads (apogee.train.trainer), and ranks x threads beyond the cores
+    time-share them."""
+    if not acc.host_bound:
+        return 1.0
+    threads = max(1, acc.cores // max(1, ranks_per_node))
+    return max(1.0, ranks_per_node * threads / acc.cores)
