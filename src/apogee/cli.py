@@ -74,6 +74,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     except JobFailed as exc:
         print(f"apogee: error: {exc}", file=sys.stderr)
         return 1
+    if result.exclusion and result.exclusion["self_node"] == result.exclusion["node"]:
+        print(f"\nthis node left the job at step {result.step} (straggler rank {result.exclusion['rank']} excluded); "
+              f"run directory: {result.run_dir}")
+        return 0
     print(f"\nrun directory: {result.run_dir} (events: {Path(result.run_dir) / 'events.jsonl'})")
     print(f"final step {result.step}: train loss {_fmt(result.train_loss)}, val loss {_fmt(result.val_loss)}")
     return 0
