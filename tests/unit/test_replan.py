@@ -101,3 +101,18 @@ def test_shrink_decision(tmp_path):
 def test_exclude_stragglers_is_accepted():
     cfg = load_config(None, {"resilience": {"exclude_stragglers": True}})
     assert cfg.resilience.exclude_stragglers is True
+
+
+def test_peer_medians_equal_the_naive_median():
+    """Every rank now scores every rank each step: the one-sort peer medians must be exactly the
+    per-rank medians of the others (the exclusion decision depends on them bit for bit)."""
+    import random
+    import statistics
+
+    from apogee.resilience.stragglers import peer_medians
+
+    rng = random.Random(0)
+    for n in range(2, 20):
+        for _ in range(50):
+            times = [rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(n)]
+            assert peer_medians(times) == [statistics.median(times[:r] + times[r + 1:]) for r in range(n)]

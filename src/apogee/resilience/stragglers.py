@@ -29,10 +29,13 @@ def peer_medians(times: list[float]) -> list[float]:
     m = len(times) - 1  # peers per rank
     out = [0.0] * len(times)
     for pos, rank in enumerate(order):
-        def peer(j: int) -> float:  # the j-th smallest peer: skip this rank's own place
-            return ranked[j if j < pos else j + 1]
-
-        out[rank] = peer(m // 2) if m % 2 else (peer(m // 2 - 1) + peer(m // 2)) / 2
+        # The j-th smallest peer is ranked[j], or ranked[j + 1] from this rank's own place on.
+        hi = ranked[m // 2 if m // 2 < pos else m // 2 + 1]
+        if m % 2:
+            out[rank] = hi
+        else:
+            lo = ranked[m // 2 - 1 if m // 2 - 1 < pos else m // 2]
+            out[rank] = (lo + hi) / 2
     return out
 
 

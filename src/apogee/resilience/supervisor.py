@@ -85,7 +85,10 @@ class RendezvousStore:
         from datetime import timedelta
 
         from torch.distributed import TCPStore
-        from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname, parse_rendezvous_endpoint
+        from torch.distributed.elastic.rendezvous.utils import (
+            _matches_machine_hostname,
+            parse_rendezvous_endpoint,
+        )
 
         self.store = None
         host, port = parse_rendezvous_endpoint(endpoint, default_port=29400)
