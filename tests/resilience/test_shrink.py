@@ -59,9 +59,10 @@ def test_shrink_4_to_2_ranks_replans_and_keeps_the_data_order(tmp_path, cache_di
     [exclusion] = kinds("exclusion")
     [replanned] = kinds("replanned")
     assert (straggler["rank"], straggler["node"]) == (3, 1), straggler
-    assert (exclusion["rank"], exclusion["node"], exclusion["world_after"]) == (3, 1, 2), exclusion
+    assert (exclusion["rank"], exclusion["node"], exclusion["ranks"], exclusion["world_after"]) == (3, 1, [2, 3], 2)
     assert replanned["world"] == 2 and replanned["excluded"][0]["rank"] == 3 and replanned["excluded"][0]["node"] == 1
     assert replanned["after"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 2}, replanned
+    assert replanned["dropped_faults"] == ["slow:rank=3,factor=4"]
     assert len(kinds("node_left")) == 1 and len(kinds("shrink")) == 1 and len(kinds("job_finished")) == 1
     step = exclusion["step"]
     assert 1 < step < STEPS

@@ -3,6 +3,8 @@ exclusion decision every rank takes from the gathered table, and the config key.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from apogee.config import ConfigError, load_config
@@ -64,6 +66,17 @@ def test_fit_world_replans_only_elastic_jobs_and_drops_gone_ranks_faults():
     assert fields["global_batch"] == 8 and fields["dropped_faults"] == ["slow:rank=3,factor=3"]
     assert len(lines) == 1 and "re-planned as tp2" in lines[0]
 
+    # Node 0 (ranks 0, 1) left: its drills leave with it, though ranks 0 and 1 exist again (new processes).
+    gone = Elastic(1, 2, ({"rank": 1, "node": 0, "ranks": [0, 1]},))
+    cfg = cfg_with({"dp_shard": 2, "tp": 2}, resilience={"inject": ["slow:rank=1,factor=3", "nan:step=9"]})
+    new_cfg, _ = fit_world(cfg, 2, elastic=gone, log=lines.append)
+    assert new_cfg.resilience.inject == ("nan:step=9",)
+    # The ranks inject from the original list (its positions name the fire-once markers), skipping them.
+    from apogee.resilience.faults import FaultInjector
+
+    injector = FaultInjector(cfg.resilience.inject, rank=1, run_dir=Path("/nonexistent"), skip_ranks=gone.gone_ranks)
+    assert [(f.index, f.kind) for f in injector.faults] == [(1, "nan")]
+
 
 def _shrink(tmp_path, elastic, *, world=4, replans=lambda w: None):
     events, lines = [], []
@@ -77,7 +90,8 @@ def test_shrink_decision(tmp_path):
     s, events, _ = _shrink(tmp_path, Elastic(1, 2))
     s.consider(6, found, nodes=[0, 0, 1, 1])
     assert s.pending["rank"] == 3 and s.pending["node"] == 1
-    assert (s.pending["world_after"], s.pending["nodes_after"]) == (2, 1) and events == []
+    assert (s.pending["world_after"], s.pending["nodes_after"], s.pending["ranks"]) == (2, 1, [2, 3])
+    assert events == []
     record = s.leave(6, tmp_path / "step-6")
     assert record["self_node"] == 0 and events[0][0] == "exclusion" and events[0][1]["node"] == 1
 

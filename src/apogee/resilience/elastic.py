@@ -36,6 +36,11 @@ class Elastic:
     excluded: tuple = field(default_factory=tuple)  # the exclusions so far, oldest first (dicts)
 
     @property
+    def gone_ranks(self) -> frozenset[int]:
+        """Ranks (as numbered when excluded) whose node left: their fault drills leave with them."""
+        return frozenset(r for ex in self.excluded for r in ex.get("ranks", ()))
+
+    @property
     def is_elastic(self) -> bool:
         """May the world differ from the configured layout (and then be re-planned)?"""
         return self.max_nodes > self.min_nodes
@@ -89,6 +94,7 @@ class Shrink:
                     self.log(f"straggler rank {found['rank']} is not excluded: {why}; training goes on with it")
             return
         self.pending = {"rank": found["rank"], "node": node, "host": host_of(self.run_dir, found["rank"]),
+                        "ranks": [r for r, n in enumerate(nodes) if n == node],
                         "step": step, "vs_peers": found["vs_peers"], "nodes_before": count,
                         "nodes_after": count - 1, "world_before": self.world, "world_after": remaining}
 

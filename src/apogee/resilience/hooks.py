@@ -37,7 +37,8 @@ class RankHooks:
                                             consecutive=resilience.straggler_steps if resilience else 5)
         self.events = EventLog(run_dir, source=f"rank{rank}")
         self.heartbeat = Heartbeat(run_dir, rank=rank, world=world)
-        self.faults = FaultInjector(inject, rank=rank, run_dir=run_dir, events=self.events, log=log)
+        self.faults = FaultInjector(inject, rank=rank, run_dir=run_dir, events=self.events, log=log,
+                                    skip_ranks=elastic.gone_ranks if elastic else frozenset())
         self.attempt = attempt()
         self._stepped = False
         self.shrink = Shrink(run_dir, enabled=bool(resilience and resilience.exclude_stragglers), elastic=elastic,

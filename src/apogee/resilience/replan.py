@@ -17,8 +17,8 @@ is split, so the global batch, the data order and the loss curve continue as bef
 reduction order of the data-parallel sum). The result is checked by ``apogee.config.validate``,
 the same check ``apogee train`` applies, so the engine never meets a layout it rejects.
 
-Only ``[parallel]`` changes (plus ``pp_microbatches`` back to automatic and fault drills that name
-a rank the smaller world no longer has): the global batch, micro-batch and seed stay, so the
+Only ``[parallel]`` changes (plus ``pp_microbatches`` back to automatic, and fault drills that name
+an excluded rank or one the smaller world no longer has): the global batch, micro-batch and seed stay, so the
 resumed job takes exactly the batches the larger one would have taken.
 """
 
@@ -55,21 +55,19 @@ def _distance(old: dict[str, int], new: dict[str, int]) -> tuple:
             tuple(-new[a] for a in MODEL_AXES))  # ties: the larger model-parallel degree (tp, cp, pp)
 
 
-def for_world(cfg: Config, world: int) -> Config:
-    """The config with fault drills that name ranks outside ``world`` left out (their chip is
-    gone) and, under pp, the micro-batch count back to automatic."""
-    inject = tuple(spec for spec, fault in zip(cfg.resilience.inject, parse_faults(cfg.resilience.inject))
-                   if fault.rank < world)
-    changes: dict = {}
-    if inject != tuple(cfg.resilience.inject):
-        changes["resilience"] = {"inject": list(inject)}
-    return cfg.replace(**changes) if changes else cfg
+def for_world(cfg: Config, world: int, gone: frozenset[int] = frozenset()) -> Config:
+    """The config without the fault drills that name an excluded rank (``gone``: that chip left with
+    its node) or a rank outside ``world``. The ranks keep injecting from the original list (its
+    positions name the fire-once markers, ``faults.py``), skipping the same drills."""
+    specs = cfg.resilience.inject
+    inject = [spec for spec, fault in zip(specs, parse_faults(specs)) if fault.rank < world and fault.rank not in gone]
+    return cfg if len(inject) == len(specs) else cfg.replace(resilience={"inject": inject})
 
 
-def replan(cfg: Config, world: int) -> tuple[Config, ParallelConfig]:
+def replan(cfg: Config, world: int, gone: frozenset[int] = frozenset()) -> tuple[Config, ParallelConfig]:
     """The config re-planned for ``world`` ranks and its resolved layout (see the module doc).
     Raises ``ConfigError`` (one line, naming what to change) when no layout fits."""
-    cfg = for_world(cfg, world)
+    cfg = for_world(cfg, world, gone)
     p = cfg.parallel
     old = {a: max(v, 1) for a, v in p.degrees().items()}  # dp_shard=-1 (fill) plays no part in the distance
     candidates = sorted((dict(zip(AXES, c)) for c in _factorisations(world, len(AXES))),
@@ -93,12 +91,16 @@ def layout_name(parallel: ParallelConfig) -> str:
 
 def fit_world(cfg: Config, world: int, *, elastic=None, log: Callable[[str], None] = print,
               events: Callable[..., object] | None = None) -> tuple[Config, ParallelConfig]:
-    """Called by every rank at start: the config and layout to run ``world`` ranks with.
+    """Called by every rank at start: the config and layout to run ``world`` ranks with (the fault
+    drills of excluded ranks left out, see ``for_world``).
 
     The configured layout when it fits; otherwise, in an elastic job (``elastic``: the
     ``elastic.Elastic`` that ``apogee launch --nnodes MIN:MAX`` with MIN < MAX hands its ranks), the
     re-planned one, announced in one log line and a ``replanned`` event that names the exclusions
     that shrank the world. A fixed-size job keeps the configured layout's error."""
+    original = cfg
+    if elastic is not None and elastic.gone_ranks:
+        cfg = for_world(cfg, world, elastic.gone_ranks)  # an excluded chip's drills left with it
     try:
         return cfg, validate(cfg, world)
     except ConfigError:
@@ -114,7 +116,7 @@ def fit_world(cfg: Config, world: int, *, elastic=None, log: Callable[[str], Non
     if events is not None:
         events("replanned", world=world, before=before, after=parallel.degrees(), layout=layout_name(parallel),
                global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
-               dropped_faults=sorted(set(cfg.resilience.inject) - set(new_cfg.resilience.inject)),
+               dropped_faults=sorted(set(original.resilience.inject) - set(new_cfg.resilience.inject)),
                excluded=list(elastic.excluded))
     return new_cfg, parallel
 
