@@ -74,6 +74,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     except JobFailed as exc:
         print(f"apogee: error: {exc}", file=sys.stderr)
         return 1
+    if result.exclusion and result.exclusion["self_node"] == result.exclusion["node"]:
+        print(f"\nthis node left the job at step {result.step} (straggler rank {result.exclusion['rank']} excluded); "
+              f"run directory: {result.run_dir}")
+        return 0
     print(f"\nrun directory: {result.run_dir} (events: {Path(result.run_dir) / 'events.jsonl'})")
     print(f"final step {result.step}: train loss {_fmt(result.train_loss)}, val loss {_fmt(result.val_loss)}")
     return 0
@@ -126,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a job through torchrun's elastic agent (c10d rendezvous) and supervise it: a rank "
         "that dies restarts all ranks from the latest durable checkpoint (up to resilience.max_restarts); "
         "no heartbeat for resilience.hang_timeout_s is a hang: every rank's stack is dumped, a diagnosis "
-        "written to RUN_DIR/diagnosis/, and the ranks restarted. Events go to RUN_DIR/events.jsonl.",
+        "written to RUN_DIR/diagnosis/, and the ranks restarted. With resilience.exclude_stragglers=true and "
+        "--nnodes MIN:MAX, a straggler's node leaves after a checkpoint and the other nodes go on with a "
+        "re-planned layout. Events go to RUN_DIR/events.jsonl.",
     )
     launch.add_argument("config", help="TOML file or preset name")
     launch.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")

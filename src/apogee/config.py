@@ -136,9 +136,13 @@ class ResilienceConfig:
     anomaly_warmup: int = 10
     max_anomalies: int = 3
     # Stragglers (apogee/resilience/stragglers.py): own compute above straggler_factor x the peers'
-    # median for straggler_steps steps in a row is reported. exclude_stragglers: not implemented yet.
+    # median for straggler_steps steps in a row is reported.
     straggler_factor: float = 1.3
     straggler_steps: int = 5
+    # Elastic shrink (apogee/resilience/elastic.py): a reported straggler's node leaves the job after a
+    # durable checkpoint; the other nodes re-rendezvous (apogee launch --nnodes MIN:MAX), re-plan the
+    # layout for the smaller world (resilience/replan.py) and resume with the same global batch.
+    # A job that cannot shrink (one node, MIN nodes, no layout fits) says so once and keeps the rank.
     exclude_stragglers: bool = False
 
 
@@ -422,8 +426,6 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelConfig:
         raise ConfigError("resilience.anomaly_warmup must be >= 0 and resilience.max_anomalies >= 1")
     if r.straggler_factor <= 1 or r.straggler_steps < 1:
         raise ConfigError("resilience.straggler_factor must be > 1 and resilience.straggler_steps >= 1")
-    if r.exclude_stragglers:
-        raise ConfigError("resilience.exclude_stragglers (elastic shrink without a straggler's node) is not implemented yet")
     from apogee.resilience.faults import parse_faults  # plain Python, no torch
 
     try:

@@ -21,9 +21,9 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def run_rank(cfg: Config) -> TrainResult:
-    """The entry point of every rank."""
-    return Trainer(cfg).fit()
+def run_rank(cfg: Config, elastic=None) -> TrainResult:
+    """The entry point of every rank (``elastic``: apogee launch's ``resilience.elastic.Elastic``)."""
+    return Trainer(cfg, elastic).fit()
 
 
 def launch_local(cfg: Config, nproc: int) -> TrainResult:

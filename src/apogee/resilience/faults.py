@@ -116,8 +116,9 @@ class FaultInjector:
     """Called as ``injector(point, step, **ctx)``; fires this rank's faults planned for that point."""
 
     def __init__(self, specs, *, rank: int, run_dir: Path, events: Callable[..., object] | None = None,
-                 log: Callable[[str], None] | None = None):
-        self.faults = [f for f in parse_faults(specs) if f.rank in (rank, -1)]
+                 log: Callable[[str], None] | None = None, skip_ranks: frozenset[int] = frozenset()):
+        # skip_ranks: ranks an elastic shrink excluded; drills naming them left with their node.
+        self.faults = [f for f in parse_faults(specs) if f.rank in (rank, -1) and f.rank not in skip_ranks]
         self.rank = rank
         self.dir = Path(run_dir) / "faults"
         self.events = events or (lambda kind, **fields: None)

@@ -9,7 +9,8 @@ only launches kernels, the trainer falls back to wall time, which includes those
 right measure is the kernels' own time, e.g. from CUPTI; not done yet.)
 
 The times travel in the step's one small collective (``hooks.RankHooks.check_step``), so every rank
-sees all of them; rank 0 reports. A rank is scored against the median of its peers (``vs_peers``)
+sees all of them and scores them (the same verdict everywhere, which an elastic shrink needs);
+rank 0 reports. A rank is scored against the median of its peers (``vs_peers``)
 and against its own baseline (the median of its first scored steps, ``vs_own``); ``vs_peers`` above
 ``factor`` for ``consecutive`` steps in a row is a straggler: one ``straggler`` event and one log
 line, again only after the rank recovered and slowed down anew.
@@ -18,6 +19,24 @@ line, again only after the rank recovered and slowed down anew.
 from __future__ import annotations
 
 import statistics
+
+
+def peer_medians(times: list[float]) -> list[float]:
+    """For each rank, the median of the others' times: one sort, O(n log n) for the whole world
+    (every rank scores every rank each step, so not O(n^2))."""
+    order = sorted(range(len(times)), key=times.__getitem__)
+    ranked = [times[i] for i in order]
+    m = len(times) - 1  # peers per rank
+    out = [0.0] * len(times)
+    for pos, rank in enumerate(order):
+        # The j-th smallest peer is ranked[j], or ranked[j + 1] from this rank's own place on.
+        hi = ranked[m // 2 if m // 2 < pos else m // 2 + 1]
+        if m % 2:
+            out[rank] = hi
+        else:
+            lo = ranked[m // 2 - 1 if m // 2 - 1 < pos else m // 2]
+            out[rank] = (lo + hi) / 2
+    return out
 
 
 class StragglerDetector:
@@ -39,8 +58,9 @@ class StragglerDetector:
         if self.seen <= self.skip_first or len(times) < 2:
             return []
         found = []
+        medians = peer_medians(times)
         for rank, t in enumerate(times):
-            peers = statistics.median(times[:rank] + times[rank + 1 :])
+            peers = medians[rank]
             vs_peers = t / peers if peers > 0 else 1.0
             own = self.baseline[rank]
             if len(own) < self.baseline_steps:

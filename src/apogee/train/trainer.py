@@ -21,7 +21,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from apogee.checkpoint.dcp import Checkpointer, config_hash, latest_checkpoint
 from apogee.checkpoint.snapshot import MemorySnapshots
-from apogee.config import Config, validate, write_config
+from apogee.config import Config, write_config
 from apogee.data.prepare import PreparedCorpus, prepare_corpus
 from apogee.data.sampler import Batch, TrainSampler, split_tokens, val_batches
 from apogee.models.init import init_weights
@@ -30,6 +30,7 @@ from apogee.parallel.apply import parallelize_stages
 from apogee.parallel.context import load_balanced_positions
 from apogee.parallel.mesh import Mesh
 from apogee.resilience.hooks import RankHooks
+from apogee.resilience.replan import fit_world, replan_problem
 from apogee.parallel.pipeline import Pipeline, stages_per_rank
 from apogee.telemetry.metrics import MetricsWriter, log, memory_gib
 from apogee.telemetry.mfu import peak_flops
@@ -74,12 +75,14 @@ class TrainResult:
     val_loss: float | None
     checkpoint: str | None
     stopped: str | None = None  # why the job stopped before train.steps (repeated anomalies)
+    exclusion: dict | None = None  # a straggler's node leaves (resilience/elastic.py): for the supervisor
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, elastic=None):
         self.cfg = cfg
         self.run_dir = cfg.run.path
+        self.elastic = elastic  # apogee launch's node range and exclusions (resilience/elastic.py), or None
 
     # ----------------------------------------------------------------------------------- build
     def build(self) -> None:
@@ -94,13 +97,17 @@ class Trainer:
         self.is_main = self.rank == 0
         # Heartbeats, events and the fault-drill hook (apogee/resilience): the trainer's one contact.
         self.hooks = RankHooks(self.run_dir, cfg.resilience.inject, rank=self.rank, world=self.world_size,
-                               log=lambda msg: log(msg), resilience=cfg.resilience, device=self.device)
+                               log=lambda msg: log(msg), resilience=cfg.resilience, device=self.device,
+                               elastic=self.elastic, replans=lambda world: replan_problem(cfg, world))
         self.hooks.beat("build", 0)
         if self.device.type == "cpu":
             # Ranks on one host share its cores; oversubscribed threads slow every rank down.
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
-        parallel = validate(cfg, self.world_size)
+        # An elastic job on another world size (after a shrink) re-plans the layout (resilience/replan.py).
+        self.cfg, parallel = fit_world(cfg, self.world_size, elastic=self.elastic, log=lambda msg: log(msg, enabled=self.is_main),
+                                       events=self.hooks.events if self.is_main else None)
+        cfg = self.cfg
         self.mesh = Mesh.build(parallel, self.device.type)
         self.grad_accum = cfg.train.global_batch // (cfg.train.micro_batch * parallel.dp)
         self.use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
@@ -371,7 +378,7 @@ class Trainer:
         cfg = self.cfg
         tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
         loss = val_loss = None
-        saved = stopped = None
+        saved = stopped = exclusion = None
         window_start, window_steps = time.perf_counter(), 0
         while self.step < cfg.train.steps:
             batch = self.sampler.next_batch(
@@ -417,11 +424,16 @@ class Trainer:
             if stopping:
                 log(f"stopping at step {self.step} (run.stop_at_step); run again to resume", enabled=self.is_main)
                 break
+            if self.hooks.shrink.pending and not last:  # a straggler's node leaves: durable checkpoint, exit
+                saved = saved if do_save else self.checkpoint()
+                self.checkpointer.wait()
+                exclusion = self.hooks.shrink.leave(self.step, saved)
+                break
         self.checkpointer.close()  # an async save in flight becomes durable before the job ends
         self.snapshots.close()  # and the RAM the in-memory snapshots hold is freed
         if saved is None and self.step > 0:
             saved = latest_checkpoint(self.run_dir / "checkpoints")
-        result = TrainResult(str(self.run_dir), self.step, loss, val_loss, str(saved) if saved else None, stopped)
+        result = TrainResult(str(self.run_dir), self.step, loss, val_loss, str(saved) if saved else None, stopped, exclusion)
         self.hooks.beat("done", self.step)
         if dist.is_initialized():
             dist.barrier()
