@@ -41,9 +41,8 @@ def test_replan_keeps_the_model_cut(parallel, world, want):
 
 def test_replan_with_no_fitting_layout_names_the_keys():
     # 3 ranks: tp=3 does not divide the 4 heads, dp=3 not the global batch of 8, cp=3 not seq_len 32,
-    # and pp=3 needs untied embeddings.
-    cfg = load_config(None, {**TINY, "model": {**TINY["model"], "tie_embeddings": "true"},
-                             "parallel": {"dp_shard": 2, "tp": 2}})
+    # and pp=3 under interleaved-1f1b needs 6 stages of the 4 layers.
+    cfg = load_config(None, {**TINY, "parallel": {"dp_shard": 2, "tp": 2, "pp_schedule": "interleaved-1f1b"}})
     with pytest.raises(ConfigError, match=r"no parallel layout fits the elastic world of 3 ranks.*parallel\.\*"):
         replan(cfg, 3)
     assert replan(cfg_with({"dp_shard": 2, "tp": 2}), 3)[1].pp == 3  # untied: 3 pipeline stages fit
