@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from typing import Any, Callable
 
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -30,6 +31,12 @@ def launch_local(cfg: Config, nproc: int) -> TrainResult:
     """Run ``nproc`` ranks on this host and return rank 0's result."""
     if nproc == 1:
         return run_rank(cfg)  # one process needs no process group, rendezvous or launcher
+    return launch_ranks(run_rank, cfg, nproc=nproc)[0]
+
+
+def launch_ranks(entry: Callable[..., Any], *args: Any, nproc: int) -> dict[int, Any]:
+    """Run ``entry(*args)`` on ``nproc`` spawned local ranks (c10d rendezvous on a free port, as
+    torchrun --standalone does); returns each rank's return value."""
     # The agent's INFO lines (rendezvous details) drown the training log; keep its warnings.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     launch = LaunchConfig(
@@ -38,10 +45,9 @@ def launch_local(cfg: Config, nproc: int) -> TrainResult:
         nproc_per_node=nproc,
         run_id=f"apogee-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone does
+        rdzv_endpoint="localhost:0",
         max_restarts=0,  # restarts belong to the orchestrator (apogee launch), not plain train
         monitor_interval=0.2,
         start_method="spawn",
     )
-    results = elastic_launch(launch, run_rank)(cfg)
-    return results[0]
+    return elastic_launch(launch, entry)(*args)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from apogee.launch import launch_local
 from apogee.train.trainer import Trainer
-from helpers import assert_matches_reference, read_metrics, tiny_config
+from helpers import assert_matches_reference, launch_in_groups, read_metrics, tiny_config
 
 LAYOUTS = {
     "fsdp2": ({"dp_shard": 2, "tp": 1}, {}),
@@ -35,11 +34,18 @@ def reference(tmp_path_factory, cache_dir):
     return out
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    """Every layout's run, those on the same number of ranks in one launch."""
+    dirs = {name: tmp_path_factory.mktemp(name) for name in LAYOUTS}
+    cfgs = {name: tiny_config(dirs[name], cache_dir, parallel=parallel, model=model)
+            for name, (parallel, model) in LAYOUTS.items()}
+    return dirs, launch_in_groups(cfgs)
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_matches_single_process(name, tmp_path, cache_dir, reference):
-    parallel, model = LAYOUTS[name]
-    cfg = tiny_config(tmp_path, cache_dir, parallel=parallel, model=model)
-    nproc = cfg.parallel.pp * cfg.parallel.dp_replicate * cfg.parallel.dp_shard * cfg.parallel.cp * cfg.parallel.tp
-    launch_local(cfg, nproc)
-    got, want = read_metrics(tmp_path), reference[model.get("tie_embeddings", "")]
+def test_layout_matches_single_process(name, runs, reference):
+    dirs, errors = runs
+    assert errors[name] is None, errors[name]
+    got, want = read_metrics(dirs[name]), reference[LAYOUTS[name][1].get("tie_embeddings", "")]
     assert_matches_reference(got, want, steps=10)

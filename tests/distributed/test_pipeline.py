@@ -15,7 +15,14 @@ from apogee.checkpoint.dcp import list_checkpoints
 from apogee.launch import launch_local
 from apogee.parallel.pipeline import available_schedules
 from apogee.train.trainer import Trainer
-from helpers import assert_matches_reference, checkpoint_params, full_state, read_metrics, tiny_config
+from helpers import (
+    assert_matches_reference,
+    checkpoint_params,
+    full_state,
+    launch_in_groups,
+    read_metrics,
+    tiny_config,
+)
 
 # Reading a checkpoint back in the test process is single-process DCP, which warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -23,26 +30,26 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 STEPS = 8
 EVAL = {"interval": 4, "batches": 1}
 
-# name: (parallel section, ranks). tiny: 4 layers; global batch 8, micro-batch 2.
+# name: parallel section (the ranks are its product). tiny: 4 layers; global batch 8, micro-batch 2.
 LAYOUTS = {
-    "pp2_gpipe": ({"pp": 2, "pp_schedule": "gpipe"}, 2),
-    "pp2_1f1b": ({"pp": 2, "pp_schedule": "1f1b"}, 2),
-    "pp2_interleaved": ({"pp": 2, "pp_schedule": "interleaved-1f1b", "pp_stages_per_rank": 2}, 2),
-    "pp2_zero_bubble": ({"pp": 2, "pp_schedule": "zero-bubble", "pp_stages_per_rank": 2}, 2),
-    "pp2_zbv": ({"pp": 2, "pp_schedule": "zbv"}, 2),
-    "pp2_dualpipev": ({"pp": 2, "pp_schedule": "dualpipev"}, 2),
-    "tp2_pp2_recompute_full": ({"pp": 2, "tp": 2, "pp_schedule": "1f1b", "recompute": "full"}, 4),
-    "fsdp2_pp2_interleaved": ({"pp": 2, "dp_shard": 2, "pp_schedule": "interleaved-1f1b"}, 4),
-    "dp2_tp2_pp2_selective": ({"pp": 2, "dp_shard": 2, "tp": 2, "pp_schedule": "1f1b", "recompute": "selective"}, 8),
+    "pp2_gpipe": {"pp": 2, "pp_schedule": "gpipe"},
+    "pp2_1f1b": {"pp": 2, "pp_schedule": "1f1b"},
+    "pp2_interleaved": {"pp": 2, "pp_schedule": "interleaved-1f1b", "pp_stages_per_rank": 2},
+    "pp2_zero_bubble": {"pp": 2, "pp_schedule": "zero-bubble", "pp_stages_per_rank": 2},
+    "pp2_zbv": {"pp": 2, "pp_schedule": "zbv"},
+    "pp2_dualpipev": {"pp": 2, "pp_schedule": "dualpipev"},
+    "tp2_pp2_recompute_full": {"pp": 2, "tp": 2, "pp_schedule": "1f1b", "recompute": "full"},
+    "fsdp2_pp2_interleaved": {"pp": 2, "dp_shard": 2, "pp_schedule": "interleaved-1f1b"},
+    "dp2_tp2_pp2_selective": {"pp": 2, "dp_shard": 2, "tp": 2, "pp_schedule": "1f1b", "recompute": "selective"},
 }
 
 
 # Tied embeddings: the first and last stages hold a copy each and sum their gradients.
 TIED_LAYOUTS = {
-    "pp2_1f1b_tied": ({"pp": 2, "pp_schedule": "1f1b"}, 2),
-    "pp4_gpipe_tied": ({"pp": 4, "pp_schedule": "gpipe"}, 4),  # middle stages outside the pair
-    "tp2_pp2_zero_bubble_tied": ({"pp": 2, "tp": 2, "pp_schedule": "zero-bubble"}, 4),
-    "fsdp2_pp2_interleaved_tied": ({"pp": 2, "dp_shard": 2, "pp_schedule": "interleaved-1f1b"}, 4),
+    "pp2_1f1b_tied": {"pp": 2, "pp_schedule": "1f1b"},
+    "pp4_gpipe_tied": {"pp": 4, "pp_schedule": "gpipe"},  # middle stages outside the pair
+    "tp2_pp2_zero_bubble_tied": {"pp": 2, "tp": 2, "pp_schedule": "zero-bubble"},
+    "fsdp2_pp2_interleaved_tied": {"pp": 2, "dp_shard": 2, "pp_schedule": "interleaved-1f1b"},
 }
 TIED = {"tie_embeddings": "true"}
 
@@ -66,28 +73,40 @@ def tied_reference(tmp_path_factory, cache_dir):
     return read_metrics(run), checkpoint_params(run / "checkpoints" / f"step-{STEPS:08d}")
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    """Every layout's run (untied and tied), those on the same number of ranks in one launch."""
+    layouts = {name: (parallel, {}) for name, parallel in LAYOUTS.items()}
+    layouts |= {name: (parallel, TIED) for name, parallel in TIED_LAYOUTS.items()}
+    layouts = {name: spec for name, spec in layouts.items() if _schedule_available(spec[0])}
+    dirs = {name: tmp_path_factory.mktemp(name) for name in layouts}
+    cfgs = {name: tiny_config(dirs[name], cache_dir, steps=STEPS, eval=EVAL, parallel=parallel, model=model)
+            for name, (parallel, model) in layouts.items()}
+    return dirs, launch_in_groups(cfgs)
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_pipeline_layout_matches_single_process(name, tmp_path, cache_dir, reference):
-    _check_layout(*LAYOUTS[name], tmp_path, cache_dir, reference, {})
+def test_pipeline_layout_matches_single_process(name, runs, reference):
+    _check_layout(name, LAYOUTS[name], runs, reference)
 
 
 @pytest.mark.parametrize("name", TIED_LAYOUTS)
-def test_tied_embeddings_across_stages_match_single_process(name, tmp_path, cache_dir, tied_reference):
+def test_tied_embeddings_across_stages_match_single_process(name, runs, tied_reference):
     # The two copies' gradients are summed in another order than one process sums them; AdamW's
     # normalisation turns that rounding into parameter differences up to ~1.5e-5 (0.5% of one
     # step's lr) where a gradient element is near zero: parameters compare at atol 5e-5.
-    _check_layout(*TIED_LAYOUTS[name], tmp_path, cache_dir, tied_reference, TIED, atol=5e-5)
+    _check_layout(name, TIED_LAYOUTS[name], runs, tied_reference, atol=5e-5)
 
 
-def _check_layout(parallel, nproc, tmp_path, cache_dir, reference, model, atol=1e-5):
+def _check_layout(name, parallel, runs, reference, atol=1e-5):
     if not _schedule_available(parallel):
         pytest.skip(f"torch {torch.__version__} lacks {parallel['pp_schedule']}")
-    cfg = tiny_config(tmp_path, cache_dir, steps=STEPS, eval=EVAL, parallel=parallel, model=model)
-    launch_local(cfg, nproc)
-    (want, want_params), got = reference, read_metrics(tmp_path)
+    dirs, errors = runs
+    assert errors[name] is None, errors[name]
+    (want, want_params), got = reference, read_metrics(dirs[name])
     assert_matches_reference(got, want, steps=STEPS)
     # The checkpoint holds every parameter once, under the single-process names, at equal values.
-    params = checkpoint_params(tmp_path / "checkpoints" / f"step-{STEPS:08d}")
+    params = checkpoint_params(dirs[name] / "checkpoints" / f"step-{STEPS:08d}")
     assert set(params) == set(want_params)
     for key in params:
         torch.testing.assert_close(params[key], want_params[key], rtol=1e-3, atol=atol, msg=key)

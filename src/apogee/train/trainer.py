@@ -88,7 +88,9 @@ class Trainer:
     def build(self) -> None:
         cfg = self.cfg
         self.device = pick_device(cfg.run.device)
-        if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        # A process group the caller made (several runs in one launch) stays the caller's to destroy.
+        self.owns_process_group = "WORLD_SIZE" in os.environ and not dist.is_initialized()
+        if self.owns_process_group:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", device_id=self.device if self.device.type == "cuda" else None)
@@ -437,7 +439,8 @@ class Trainer:
         self.hooks.beat("done", self.step)
         if dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
+            if self.owns_process_group:
+                dist.destroy_process_group()
         return result
 
 
