@@ -43,6 +43,7 @@ LAYOUTS = {
     "dp2_tp2_pp2_selective": {"pp": 2, "dp_shard": 2, "tp": 2, "pp_schedule": "1f1b", "recompute": "selective"},
 }
 
+RESUMED, STOPPED = "fsdp2_pp2_interleaved", "fsdp2_pp2_interleaved_stopped"  # the resume test's layout
 
 # Tied embeddings: the first and last stages hold a copy each and sum their gradients.
 TIED_LAYOUTS = {
@@ -79,9 +80,12 @@ def runs(tmp_path_factory, cache_dir):
     layouts = {name: (parallel, {}) for name, parallel in LAYOUTS.items()}
     layouts |= {name: (parallel, TIED) for name, parallel in TIED_LAYOUTS.items()}
     layouts = {name: spec for name, spec in layouts.items() if _schedule_available(spec[0])}
-    dirs = {name: tmp_path_factory.mktemp(name) for name in layouts}
+    dirs = {name: tmp_path_factory.mktemp(name) for name in [*layouts, STOPPED]}
     cfgs = {name: tiny_config(dirs[name], cache_dir, steps=STEPS, eval=EVAL, parallel=parallel, model=model)
             for name, (parallel, model) in layouts.items()}
+    # The first half of the resume test: RESUMED's layout, stopped at step 4.
+    cfgs[STOPPED] = tiny_config(dirs[STOPPED], cache_dir, steps=STEPS, eval=EVAL, parallel=LAYOUTS[RESUMED],
+                                run={"stop_at_step": 4})
     return dirs, launch_in_groups(cfgs)
 
 
@@ -112,15 +116,15 @@ def _check_layout(name, parallel, runs, reference, atol=1e-5):
         torch.testing.assert_close(params[key], want_params[key], rtol=1e-3, atol=atol, msg=key)
 
 
-def test_pipeline_resume_is_bit_identical(tmp_path, cache_dir):
+def test_pipeline_resume_is_bit_identical(runs, cache_dir):
     """pp2 x fsdp2 with interleaved virtual stages: stop at step 4, resume, and reach the same
-    parameters, optimizer state and losses at step 8 as one uninterrupted run, bit for bit."""
-    parallel = {"pp": 2, "dp_shard": 2, "pp_schedule": "interleaved-1f1b"}
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch_local(tiny_config(straight, cache_dir, steps=STEPS, eval=EVAL, parallel=parallel, checkpoint={"interval": 4}), 4)
-    launch_local(tiny_config(resumed, cache_dir, steps=STEPS, eval=EVAL, parallel=parallel, run={"stop_at_step": 4}), 4)
+    parameters, optimizer state and losses at step 8 as one uninterrupted run (the matrix's), bit
+    for bit."""
+    dirs, errors = runs
+    assert errors[STOPPED] is None and errors[RESUMED] is None, errors[STOPPED] or errors[RESUMED]
+    straight, resumed = dirs[RESUMED], dirs[STOPPED]
     assert [step for step, _ in list_checkpoints(resumed / "checkpoints")] == [4]
-    launch_local(tiny_config(resumed, cache_dir, steps=STEPS, eval=EVAL, parallel=parallel), 4)
+    launch_local(tiny_config(resumed, cache_dir, steps=STEPS, eval=EVAL, parallel=LAYOUTS[RESUMED]), 4)
 
     a = full_state(straight / "checkpoints" / f"step-{STEPS:08d}")
     b = full_state(resumed / "checkpoints" / f"step-{STEPS:08d}")
