@@ -1,10 +1,11 @@
 """Pipeline bubble per schedule: measured idle of each stage vs theory plus measured communication.
 
     python benchmarks/pipeline_bubble.py [--pp 4] [--microbatches 8] [--steps 5] [--schedules gpipe,1f1b,...]
+                                         [--dim 256] [--seq 128]
 
 Runs apogee's own pipeline (``apogee.parallel.pipeline``: split, stages, torch schedules) on ``pp``
 gloo ranks on this host (one process each, one intra-op thread each), over a small Llama (8 layers,
-dim 256), every schedule in one launch. Per rank and per step it records timestamps (one monotonic
+dim 256 unless `--dim`), every schedule in one launch. Per rank and per step it records timestamps (one monotonic
 clock shared by the processes of a host) of:
 
 * every compute action: forward, backward (full, or its input-gradient half ``I``), the
@@ -83,6 +84,14 @@ from apogee.parallel.pipeline import Pipeline, available_schedules, split_model,
 
 ARGS = ModelArgs(dim=256, n_layers=8, n_heads=4, n_kv_heads=4, ffn_hidden=768, vocab_size=256, max_seq_len=128)
 MICRO_BATCH, SEQ = 2, 128
+
+
+def _configure(dim: int, seq: int) -> None:
+    """The model's width and sequence length (``--dim``, ``--seq``), set in every spawned rank."""
+    global ARGS, SEQ, _ACT_ELEMS
+    ARGS = ModelArgs(dim=dim, n_layers=8, n_heads=4, n_kv_heads=4, ffn_hidden=3 * dim, vocab_size=256, max_seq_len=seq)
+    SEQ = seq
+    _ACT_ELEMS = MICRO_BATCH * SEQ * ARGS.dim
 TOLERANCE = 0.10
 now = time.perf_counter  # CLOCK_MONOTONIC on Linux: comparable across the processes of one host
 
@@ -331,7 +340,8 @@ def xfer(steps_stats: list) -> str:
     return f"{statistics.median(r) * 1e3:5.2f} /{statistics.median(s) * 1e3:5.2f}" if r and s else "-".rjust(12)
 
 
-def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int) -> None:
+def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int, dim: int, seq: int) -> None:
+    _configure(dim, seq)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -414,8 +424,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--schedules", default=",".join(available_schedules()))
     parser.add_argument("--port", type=int, default=29650)
+    parser.add_argument("--dim", type=int, default=256, help="model width: more compute per action shrinks the "
+                        "schedule's fixed host overhead and the communication relative to it")
+    parser.add_argument("--seq", type=int, default=128)
     a = parser.parse_args()
-    mp.start_processes(_rank, args=(a.pp, a.port, a.schedules.split(","), a.microbatches, a.steps), nprocs=a.pp,
+    mp.start_processes(_rank, args=(a.pp, a.port, a.schedules.split(","), a.microbatches, a.steps, a.dim, a.seq), nprocs=a.pp,
                        start_method="spawn")
 
 
