@@ -9,9 +9,12 @@
    - a chain of DTensor multiplies (no communication)          -> dtensor_call_s,
    - four FSDP2 units around tiny Linears vs the same unsharded -> fsdp_unit_s,
    - gloo all-gather on the run's TP (else DP) group, 1 KiB and 4 MiB -> link latency, bus bandwidth,
+   - 60 GEMMs on every rank at once vs each rank alone (others in a barrier) -> contention,
    - the resident size after all of the above (imports, gloo, op code pages; no model) -> reserved_gib,
    - every GEMM shape the cost model prices (compute.gemm_shapes)  -> gemm_table,
    - causal scaled_dot_product_attention forward + backward at the run's shape -> attn_eff,
+   - one block's norms, rotary, SwiGLU product and residual adds (the engine's modules) forward +
+     backward, less the same on 2-token tensors (dispatch, priced by host_*) -> elem_table,
    - a 64 MiB copy -> mem_bw_gbs.
    These replace the nominal figures of the `cpu` accelerator (apogee.planner.cluster); nothing is
    fitted to the runs below, and the training job itself is not timed for the calibration.
@@ -65,13 +68,47 @@ def _best(fn, n: int) -> float:
     return min(ts)
 
 
+def _elem_block(key: tuple, reps: int) -> float:
+    """Seconds of one dense block's non-GEMM, non-attention ops, forward + backward, at compute.elem_key's
+    shape (micro-batch, norm tokens, rotary tokens, hidden, heads, kv heads, ffn hidden) on one rank."""
+    import torch
+    import torch.nn.functional as F
+
+    from apogee.models.llama import RMSNorm, apply_rope, rope_cos_sin
+
+    mb, s_norm, s_rot, h, heads, kv, head_dim, f = key
+    norms = [RMSNorm(h, 1e-5) for _ in range(2)]
+    rope = rope_cos_sin(head_dim, s_rot, 10000.0)
+    leaf = lambda *shape: torch.randn(*shape, requires_grad=True)  # noqa: E731
+    x, r = leaf(mb, s_norm, h), leaf(mb, s_norm, h)
+    q, k = leaf(mb, s_rot, heads, head_dim), leaf(mb, s_rot, kv, head_dim)
+    g, u = leaf(mb, s_rot, f), leaf(mb, s_rot, f)
+    grads = None
+
+    def run():
+        nonlocal grads
+        outs = [norms[0](x), norms[1](r), x + r, r + x, apply_rope(q, rope), apply_rope(k, rope), F.silu(g) * u]
+        grads = grads or [torch.randn_like(o) for o in outs]
+        # Input gradients returned, not accumulated into .grad (in the block they flow on); the norm
+        # gains' gradients are computed as in the block.
+        torch.autograd.grad(outs, [x, r, q, k, g, u, *(n.weight for n in norms)], grads)
+
+    return _best(run, reps)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _vmhwm() -> int:
     # VmHWM, not ru_maxrss: the latter carries the parent's peak across fork + exec.
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 
 
 def _worker(rank: int, args: tuple, out) -> None:
-    nproc, dp, tp, shapes, mb, heads, kv_heads, seq, head_dim, reps, port = args
+    nproc, dp, tp, shapes, mb, heads, kv_heads, seq, head_dim, elem, reps, port = args
     import torch
     import torch.distributed as dist
     from torch import nn
@@ -140,8 +177,28 @@ def _worker(rank: int, args: tuple, out) -> None:
         t_big, big = ag(4 * 2**20)
         res["lat_s"] = t_small / (n - 1)
         res["busbw_gbs"] = (n - 1) / n * big / max(1e-9, t_big - t_small) / 1e9
+        # 5. Contention: the same GEMM work on every rank at once, against each rank running it alone
+        # while the others wait in a barrier (median over ranks of the wall-clock ratio).
+        ca, cb = torch.randn(512, 256), torch.randn(256, 768)
+
+        def work():
+            for _ in range(60):
+                ca @ cb
+
+        work()
+        t_all = []
+        for _ in range(3):
+            dist.barrier()
+            t_all.append(_timed(work))
+        alone = []
+        for r in range(nproc):
+            dist.barrier()
+            if r == rank:
+                alone.append(min(_timed(work) for _ in range(3)))
+        dist.barrier()
+        res["contention"] = min(t_all) / alone[0]
     res["base_rss"] = _vmhwm()  # runtime: imports, gloo, the code pages of the ops above; no model
-    # 5. Every GEMM shape the cost model prices for this layout, at the rank's thread count.
+    # 6. Every GEMM shape the cost model prices for this layout, at the rank's thread count.
     table = {}
     for M, N, K in shapes:
         a, b = torch.randn(M, K), torch.randn(K, N)
@@ -156,6 +213,11 @@ def _worker(rank: int, args: tuple, out) -> None:
         o.sum().backward()
 
     res["t_attn"] = _best(attn, reps)
+    # 7. One block's memory-bound ops with the engine's own modules, forward + backward, at the rank's
+    # shape: the two RMSNorms and residual adds (on seq/tp tokens under sequence parallel), rotary on q
+    # and k, the SwiGLU product. The same ops on 2-token tensors are pure dispatch/autograd, which
+    # host_call_s / host_node_s already price: subtracted.
+    res["t_elem"] = _elem_block(elem, reps * 3) - _elem_block((1, 2, 2) + tuple(elem[3:]), reps * 3)
     xs, ys = torch.empty(16 * 2**20), torch.randn(16 * 2**20)  # 64 MiB each, well past the caches
     res["copy_gbs"] = 2 * xs.numel() * 4 / _best(lambda: xs.copy_(ys), reps) / 1e9
     out.put((rank, res))
@@ -165,16 +227,16 @@ def _worker(rank: int, args: tuple, out) -> None:
 
 
 def measure_cpu(nproc: int, dp: int, tp: int, shapes, mb: int, seq: int, heads: tuple[int, int, int],
-                reps: int = 7) -> dict:
+                elem: tuple, reps: int = 7) -> dict:
     """The primitives' costs with ``nproc`` ranks on this machine at once, each with the engine's thread
     count. ``heads``: (query heads, kv heads, head dim) per rank. Per primitive: the median over ranks
-    of each rank's minimum over repeats."""
+    of each rank's minimum over repeats. ``elem``: compute.elem_key of the run's block."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    args = (nproc, dp, tp, sorted(shapes), mb, heads[0], heads[1], seq, heads[2], reps, port)
+    args = (nproc, dp, tp, sorted(shapes), mb, heads[0], heads[1], seq, heads[2], tuple(elem), reps, port)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, args, q)) for r in range(nproc)]
@@ -188,7 +250,7 @@ def measure_cpu(nproc: int, dp: int, tp: int, shapes, mb: int, seq: int, heads: 
     return merged
 
 
-def cpu_from_measurement(meas: dict, m, mb: int):
+def cpu_from_measurement(meas: dict, m, mb: int, elem: tuple | None = None):
     """The `cpu` accelerator with its calibration replaced by the micro-benchmark's figures."""
     from apogee.planner.cluster import ACCELERATORS
 
@@ -197,7 +259,9 @@ def cpu_from_measurement(meas: dict, m, mb: int):
     acc = dataclasses.replace(base, mem_bw_gbs=meas["copy_gbs"], reserved_gib=meas["base_rss"] / 2**30,
                               gemm_table=meas["gemm_table"], host_call_s=meas["host_call_s"],
                               host_node_s=meas["host_node_s"])
-    for key in ("dtensor_call_s", "fsdp_unit_s"):
+    if elem is not None and "t_elem" in meas:
+        acc = dataclasses.replace(acc, elem_table={tuple(elem): max(0.0, meas["t_elem"])})
+    for key in ("dtensor_call_s", "fsdp_unit_s", "contention"):
         if key in meas:
             acc = dataclasses.replace(acc, **{key: meas[key]})
     if "lat_s" in meas:
@@ -238,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from apogee.models.flavors import FLAVORS
     from apogee.planner.cluster import Cluster
-    from apogee.planner.compute import gemm_shapes
+    from apogee.planner.compute import elem_key, gemm_shapes
     from apogee.planner.estimate import estimate
     from apogee.planner.spec import Layout, RunSpec, shape_from_args
 
@@ -249,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         tp, dp = par["tp"], par["dp_shard"]
         shapes = gemm_shapes(m, tp, 1, mbs)
         heads = (m.heads // tp, max(1, m.kv_heads // tp), m.head_dim)
-        meas = measure_cpu(nproc, dp, tp, shapes, mbs, seq, heads)
-        acc = cpu_from_measurement(meas, m, mbs)
+        elem = elem_key(m, tp, 1, mbs, tp > 1)
+        meas = measure_cpu(nproc, dp, tp, shapes, mbs, seq, heads, elem)
+        acc = cpu_from_measurement(meas, m, mbs, elem)
         run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=nproc, gpus_per_node=nproc), fixed={},
                       global_batch=gb, precision="fp32")
         lay = Layout(tp=tp, dp=dp, microbatch=mbs, zero=3, sequence_parallel=tp > 1, dp_overlap=False)
@@ -263,13 +328,14 @@ def main(argv: list[str] | None = None) -> int:
         out.append({
             "config": name, "ranks": nproc, "threads_per_rank": _threads(nproc), "layout": lay.short(),
             "calibration": {"gemm_shapes": len(shapes), "gemm_gflops_mean": round(gemm_flops / gemm_s / 1e9, 1),
-                            "attn_eff": round(acc.attn_eff, 4), "mem_bw_gbs": round(acc.mem_bw_gbs, 2),
+                            "attn_eff": round(acc.attn_eff, 4), "block_elem_ms": round(meas["t_elem"] * 1e3, 2), "mem_bw_gbs": round(acc.mem_bw_gbs, 2),
                             "host_call_us": round(acc.host_call_s * 1e6, 2), "host_node_us": round(acc.host_node_s * 1e6, 2),
                             "dtensor_call_us": round(acc.dtensor_call_s * 1e6, 1) if "dtensor_call_s" in meas else None,
                             "fsdp_unit_ms": round(acc.fsdp_unit_s * 1e3, 2) if "fsdp_unit_s" in meas else None,
                             "gloo_lat_us": round(acc.intra_lat_us, 1) if "lat_s" in meas else None,
                             "gloo_busbw_gbs": round(acc.nvlink_busbw_gbs, 2) if "lat_s" in meas else None,
-                            "reserved_gib": round(acc.reserved_gib, 3)},
+                            "reserved_gib": round(acc.reserved_gib, 3),
+                            "contention": round(acc.contention, 2) if "contention" in meas else None},
             "pred_step_s": round(est.step_time_s, 4), "meas_step_min_s": round(got["step_s_min"], 4),
             "meas_step_median_s": round(got["step_s"], 4), "meas_step_max_s": round(got["step_s_max"], 4),
             "step_err_pct": round(100 * (est.step_time_s / got["step_s_min"] - 1), 1),

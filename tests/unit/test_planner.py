@@ -312,3 +312,34 @@ def test_host_op_counts_match_the_engine_model():
     (c1, n1), (c2, n2) = counts
     assert (c2 - c1, n2 - n1) == (host.BLOCK_CALLS, host.BLOCK_NODES)
     assert (c1 - host.BLOCK_CALLS, n1 - host.BLOCK_NODES) == (host.HEAD_CALLS, host.HEAD_NODES)
+
+
+def test_cpu_measured_block_elementwise_and_contention_replace_the_formulas():
+    """A measured elem_table entry (one block's norms, rotary, SwiGLU product, residuals, forward +
+    backward) replaces the byte-count price of those ops, split 1:2 between forward and backward, at
+    its own shape only; a measured contention replaces the cores formula for multi-rank nodes only."""
+    import dataclasses
+
+    from apogee.planner.compute import elem_key, layer_times
+    from apogee.planner.host import oversubscription
+    from apogee.planner.spec import shape_from_args
+    from apogee.models.flavors import FLAVORS
+
+    cpu = get_accelerator("cpu")
+    m = shape_from_args(FLAVORS["debug"], flavor="debug", seq_len=256, vocab=256)
+    key = elem_key(m, 1, 1, 4, False)
+    assert key == (4, 256, 256, 256, 8, 4, 32, 768)
+    assert elem_key(m, 2, 1, 4, True) == (4, 128, 256, 256, 4, 2, 32, 384)  # norms on seq/tp tokens
+    measured = dataclasses.replace(cpu, elem_table={key: 0.012})
+    f0, b0 = layer_times(m, 1, 1, 1, 4, False, "none", cpu, "fp32")
+    f1, b1 = layer_times(m, 1, 1, 1, 4, False, "none", measured, "fp32")
+    from apogee.planner.compute import elementwise_bytes, hbm_bytes_per_s
+    ef, eb = elementwise_bytes(m, 1, 1, 4, False)
+    bw = hbm_bytes_per_s(cpu)
+    assert f1 - f0 == pytest.approx(0.004 - 2 * ef / bw)
+    assert b1 - b0 == pytest.approx(0.008 - 2 * eb / bw)
+    # Another shape (micro-batch 2) keeps the byte model.
+    assert layer_times(m, 1, 1, 1, 2, False, "none", measured, "fp32") == layer_times(m, 1, 1, 1, 2, False, "none", cpu, "fp32")
+    assert oversubscription(cpu, 4) == 2.0 and oversubscription(cpu, 2) == 1.0  # 2 cores: x2 for 4 ranks
+    contended = dataclasses.replace(cpu, contention=1.6)
+    assert oversubscription(contended, 2) == 1.6 and oversubscription(contended, 1) == 1.0

@@ -54,9 +54,19 @@ class Accelerator:
     # Cores the node's ranks share (cpu device): ranks x threads beyond them time-share, and collectives
     # (gloo: host copies and socket I/O) run on the same cores instead of overlapping compute. 0: not host-bound.
     cores: int = 0
+    # Measured slowdown of a rank's work when all the node's ranks compute at once, against the same work
+    # alone (cpu device; benchmarks/planner_vs_measured.py). On this sandboxed 2-vCPU runner two
+    # single-threaded processes each run ~1.3x slower per CPU second and are descheduled part of the
+    # time, although ranks x threads = cores. 0: not measured, the cores formula (host.oversubscription).
+    contention: float = 0.0
     # Measured seconds of single [M,K]x[K,N] GEMMs, keyed by (M, N, K) (cpu device: small GEMMs are far
     # from any roofline; benchmarks/planner_vs_measured.py times each shape compute.gemm_shapes lists).
     gemm_table: dict | None = None
+    # Measured seconds of one dense block's non-GEMM, non-attention work (two RMSNorms, rotary on q and k,
+    # the SwiGLU product, two residual adds), forward + backward, keyed by compute.elem_key (cpu device:
+    # the engine's fp32 block moves ~3x the bytes of a Megatron-style 16-bit count, much of it in strided
+    # rotary ops far below copy bandwidth; benchmarks/planner_vs_measured.py times the engine's own modules).
+    elem_table: dict | None = None
 
     @property
     def host_bound(self) -> bool:

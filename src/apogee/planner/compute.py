@@ -233,6 +233,14 @@ def gemm_shapes(m: ModelShape, tp: int, cp: int, mb: int) -> set[tuple[int, int,
     return {(round(M), round(N), round(K)) for M, N, K in out}
 
 
+def elem_key(m: ModelShape, tp: int, cp: int, mb: int, sp: bool) -> tuple[int, ...]:
+    """The per-rank shape of one block's memory-bound ops: (micro-batch, tokens per sequence of the norms and
+    residuals, of the rotary and SwiGLU, hidden, query heads, kv heads, head dim, ffn hidden) on one rank."""
+    seq = round(m.seq_len / cp)
+    return (mb, seq // (tp if sp and tp > 1 else 1), seq, m.hidden, m.heads // tp, max(1, m.kv_heads // tp),
+            m.head_dim, round(m.ffn_hidden / tp))
+
+
 def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe):
     peak = acc.peak(precision)
     eb = ELEM_BYTES.get(precision, 2)
@@ -285,6 +293,10 @@ def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe):
     ef, eb_ = elementwise_bytes(m, tp, cp, mb, sp, moe=moe)
     bw = hbm_bytes_per_s(acc)
     t_elem_f, t_elem_b = act_scale * ef / bw, act_scale * eb_ / bw
+    measured = acc.elem_table.get(elem_key(m, tp, cp, mb, sp)) if acc.elem_table and not moe else None
+    if measured is not None:
+        # Forward one part, backward two (each op's backward reads and writes about twice its forward's bytes).
+        t_elem_f, t_elem_b = measured / 3, 2 * measured / 3
 
     fwd = t_gemm + attn_f + t_elem_f
     bwd = t_gemm_b + attn_b + t_elem_b

@@ -65,8 +65,11 @@ def host_step_s(m: ModelShape, lay: Layout, acc: Accelerator, layers: int) -> fl
 def oversubscription(acc: Accelerator, ranks_per_node: int) -> float:
     """How much slower a rank's host work runs because the node's ranks share its cores: each rank
     gets max(1, cores // ranks) threads (apogee.train.trainer), and ranks x threads beyond the cores
-    time-share them."""
+    time-share them. Where the device's ``contention`` was measured (all ranks computing at once
+    against one alone), that figure instead."""
     if not acc.host_bound:
         return 1.0
+    if acc.contention > 0 and ranks_per_node > 1:
+        return acc.contention  # measured with this many ranks on the node
     threads = max(1, acc.cores // max(1, ranks_per_node))
     return max(1.0, ranks_per_node * threads / acc.cores)
