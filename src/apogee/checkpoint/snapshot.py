@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from apogee.checkpoint.dcp import _OPTIM_OPTIONS, config_hash, latest_checkpoint
+from apogee.checkpoint.dcp import _OPTIM_OPTIONS, _all_gather, _broadcast, _rank, _world, config_hash, latest_checkpoint
 from apogee.checkpoint.manifest import write_durable
 
 MAGIC = b"APOGSNP1"
@@ -205,14 +205,6 @@ def _mismatch(saved: dict, live: dict, what: str) -> str | None:
     return None
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 class MemorySnapshots:
     """The trainer's handle: ``restore`` at start, ``after_step`` every step, ``close`` at the end.
     Disabled (every call a no-op) when ``checkpoint.memory_interval`` is 0."""
@@ -280,25 +272,15 @@ class MemorySnapshots:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 write_durable(path, token + "\n")
             lineage = uuid.uuid4().hex[:12]
-        if self.group is not None:
-            box = [(token, lineage)]
-            dist.broadcast_object_list(box, src=0, group=self.group)
-            token, lineage = box[0]
+        token, lineage = _broadcast((token, lineage), self.group)
         problem = None
         try:
             (memory_dir / f"apogee-{token}" / f"rank-{self.rank:05d}").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             problem = (f"rank {self.rank} cannot use checkpoint.memory_dir {memory_dir} ({exc.strerror}); "
                        f"set checkpoint.memory_dir to a RAM-backed directory such as /dev/shm, or memory_interval=0")
-        problems = self._gather(problem)
+        problems = _all_gather(problem, self.group)
         return token, lineage, next((p for p in problems if p), None)
-
-    def _gather(self, obj: Any) -> list[Any]:
-        if self.group is None:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
 
     # ------------------------------------------------------------------------------- save
     def after_step(self, step: int, model, optimizer, trainer_state: Callable[[], dict]) -> None:
@@ -364,7 +346,7 @@ class MemorySnapshots:
                 keep.add(file_name(step, self.source, "copy"))
             except (SnapshotError, OSError) as exc:
                 problem = problem or f"the copy of rank {self.source}: {exc}"
-        problems = self._gather(problem)
+        problems = _all_gather(problem, self.group)
         if any(problems):
             # The previous snapshot stays: it is the newest complete one.
             first = next(p for p in problems if p)
@@ -433,7 +415,7 @@ class MemorySnapshots:
             latest = latest_checkpoint(self.checkpoints)
             durable = int(latest.name.split("-")[1]) if latest else 0
         mine = self.inventory()
-        rows = self._gather((mine, durable))
+        rows = _all_gather((mine, durable), self.group)
         start = time.perf_counter()  # from here on every rank has arrived: the restore's own cost
         durable = rows[0][1]
         for _, problems in (row[0] for row in rows):
@@ -459,7 +441,7 @@ class MemorySnapshots:
                 problem = _mismatch(saved["model"], model_sd, "model") or _mismatch(saved["optim"], optim_sd, "optimizer")
             except Exception as exc:  # noqa: BLE001 - any failure here means: use storage instead
                 problem = f"{type(exc).__name__}: {exc}"
-        problems = [p for p in self._gather(problem) if p]
+        problems = [p for p in _all_gather(problem, self.group) if p]
         if problems:
             self.log(f"in-memory snapshot of step {choice.step} is unusable ({problems[0]}); resuming from storage")
             self.events("snapshot_invalid", step=choice.step, problem=problems[0])
@@ -478,7 +460,7 @@ class MemorySnapshots:
         A received shard is also written as this rank's own file (its RAM holds it again)."""
         by_origin = {e["origin"]: e for e in mine if (e["step"], e["lineage"], e["seq"]) == (choice.step, choice.lineage, choice.seq)}
         requests, outgoing, received = [], [], None
-        sizes = self._gather({o: (self.holder / e["file"]).stat().st_size for o, e in by_origin.items()})
+        sizes = _all_gather({o: (self.holder / e["file"]).stat().st_size for o, e in by_origin.items()}, self.group)
         for origin, donor in sorted(choice.donors.items()):
             if donor == origin:
                 continue

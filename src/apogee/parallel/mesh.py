@@ -47,25 +47,32 @@ class Mesh:
         dp_cp = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
         return cls(parallel, world, dp, fsdp, dp_cp)
 
+    def _axis(self, name: str) -> DeviceMesh | None:
+        """The 1-D mesh of one axis, or None when that axis is not split."""
+        return self.world[name] if self.world is not None and getattr(self.parallel, name) > 1 else None
+
+    def _rank_on(self, name: str) -> int:
+        return self.world[name].get_local_rank() if self.world is not None else 0
+
     @property
     def pp(self) -> DeviceMesh | None:
-        return self.world["pp"] if self.world is not None and self.parallel.pp > 1 else None
+        return self._axis("pp")
 
     @property
     def pp_rank(self) -> int:
-        return self.world["pp"].get_local_rank() if self.world is not None else 0
+        return self._rank_on("pp")
 
     @property
     def tp(self) -> DeviceMesh | None:
-        return self.world["tp"] if self.world is not None and self.parallel.tp > 1 else None
+        return self._axis("tp")
 
     @property
     def cp(self) -> DeviceMesh | None:
-        return self.world["cp"] if self.world is not None and self.parallel.cp > 1 else None
+        return self._axis("cp")
 
     @property
     def cp_rank(self) -> int:
-        return self.world["cp"].get_local_rank() if self.world is not None else 0
+        return self._rank_on("cp")
 
     @property
     def dp_rank(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float, *, pp: int = 1, counted_elsewhere: list[torch.Tensor] = ()) -> float:
+def clip_grad_norm(model: nn.Module, max_norm: float, *, pp: int = 1, counted_elsewhere: Sequence[torch.Tensor] = ()) -> float:
     """Global L2 norm of all gradients, as one process would compute it; clipped to ``max_norm``.
 
     Each rank sums the squares of its local shards, dividing a shard replicated over some mesh axes
