@@ -69,13 +69,6 @@ def test_korthikanti_table2_activations():
     assert act(tp=t, recompute="full") == pytest.approx(2 * sbh)
 
 
-def test_llama_activations_hand_count():
-    # Llama block, flash attention, no TP: 12 + 4kv/a + 4a/h (lse) + 8f/h bytes per token per hidden.
-    m = ModelShape(layers=1, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=128256, seq_len=8192)
-    per = activation_bytes_per_layer(m, Layout(), micro_tokens=8192) / (8192 * 4096)
-    assert per == pytest.approx(12 + 4 * 8 / 32 + 4 * 32 / 4096 + 8 * 14336 / 4096)
-
-
 # -- time model -----------------------------------------------------------------------------------
 def test_bubble_fractions_narayanan():
     assert bubble_fraction("1f1b", 8, 1, 64) == pytest.approx(7 / 64)

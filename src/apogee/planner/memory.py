@@ -6,6 +6,7 @@ All figures are bytes on the most loaded pipeline stage (the first: it holds the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from apogee.planner.cluster import GIB, Cluster
@@ -71,45 +72,84 @@ def stage_params(m: ModelShape, lay: Layout) -> tuple[float, float]:
     return nonexpert, experts
 
 
-def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: float) -> float:
-    """Bytes of stored activations for one layer and one micro-batch of ``micro_tokens`` tokens (per CP rank).
+def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: float, act_bytes: float = 2.0) -> float:
+    """Bytes of stored activations for one layer and one micro-batch of ``micro_tokens`` tokens (per CP
+    rank), with activations of ``act_bytes`` bytes (2: bf16, 4: fp32).
 
-    GPT blocks with eager attention: Korthikanti 2022 Table 2 exactly. Llama blocks (RMSNorm, SwiGLU, no
-    dropout, flash attention) derived the same way, counting what PyTorch autograd saves:
-      attention: norm input 2, norm output (qkv input) 2, q 2, k and v 4*kv/heads, output o 2 -> 8 + 4kv/a
-                 (+ flash's fp32 logsumexp, 4a/h)
-      mlp:       norm input 2, norm output 2, gate and up 2f/h each, silu(gate) 2f/h, w2 input 2f/h
-                 -> 4 + 8f/h
-    Norm inputs and norm outputs are replicated across TP ranks unless sequence parallel; the rest is
-    sharded by tp. Selective recompute (Llama) recomputes the norms and the SwiGLU products; (GPT) the
-    attention core, as Korthikanti define it.
+    GPT blocks (the published Megatron-LM runs): Korthikanti 2022 Table 2 exactly, for 16-bit
+    activations (scaled by ``act_bytes / 2``). Llama blocks: what apogee's own block
+    (apogee.models.llama) leaves for backward, tensor by tensor, per token, in units of the hidden size
+    (tests/unit/test_planner.py measures the engine's live activation bytes and compares):
+
+      each RMSNorm   its fp32 input (4: the x.float() copy under bf16, x itself in fp32), the normalised
+                     output and the gain-scaled output (a each; the latter is the next Linears' input),
+                     and the fp32 reciprocal RMS (4 bytes per token)
+      attention      q, k, v after rotary: a (1 + 2 kv/heads); the attention output (also wo's input): a;
+                     the kernel's fp32 logsumexp: 4 per head and token
+      SwiGLU         gate and up outputs, silu(gate), the product (w2's input): 4 a f / h
+
+    Tensor parallelism (DTensor plans, apogee.parallel.tensor) shards the attention and MLP terms by tp.
+    Under sequence parallelism the norms run on sequence shards (their input and normalised output
+    shrink by tp), but the Linears keep the *all-gathered* input for their weight gradient, so the
+    gain-scaled output stays whole, unlike Megatron's SP, which re-gathers it in backward.
+
+    Recompute ``full`` keeps the block input. ``selective`` (apogee.parallel.recompute: save the
+    outputs of matmuls, attention and collectives, recompute the elementwise rest) keeps the block
+    input, q/k/v, the attention output and logsumexp, every matmul output (wo and w2 included: under
+    tp as the pre-reduction partial sum, plus the collective's result), the gate and up outputs, and
+    under sequence parallelism the two all-gathered norm outputs.
     """
     sbh = micro_tokens * m.hidden
     t = lay.tp
     sp = lay.sequence_parallel and t > 1
-    if lay.recompute == "full":
-        return 2 * sbh / (t if sp else 1)  # the layer input only
     if m.mlp == "gelu":
-        # GPT block (dropout, GeLU, LayerNorm): Korthikanti's terms; flash attention stores no scores.
-        a, s = m.heads, m.seq_len / lay.cp
-        score = 5 * a * s / m.hidden if m.attention == "eager" else 0.0
-        if lay.recompute == "selective":
-            score = 0.0
-        if sp:
-            return sbh * (34 / t + score / t)
-        return sbh * (10 + 24 / t + score / t)
+        return act_bytes / 2 * _korthikanti_gpt(m, lay, sbh, t, sp)
+    a = act_bytes
+    norm_shard = t if sp else 1
+    if lay.recompute == "full":
+        return a * sbh / norm_shard  # the block input only
     f = (m.ffn_hidden if not m.moe_layers else m.moe_ffn_hidden * (m.top_k + m.shared_experts)) / m.hidden
     kv = m.kv_heads / m.heads
-    lse = 4 * m.heads / m.hidden
+    qkv = a * (1 + 2 * kv) / t
+    lse = 4 * m.heads / m.hidden / t
     if lay.recompute == "selective":
-        replicated = 2 + 2  # the two norm inputs (block inputs)
-        sharded = 2 + 4 * kv + 2 + lse + 4 * f  # q, k, v, o, lse, gate, up
+        collective = a / t if sp else (a if t > 1 else 0.0)  # reduce-scatter (SP) or all-reduce output
+        per = (a / norm_shard + qkv + a / t + lse + 2 * (a + collective) + 2 * a * f / t
+               + (2 * a if sp else 0.0))
     else:
-        replicated = 2 + 2 + 2 + 2  # norm inputs and outputs
-        sharded = 2 + 4 * kv + 2 + lse + 8 * f
+        per = 2 * norm_activation_units(m, lay, a) + qkv + a / t + lse + 4 * a * f / t
     if m.moe_layers:
-        replicated += 2 * m.top_k  # the token copies dispatched to experts
-    return sbh * (replicated / (t if sp else 1) + sharded / t)
+        per += a * m.top_k / norm_shard  # the token copies dispatched to experts
+    return sbh * per
+
+
+def norm_activation_units(m: ModelShape, lay: Layout, act_bytes: float) -> float:
+    """Bytes per token per hidden unit one apogee RMSNorm keeps for backward (see above)."""
+    norm_shard = lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
+    return (4 + act_bytes + 4 / m.hidden) / norm_shard + act_bytes
+
+
+def head_activation_bytes(m: ModelShape, lay: Layout, *, micro_tokens: float, act_bytes: float = 2.0) -> float:
+    """Bytes the stage holding the output layer keeps per micro-batch beyond its blocks: the final
+    norm (llama) and the cross-entropy's fp32 log-softmax over the vocabulary shard (Korthikanti 2022
+    §4.3: 4sbv/t); the 16-bit logits themselves are not kept."""
+    logits = 4 * micro_tokens * m.vocab / lay.tp
+    if m.mlp == "gelu":
+        return logits
+    return logits + micro_tokens * m.hidden * norm_activation_units(m, lay, act_bytes)
+
+
+def _korthikanti_gpt(m: ModelShape, lay: Layout, sbh: float, t: int, sp: bool) -> float:
+    """GPT block (dropout, GeLU, LayerNorm), 16-bit: Korthikanti's terms; flash attention stores no scores."""
+    if lay.recompute == "full":
+        return 2 * sbh / (t if sp else 1)
+    a, s = m.heads, m.seq_len / lay.cp
+    score = 5 * a * s / m.hidden if m.attention == "eager" else 0.0
+    if lay.recompute == "selective":
+        score = 0.0
+    if sp:
+        return sbh * (34 / t + score / t)
+    return sbh * (10 + 24 / t + score / t)
 
 
 def in_flight_microbatches(lay: Layout, n_micro: int) -> float:
@@ -142,18 +182,21 @@ def memory_per_gpu(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch
 
     n_micro = max(1, global_batch // (lay.dp * lay.microbatch))
     micro_tokens = lay.microbatch * m.seq_len / lay.cp
-    act_scale = 2.0 if precision == "fp32" else 1.0  # the breakdown counts 16-bit activations
-    per_layer = act_scale * activation_bytes_per_layer(m, lay, micro_tokens=micro_tokens)
+    act_bytes = 4.0 if precision == "fp32" else 2.0
+    per_layer = activation_bytes_per_layer(m, lay, micro_tokens=micro_tokens, act_bytes=act_bytes)
     layers_here = -(-m.layers // lay.pp)
     acts = per_layer * layers_here * in_flight_microbatches(lay, n_micro)
     if lay.recompute == "full":
         # The layer being recomputed holds its full activations during its backward.
-        full = activation_bytes_per_layer(m, Layout(**{**lay.__dict__, "recompute": "none"}), micro_tokens=micro_tokens)
-        acts += act_scale * full
-    # Embedding output on the first stage, and the loss' fp32 logits where the output layer lives.
-    acts += act_scale * 2 * micro_tokens * m.hidden / (lay.tp if lay.sequence_parallel else 1)
+        full = activation_bytes_per_layer(m, dataclasses.replace(lay, recompute="none"), micro_tokens=micro_tokens,
+                                          act_bytes=act_bytes)
+        acts += full
+    if m.mlp == "gelu":
+        # Megatron keeps the embedding's dropout output (Korthikanti 2022 §4.3); apogee's embedding
+        # output is the first block's input, counted there.
+        acts += act_bytes * micro_tokens * m.hidden / (lay.tp if lay.sequence_parallel else 1)
     if lay.pp == 1:
-        acts += 4 * micro_tokens * m.vocab / lay.tp  # Korthikanti 2022 §4.3: 4sbv/t for the cross-entropy
+        acts += head_activation_bytes(m, lay, micro_tokens=micro_tokens, act_bytes=act_bytes)
 
     buffers = cluster.accel.reserved_gib * GIB
     if lay.zero >= 3 and shard_dp > 1:
@@ -163,6 +206,6 @@ def memory_per_gpu(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch
     elif lay.dp > 1:
         buffers += DP_BUCKET_BYTES
     if lay.tp > 1:
-        buffers += 2 * micro_tokens * m.hidden * 2 * act_scale  # all-gather / reduce-scatter staging
+        buffers += 2 * micro_tokens * m.hidden * act_bytes  # all-gather / reduce-scatter staging
     return MemoryBreakdown(params=params, grads=grads, optimizer=opt, activations=acts, buffers=buffers)
 

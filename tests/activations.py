@@ -1,0 +1,81 @@
+"""What apogee's model keeps for backward, measured: the bytes of every tensor storage an op created
+during the forward and the loss that is still alive when the loss is known (what autograd, or the
+recompute policy, holds for backward). Compared with the planner's activation formulas by
+tests/unit/test_planner_activations.py and tests/distributed/test_planner_activations_tp.py."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from apogee.models.flavors import ModelArgs
+from apogee.models.init import init_weights
+from apogee.models.llama import Transformer
+from apogee.parallel.recompute import apply_recompute
+from apogee.parallel.tensor import apply_tensor_parallel
+
+# A small Llama block shape (GQA, SwiGLU) and a vocabulary larger than the hidden size.
+DIM, HEADS, KV, FFN, SEQ, MB, VOCAB = 128, 4, 2, 384, 64, 2, 512
+TOKENS = MB * SEQ
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    while isinstance(t, (DTensor, AsyncCollectiveTensor)):
+        t = t._local_tensor if isinstance(t, DTensor) else t.elem
+    return t
+
+
+class LiveStorages(TorchDispatchMode):
+    """Bytes of the storages created by ops under this mode that are still alive (this rank's
+    shards for DTensors)."""
+
+    def __init__(self, ignore: set[int]):
+        super().__init__()
+        self.ignore = ignore  # parameters and buffers: views of them are not new memory
+        self.live: dict[int, int] = {}
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.live.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                storage = _local(t).untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.ignore and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    weakref.finalize(storage, self.live.pop, key, 0)
+        return out
+
+
+def held_after_forward(layers: int, *, dtype: torch.dtype = torch.float32, recompute: str = "none",
+                       tp_mesh=None, sequence_parallel: bool = False) -> int:
+    """Bytes held for backward by a ``layers``-block model after forward + loss, on this rank."""
+    args = ModelArgs(dim=DIM, n_layers=layers, n_heads=HEADS, n_kv_heads=KV, ffn_hidden=FFN, vocab_size=VOCAB,
+                     max_seq_len=SEQ)
+    with torch.device("meta"):
+        model = Transformer(args)
+    if tp_mesh is not None:
+        apply_tensor_parallel(model, tp_mesh, sequence_parallel=sequence_parallel, loss_parallel=True)
+    init_weights(model, 0, torch.device("cpu"))
+    model.to(dtype)  # bf16 parameters and activations, as FSDP's param_dtype gives on a GPU
+    apply_recompute(list(model.layers.values()), recompute)
+    tokens = torch.randint(0, VOCAB, (MB, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    mode = LiveStorages({_local(t).untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]})
+    with loss_parallel() if tp_mesh is not None else contextlib.nullcontext():
+        with mode:
+            logits = model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())  # as the trainer
+            del logits
+            held = mode.bytes
+        loss.backward()  # what was held is what backward needs: it runs
+    return held

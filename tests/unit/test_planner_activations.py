@@ -1,0 +1,38 @@
+"""The planner's activation memory against what apogee's own model keeps for backward, measured
+(tests/activations.py). Two depths (1 and 3 layers) give the per-layer bytes and the rest (final
+norm, loss); the planner's formulas must agree with both, per dtype and recompute mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from activations import DIM, FFN, HEADS, KV, SEQ, TOKENS, VOCAB, held_after_forward
+
+from apogee.planner.memory import activation_bytes_per_layer, head_activation_bytes
+from apogee.planner.spec import Layout, ModelShape
+
+
+@pytest.mark.parametrize("dtype,act_bytes", [(torch.float32, 4.0), (torch.bfloat16, 2.0)])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_planner_activations_match_the_engine(dtype, act_bytes, recompute):
+    one = held_after_forward(1, dtype=dtype, recompute=recompute)
+    three = held_after_forward(3, dtype=dtype, recompute=recompute)
+    per_layer = (three - one) / 2
+    m = ModelShape(layers=1, hidden=DIM, heads=HEADS, kv_heads=KV, ffn_hidden=FFN, vocab=VOCAB, seq_len=SEQ)
+    lay = Layout(recompute=recompute)
+    assert per_layer == pytest.approx(activation_bytes_per_layer(m, lay, micro_tokens=TOKENS, act_bytes=act_bytes), rel=1e-6)
+    # The rest: the final norm and the loss' fp32 log-softmax (plus 16 bytes of token ids per token).
+    head = head_activation_bytes(m, lay, micro_tokens=TOKENS, act_bytes=act_bytes)
+    assert one - per_layer == pytest.approx(head, rel=0.01)
+
+
+def test_apogee_block_count_by_hand():
+    # Llama-3-8B shape, bf16, no TP: two norms (4 + 2 + 2 + 4/h each), q/k/v 2(1 + 2 kv/a), the
+    # attention output 2, logsumexp 4a/h, SwiGLU 8f/h bytes per token per hidden unit.
+    m = ModelShape(layers=1, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=128256, seq_len=8192)
+    per = activation_bytes_per_layer(m, Layout(), micro_tokens=8192) / (8192 * 4096)
+    assert per == pytest.approx(2 * (8 + 4 / 4096) + 2 * (1 + 2 * 8 / 32) + 2 + 4 * 32 / 4096 + 8 * 14336 / 4096)
+    # Sequence parallel over 8: the norms' fp32 input and normalised output shrink, the gathered
+    # Linear input does not; the rest is sharded.
+    sp = activation_bytes_per_layer(m, Layout(tp=8, sequence_parallel=True), micro_tokens=8192) / (8192 * 4096)
+    assert sp == pytest.approx(2 * ((6 + 4 / 4096) / 8 + 2) + (2 * 1.5 + 2 + 4 * 32 / 4096 + 8 * 14336 / 4096) / 8)
