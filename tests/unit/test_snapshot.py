@@ -4,6 +4,8 @@ checkpoint, a restore is bit-exact, and a corrupted or torn snapshot makes the r
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -187,3 +189,111 @@ def test_damaged_snapshot_is_ignored_and_storage_is_used(damage, tmp_path, cache
     invalid = [f for kind, f in events if kind == "snapshot_invalid"]
     assert bool(invalid) == (damage != "torn")  # a torn write never had a real name: nothing to report
     assert not any(again.holder.iterdir())  # bad and torn files are removed
+
+
+def gated_persist(snaps, monkeypatch):
+    """Make ``snaps``' background persists wait for ``release`` (a persist slower than any step), and
+    record the steps they finish; ``entered`` is set when the training thread starts waiting."""
+    release, entered, persisted = threading.Event(), threading.Event(), []
+    real_persist, real_wait = snaps._persist, snaps.wait
+
+    def persist(header, state):
+        assert release.wait(60), "the test never released the persist"  # a hang guard, not a timing
+        ok = real_persist(header, state)
+        persisted.append(header["step"])
+        return ok
+
+    def wait():
+        if snaps._pending is not None:
+            entered.set()
+        return real_wait()
+
+    monkeypatch.setattr(snaps, "_persist", persist)
+    monkeypatch.setattr(snaps, "wait", wait)
+    return release, entered, persisted
+
+
+def test_only_a_snapshot_step_waits_for_the_persist_in_flight(tmp_path, cache_dir, monkeypatch):
+    cfg, model, optimizer, snaps, _ = setup(tmp_path, cache_dir)  # memory_interval = 2
+    release, entered, persisted = gated_persist(snaps, monkeypatch)
+    train(model, optimizer, 2)
+    snaps.after_step(2, model, optimizer, lambda: {"step": 2})
+    first = snaps._pending
+    assert first is not None and not first.done() and len(snaps.blocked_s) == 1
+    train(model, optimizer, 1)
+    # Step 3: no snapshot due. It returns with step 2's persist still pending, without waiting.
+    snaps.after_step(3, model, optimizer, lambda: {"step": 3})
+    assert snaps._pending is first and not first.done() and persisted == []
+    assert not entered.is_set() and snaps.waited_s == [] and len(snaps.blocked_s) == 1
+    # Drills: a kill at step 2 does not wait for step 2's own snapshot.
+    snaps.settle_before(2)
+    assert snaps._pending is first and not entered.is_set()
+
+    # Step 4 is due: it waits for step 2's persist before staging its own (at most one in flight).
+    train(model, optimizer, 1)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    step4 = threading.Thread(target=snaps.after_step, args=(4, model, optimizer, lambda: {"step": 4}))
+    step4.start()
+    assert entered.wait(60)
+    assert not first.done() and persisted == [] and snaps.seq == 1  # step 4 not staged: it is waiting
+    release.set()
+    step4.join(60)
+    assert not step4.is_alive()
+    # (step 4's own persist, no longer gated, may or may not have finished by now)
+    assert first.done() and first.result() is True and persisted[0] == 2
+    assert snaps.seq == 2 and len(snaps.blocked_s) == 2 and len(snaps.waited_s) == 1
+    assert snaps._pending is not first and snaps._pending_step == 4
+    # A kill at step 5 settles step 4's snapshot first; then only step 4's file is left.
+    snaps.settle_before(5)
+    assert snaps._pending is None and persisted == [2, 4]
+    assert sorted(p.name for p in snaps.holder.iterdir()) == [file_name(4, 0, "own")]
+
+    fresh = Model()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    again = MemorySnapshots(cfg, layout={"world_size": 1})
+    label, state = again.restore(fresh, fresh_opt)
+    assert label == "memory snapshot step-00000004" and state == {"step": 4}
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    snaps.close()
+
+
+def test_restore_waits_for_the_persist_in_flight(tmp_path, cache_dir, monkeypatch):
+    # The anomaly rollback restores in the same process: a persist still running must finish first
+    # (its collectives share the snapshot group; its files are what restore lists).
+    cfg, model, optimizer, snaps, _ = setup(tmp_path, cache_dir)
+    release, entered, persisted = gated_persist(snaps, monkeypatch)
+    train(model, optimizer, 2)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    snaps.after_step(2, model, optimizer, lambda: {"step": 2})
+    train(model, optimizer, 1)  # the step that goes wrong
+    result = []
+    rollback = threading.Thread(target=lambda: result.append(snaps.restore(model, optimizer)))
+    rollback.start()
+    assert entered.wait(60)
+    assert persisted == [] and result == []
+    release.set()
+    rollback.join(60)
+    assert not rollback.is_alive() and persisted == [2]
+    label, state = result[0]
+    assert label == "memory snapshot step-00000002" and state == {"step": 2}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    snaps.close()
+
+
+def test_kill_drills_settle_earlier_snapshots_first(tmp_path):
+    settled, killed = [], []
+    injector = FaultInjector(["kill:rank=0,step=3"], rank=0, run_dir=tmp_path)
+    injector.provide(settle_snapshots=settled.append)
+    import apogee.resilience.faults as faults
+
+    real_kill = faults.os.kill
+    faults.os.kill = lambda pid, sig: killed.append(sig)
+    try:
+        injector("after_step", 2)
+        assert settled == [] and killed == []
+        injector("after_step", 3)
+    finally:
+        faults.os.kill = real_kill
+    assert settled == [3] and len(killed) == 1

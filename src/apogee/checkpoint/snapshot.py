@@ -20,7 +20,12 @@ goes on; a background thread serialises them (``torch.save``, loaded back with
 torn snapshot under a real name), sends the same bytes to the peer over a gloo group of its own
 (never the training group), writes the peer's copy the same way, and all ranks agree that it is
 complete before each drops its older files; so the previous snapshot stays until the new one is
-complete everywhere. At most one snapshot is in flight: the next ``after_step`` waits for it.
+complete everywhere. At most one snapshot is in flight: the next snapshot step waits for it before
+staging its own (so every rank runs the persists' collectives in the same order, one snapshot after
+another). The steps in between do not wait: a persist slower than a step stalls training only if it
+is still running when the next snapshot is due. Whatever needs no snapshot in flight waits itself:
+``restore`` and ``inventory`` (the trainer's anomaly rollback calls ``restore``), ``close``, and kill
+drills (``settle_before``).
 
 A restart (``restore``): every rank lists the snapshots it holds (header and CRC-32 verified, the
 same run token, world, layout and config), one all-gather, and all pick the newest snapshot that
@@ -222,8 +227,13 @@ class MemorySnapshots:
         self.checkpoints = cfg.run.path / "checkpoints"
         self.enabled = self.interval > 0
         self._pending: concurrent.futures.Future | None = None
+        self._pending_step: int | None = None  # the step whose snapshot is in flight
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self.blocked_s: list[float] = []  # seconds each snapshot held training up (benchmarks)
+        # Seconds each snapshot step held training up (waiting for the previous persist, then staging),
+        # and, of that, the waits alone: one entry each time a previous persist was still running, i.e.
+        # persisting took longer than checkpoint.memory_interval steps (benchmarks).
+        self.blocked_s: list[float] = []
+        self.waited_s: list[float] = []
         if not self.enabled:
             return
         # Everything that must match for a shard to load as it was saved: the trajectory's config,
@@ -246,7 +256,8 @@ class MemorySnapshots:
         self.holder = self.root / f"rank-{self.rank:05d}"
         self.seq = 0
         if faults is not None and hasattr(faults, "provide"):
-            faults.provide(memory_dir=self.holder)  # lose-memory drills wipe this rank's "RAM"
+            # lose-memory drills wipe this rank's "RAM"; kill drills settle earlier snapshots first.
+            faults.provide(memory_dir=self.holder, settle_snapshots=self.settle_before)
         if self.rank == 0:
             fstype = ram_backed(self.root)
             if fstype:
@@ -284,14 +295,15 @@ class MemorySnapshots:
 
     # ------------------------------------------------------------------------------- save
     def after_step(self, step: int, model, optimizer, trainer_state: Callable[[], dict]) -> None:
-        """Every step, after the optimizer: wait for the snapshot in flight (at most one), then,
-        every ``memory_interval`` steps, stage a new one and persist it in the background."""
-        if not self.enabled:
+        """Every step, after the optimizer. Every ``memory_interval`` steps: wait for the snapshot in
+        flight (at most one), stage a new one and persist it in the background. Other steps return at
+        once, the persist in flight (if any) going on behind them."""
+        if not self.enabled or step % self.interval or step in self.last_steps:
             return
         start = time.perf_counter()
-        self.wait()
-        if step % self.interval or step in self.last_steps:
-            return
+        if self._pending is not None:
+            self.wait()  # one in flight at a time: its collectives finish before the next one's start
+            self.waited_s.append(time.perf_counter() - start)
         model_sd, optim_sd = _state_dicts(model, optimizer)
         state = {"model": {k: _host(v) for k, v in model_sd.items()},
                  "optim": {k: _host(v) for k, v in optim_sd.items()},
@@ -304,7 +316,7 @@ class MemorySnapshots:
         self.seq += 1
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="apogee-snapshot")
-        self._pending = self._executor.submit(self._persist, header, state)
+        self._pending, self._pending_step = self._executor.submit(self._persist, header, state), step
         self.blocked_s.append(time.perf_counter() - start)
 
     def _persist(self, header: dict, state: dict) -> bool:
@@ -359,10 +371,21 @@ class MemorySnapshots:
         return True
 
     def wait(self) -> bool | None:
+        """Wait for the snapshot in flight: True if it is complete on every rank, False if not (the
+        previous one stays), None if none was in flight; re-raises what its persist raised."""
         if self._pending is None:
             return None
-        pending, self._pending = self._pending, None
+        pending, self._pending, self._pending_step = self._pending, None, None
         return pending.result()
+
+    def settle_before(self, step: int) -> None:
+        """Wait for a snapshot staged before ``step``, not for one staged at ``step`` itself. Kill
+        drills call it (``FaultInjector.provide``) before the process dies, so that a kill at step S
+        finds every earlier snapshot complete, which training alone no longer guarantees; which
+        snapshot a restart finds is then the same on every run. A snapshot of step S itself may
+        still be in flight, as when a real crash strikes mid-persist."""
+        if self._pending is not None and self._pending_step is not None and self._pending_step < step:
+            self.wait()
 
     def close(self) -> None:
         """The job ended with a durable checkpoint: free the RAM this rank's snapshots hold."""
@@ -383,6 +406,7 @@ class MemorySnapshots:
     # ------------------------------------------------------------------------------- restore
     def inventory(self) -> tuple[list[dict], list[str]]:
         """The verified snapshots this rank holds, and a line for each file that fails."""
+        self.wait()  # a persist in flight is writing and pruning these files
         found, problems = [], []
         if not self.holder.is_dir():
             return found, problems
@@ -410,6 +434,7 @@ class MemorySnapshots:
         returns (a label for logs and events, the trainer state), or None to resume from storage."""
         if not self.enabled:
             return None
+        self.wait()  # a persist in flight runs collectives on self.group: they must not interleave
         durable = -1
         if self.rank == 0:
             latest = latest_checkpoint(self.checkpoints)

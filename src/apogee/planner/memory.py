@@ -1,15 +1,22 @@
-"""Memory per device: model states (ZeRO stages), activations (Korthikanti 2022), buffers.
+"""Memory per device: model states (ZeRO stages), activations (GPT: Korthikanti 2022; Llama: apogee's own block), buffers.
 
-All figures are bytes on the most loaded pipeline stage (the first: it holds the embedding and, under
-1F1B, the most micro-batches in flight; the last stage's logits are checked too).
+All figures are bytes on one rank of the most loaded pipeline stage. Both ends are priced and the larger
+total is returned: the first stage holds the embedding and, under 1F1B, the most micro-batches in
+flight; the last holds the output layer (with tied embeddings, a copy of the embedding weight) and the
+loss' fp32 logits, which dominate with a large vocabulary. A middle stage never exceeds the first: the
+engine's split gives it no more layers (``stage_layer_counts``), it holds fewer micro-batches and no
+embedding.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 from apogee.planner.cluster import GIB, Cluster
+from apogee.planner.errors import PlannerError
 from apogee.planner.spec import Layout, ModelShape
 
 # Mixed-precision Adam (Rajbhandari et al. 2020, §3.1): 2 bytes of 16-bit weights, 2 of 16-bit
@@ -55,19 +62,80 @@ class MemoryBreakdown:
         return d
 
 
-def stage_params(m: ModelShape, lay: Layout) -> tuple[float, float]:
-    """(non-expert params, routed-expert params) held by one rank of the first pipeline stage."""
+def stage_layer_counts(m: ModelShape, lay: Layout) -> list[int]:
+    """Layers of each of the ``pp x virtual_stages`` pipeline stages, as the engine assigns them.
+
+    The same balance as ``apogee.parallel.pipeline.split_layers`` (mirrored here because the planner
+    does not import torch; tests/unit/test_planner_stages.py checks they agree): a layer costs its
+    weights plus 2 x seq_len x hidden of attention, the last stage's output projection vocab x hidden in
+    the same units; the smallest max-load cap is found and surplus layers come off the most loaded,
+    latest stages first. So a large vocabulary moves layers off the last stage onto the others, and
+    no stage holds more layers than the first.
+    """
+    return list(_split_layers(m, lay.pp * lay.virtual_stages))
+
+
+@lru_cache(maxsize=4096)
+def _split_layers(m: ModelShape, n_stages: int) -> tuple[int, ...]:
+    # Cached: the search prices thousands of layouts sharing a few (model, stages) pairs.
     L = m.layers
-    layers_here = -(-L // lay.pp)  # ceil: the first stage gets any remainder
-    dense_here = max(0, min(layers_here, L - m.moe_layers))
-    moe_here = layers_here - dense_here
+    if n_stages == 1:
+        return (L,)
+    if L < n_stages:
+        raise PlannerError(f"model.layers={L} cannot fill layout.pp x layout.virtual_stages = {n_stages} pipeline stages")
+    layer = m.attn_params() + m.dense_mlp_params() + 2 * m.seq_len * m.hidden
+    extra = [0.0] * n_stages
+    extra[-1] += m.vocab * m.hidden / layer
+    for target in sorted({c + e for e in extra for c in range(1, L + 1)}):
+        caps = [max(1, math.floor(target - e + 1e-9)) for e in extra]
+        if sum(caps) >= L:
+            break
+    surplus = sum(caps) - L
+    while surplus:
+        i = max((i for i in range(n_stages) if caps[i] > 1), key=lambda i: (caps[i] + extra[i], i))
+        caps[i] -= 1
+        surplus -= 1
+    return tuple(caps)
+
+
+def rank_layer_ranges(m: ModelShape, lay: Layout, stage: str = "first") -> list[range]:
+    """Global layer indices held by the pp rank running the ``stage`` ("first" or "last") pipeline stage.
+
+    With virtual stages (interleaved 1F1B, torch's "loop" placement) pp rank r runs stages r, r + pp, ...:
+    the first rank also holds stages pp, 2 pp, ..., the last rank stages 2 pp - 1, ..., the last one.
+    """
+    counts = stage_layer_counts(m, lay)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    r = 0 if stage == "first" else lay.pp - 1
+    return [range(starts[s], starts[s] + counts[s]) for s in range(r, len(counts), lay.pp)]
+
+
+def stage_params(m: ModelShape, lay: Layout, stage: str = "first") -> tuple[float, float]:
+    """(non-expert params, routed-expert params) held by one rank of the ``stage`` ("first" or "last")
+    pipeline stage. With ``pp == 1`` the one stage holds the whole model (the final norm, ``hidden``
+    parameters, is left out there as it always was)."""
+    if stage not in ("first", "last"):
+        raise ValueError(f"stage must be 'first' or 'last', got {stage!r}")
     per_dense = m.attn_params() + m.norm_params() + m.dense_mlp_params()
     shared, routed = m.moe_layer_mlp_params() if m.moe_layers else (0, 0)
     per_moe_nonexpert = m.attn_params() + m.norm_params() + shared
+    dense_end = m.layers - m.moe_layers  # dense layers come first (ModelShape.dense_layers)
+    dense_here = moe_here = 0
+    for r in rank_layer_ranges(m, lay, stage):
+        d = max(0, min(r.stop, dense_end) - r.start)
+        dense_here += d
+        moe_here += len(r) - d
     nonexpert = (dense_here * per_dense + moe_here * per_moe_nonexpert) / lay.tp
-    nonexpert += m.embedding_params() / lay.tp
     if lay.pp == 1:
-        nonexpert += m.output_params() / lay.tp
+        nonexpert += (m.embedding_params() + m.output_params()) / lay.tp
+    elif stage == "first":
+        nonexpert += m.embedding_params() / lay.tp
+    else:
+        # The final norm and a vocab x hidden output weight: untied, the output layer; tied, the last
+        # stage's copy of the embedding (apogee.parallel.pipeline.tie_across_stages), which
+        # ModelShape.output_params() counts as 0 because the whole model holds it once.
+        final_norm = 2 * m.hidden if m.mlp == "gelu" else m.hidden
+        nonexpert += (m.vocab * m.hidden + final_norm) / lay.tp
     experts = moe_here * routed / (lay.ep * lay.tp)
     return nonexpert, experts
 
@@ -79,7 +147,7 @@ def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: floa
     GPT blocks (the published Megatron-LM runs): Korthikanti 2022 Table 2 exactly, for 16-bit
     activations (scaled by ``act_bytes / 2``). Llama blocks: what apogee's own block
     (apogee.models.llama) leaves for backward, tensor by tensor, per token, in units of the hidden size
-    (tests/unit/test_planner.py measures the engine's live activation bytes and compares):
+    (tests/unit/test_planner_activations.py measures the engine's live activation bytes and compares):
 
       each RMSNorm   its fp32 input (4: the x.float() copy under bf16, x itself in fp32), the normalised
                      output and the gain-scaled output (a each; the latter is the next Linears' input),
@@ -152,22 +220,44 @@ def _korthikanti_gpt(m: ModelShape, lay: Layout, sbh: float, t: int, sp: bool) -
     return sbh * (10 + 24 / t + score / t)
 
 
-def in_flight_microbatches(lay: Layout, n_micro: int) -> float:
-    """Layers' worth of micro-batches the first stage holds, in units of 'all L/p layers of one micro-batch'."""
+def in_flight_microbatches(lay: Layout, n_micro: int, stage: str = "first") -> float:
+    """Micro-batches the ``stage`` ("first" or "last") rank holds, in units of 'all its layers of one micro-batch'.
+
+    GPipe runs every forward before any backward: all ``n_micro`` everywhere. 1F1B: the first stage holds
+    min(p, n_micro), the last one (its backward follows each forward at once). Interleaved 1F1B (torch's
+    ScheduleInterleaved1F1B): rank r runs (v - 1) p + 2 (p - 1 - r) warm-up forwards of one chunk (1/v of
+    its layers) before its first backward, so the first rank holds p (1 + (p - 1)/(p v)) (Korthikanti 2022
+    §4.2.3) and the last ((v - 1) p + 1) / v.
+    """
     p, v = lay.pp, lay.virtual_stages
     if p == 1:
         return 1.0
     if lay.pp_schedule == "gpipe":
         return float(n_micro)
+    interleaved = lay.pp_schedule == "interleaved-1f1b" and v > 1
+    if stage == "last":
+        return min((v - 1) * p + 1, n_micro * v) / v if interleaved else 1.0
     held = float(min(p, n_micro))
-    if lay.pp_schedule == "interleaved-1f1b" and v > 1:
+    if interleaved:
         held *= 1 + (p - 1) / (p * v)  # Korthikanti 2022 §4.2.3
     return held
 
 
 def memory_per_gpu(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: int,
                    precision: str = "bf16") -> MemoryBreakdown:
-    nonexpert, experts = stage_params(m, lay)
+    """The breakdown of the most loaded pipeline stage: the first or the last, whichever totals more
+    (the first on a tie; with ``pp == 1`` the one stage)."""
+    first = stage_memory(m, lay, cluster, global_batch=global_batch, precision=precision, stage="first")
+    if lay.pp == 1:
+        return first
+    last = stage_memory(m, lay, cluster, global_batch=global_batch, precision=precision, stage="last")
+    return last if last.total > first.total else first
+
+
+def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: int, precision: str = "bf16",
+                 stage: str = "first") -> MemoryBreakdown:
+    """Bytes on one rank of the ``stage`` ("first" or "last") pipeline stage."""
+    nonexpert, experts = stage_params(m, lay, stage)
     shard_dp = lay.dp * lay.cp  # FSDP/ZeRO shard over the data and context axes (torchtitan's dp_shard x cp)
     ex_dp = max(1, shard_dp // lay.ep)
     w1, g1, o1 = zero_split(nonexpert, shard_dp, lay.zero)
@@ -184,19 +274,23 @@ def memory_per_gpu(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch
     micro_tokens = lay.microbatch * m.seq_len / lay.cp
     act_bytes = 4.0 if precision == "fp32" else 2.0
     per_layer = activation_bytes_per_layer(m, lay, micro_tokens=micro_tokens, act_bytes=act_bytes)
-    layers_here = -(-m.layers // lay.pp)
-    acts = per_layer * layers_here * in_flight_microbatches(lay, n_micro)
+    layers_here = sum(len(r) for r in rank_layer_ranges(m, lay, stage))
+    acts = per_layer * layers_here * in_flight_microbatches(lay, n_micro, stage)
     if lay.recompute == "full":
         # The layer being recomputed holds its full activations during its backward.
-        full = activation_bytes_per_layer(m, dataclasses.replace(lay, recompute="none"), micro_tokens=micro_tokens,
-                                          act_bytes=act_bytes)
-        acts += full
-    if m.mlp == "gelu":
+        acts += activation_bytes_per_layer(m, dataclasses.replace(lay, recompute="none"), micro_tokens=micro_tokens,
+                                           act_bytes=act_bytes)
+    if m.mlp == "gelu" and (lay.pp == 1 or stage == "first"):
         # Megatron keeps the embedding's dropout output (Korthikanti 2022 §4.3); apogee's embedding
         # output is the first block's input, counted there.
         acts += act_bytes * micro_tokens * m.hidden / (lay.tp if lay.sequence_parallel else 1)
+    head = head_activation_bytes(m, lay, micro_tokens=micro_tokens, act_bytes=act_bytes)
     if lay.pp == 1:
-        acts += head_activation_bytes(m, lay, micro_tokens=micro_tokens, act_bytes=act_bytes)
+        acts += head  # one micro-batch's (accumulation runs them in turn)
+    elif stage == "last":
+        # The loss runs inside the last stage's forward, so what it saves lives as long as the
+        # micro-batch: all of them under GPipe, one at a time under the 1F1B family.
+        acts += head * (n_micro if lay.pp_schedule == "gpipe" else 1)
 
     buffers = cluster.accel.reserved_gib * GIB
     if lay.zero >= 3 and shard_dp > 1:
@@ -208,4 +302,3 @@ def memory_per_gpu(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch
     if lay.tp > 1:
         buffers += 2 * micro_tokens * m.hidden * act_bytes  # all-gather / reduce-scatter staging
     return MemoryBreakdown(params=params, grads=grads, optimizer=opt, activations=acts, buffers=buffers)
-

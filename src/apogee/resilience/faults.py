@@ -21,7 +21,10 @@ the restart has to load (and reject) it. ``lose-memory:rank=R[,step=S]`` has no 
 when a ``kill`` or ``kill-during-save`` of rank R fires (at step S, or any step without one), rank R
 first wipes its in-memory snapshots (``checkpoint.memory_interval``), as if its node's RAM went with
 it; the restart must then load R's shard from the peer copy. The snapshot module tells the hook
-where they are (``provide(memory_dir=...)``).
+where they are (``provide(memory_dir=...)``). A ``kill`` or ``kill-during-save`` at step S first lets
+in-memory snapshots of steps before S finish persisting (``provide(settle_snapshots=...)``): training
+does not wait for them every step, and a drill must find the same snapshot on every run. A snapshot
+of step S itself may still be in flight when the rank dies, as in a real crash.
 """
 
 from __future__ import annotations
@@ -168,13 +171,21 @@ class FaultInjector:
             os.fsync(f.fileno())
 
     # Each fault is a method, so a drill is readable in one place.
-    def _kill(self, fault: Fault, memory_dir: Path | None = None, **_) -> None:
+    def _kill(self, fault: Fault, memory_dir: Path | None = None, settle_snapshots=None, **_) -> None:
+        self._settle(fault, settle_snapshots)
         self._lose_memory(fault, memory_dir)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def _kill_during_save(self, fault: Fault, memory_dir: Path | None = None, **_) -> None:
+    def _kill_during_save(self, fault: Fault, memory_dir: Path | None = None, settle_snapshots=None, **_) -> None:
+        self._settle(fault, settle_snapshots)
         self._lose_memory(fault, memory_dir)
         os.kill(os.getpid(), signal.SIGKILL)
+
+    @staticmethod
+    def _settle(kill: Fault, settle_snapshots: Callable[[int], None] | None) -> None:
+        """In-memory snapshots of steps before the kill's finish first (see the module docstring)."""
+        if settle_snapshots is not None:
+            settle_snapshots(kill.step)
 
     def _lose_memory(self, kill: Fault, memory_dir: Path | None) -> None:
         """A ``lose-memory`` of this rank that matches the kill: wipe the rank's snapshots first."""

@@ -1,0 +1,151 @@
+"""Planner memory per pipeline stage: the engine's layer split, both ends priced, the larger returned."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from apogee.models.flavors import ModelArgs, get_flavor
+from apogee.models.llama import Transformer
+from apogee.parallel.pipeline import split_layers, split_model
+from apogee.planner.cluster import GIB, Cluster, get_accelerator
+from apogee.planner.memory import (
+    activation_bytes_per_layer,
+    in_flight_microbatches,
+    memory_per_gpu,
+    stage_layer_counts,
+    stage_memory,
+    stage_params,
+)
+from apogee.planner.spec import Layout, ModelShape, shape_from_args, shape_from_flavor
+
+H100 = Cluster(accel=get_accelerator("h100-80gb"), gpus=8, gpus_per_node=8)
+
+
+# -- the split agrees with the engine's ----------------------------------------------------------------
+@pytest.mark.parametrize("flavor,seq", [("llama-1b", 2048), ("llama-1b", 8192), ("llama3-8b", 8192),
+                                        ("llama3-70b", 8192), ("debug", 512)])
+@pytest.mark.parametrize("pp,v", [(2, 1), (3, 1), (4, 1), (2, 2), (4, 2), (3, 3)])
+def test_stage_split_is_the_engines(flavor, seq, pp, v):
+    args = get_flavor(flavor)
+    args = args if args.vocab_size else args.with_vocab(32000)
+    if pp * v > args.n_layers:
+        pytest.skip("more stages than layers")
+    lay = Layout(pp=pp, virtual_stages=v, pp_schedule="interleaved-1f1b" if v > 1 else "1f1b")
+    engine = [len(r) for r in split_layers(args, pp * v, seq)]
+    assert stage_layer_counts(shape_from_flavor(flavor, seq_len=seq, vocab=args.vocab_size), lay) == engine
+
+
+def test_llama_1b_split_is_uneven():
+    # The 128256 x 2048 output projection costs ~3.8 layers at seq 2048: 16 layers over 4 stages go
+    # 5, 5, 5, 1 (not ceil(16/4) = 4 everywhere, which the planner used to assume).
+    assert stage_layer_counts(shape_from_flavor("llama-1b", seq_len=2048), Layout(pp=4)) == [5, 5, 5, 1]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("pp,v", [(2, 1), (4, 1), (2, 2)])
+def test_stage_params_count_the_engines_modules(tie, pp, v):
+    # One pp rank's parameters, as split_model leaves them (meta device), against stage_params at tp=1.
+    args = ModelArgs(dim=64, n_layers=8, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=4096,
+                     max_seq_len=64, tie_embeddings=tie)
+    m = shape_from_args(args, seq_len=64)
+    schedule = "interleaved-1f1b" if v > 1 else "1f1b"
+    lay = Layout(pp=pp, virtual_stages=v, pp_schedule=schedule)
+    for stage, pp_rank in (("first", 0), ("last", pp - 1)):
+        with torch.device("meta"):
+            model = Transformer(args)
+        union, _ = split_model(model, pp_rank=pp_rank, pp=pp, schedule=schedule, per_rank=v, seq_len=64)
+        engine = sum(p.numel() for p in union.parameters())  # a tied weight is one parameter: counted once
+        nonexpert, experts = stage_params(m, lay, stage)
+        assert (nonexpert, experts) == (engine, 0)
+
+
+# -- memory of the most loaded stage, by hand ------------------------------------------------------------
+S, HID, V, FFN = 2048, 1024, 256_000, 4096
+PER_LAYER = 4 * HID * HID + 3 * HID * FFN + 2 * HID  # wq wk wv wo, w1 w2 w3, two RMSNorm gains
+EMB = V * HID  # 262,144,000: worth 12.5 layers of compute, so the last stage gets one layer
+# What the loss' stage keeps per micro-batch beyond its blocks (bf16): the fp32 log-softmax, 4sv, and
+# the final RMSNorm's fp32 input, normalised and scaled outputs (4 + 2 + 2 bytes) and reciprocal RMS.
+HEAD = 4 * S * V + S * (8 * HID + 4)
+
+
+def _shape(tie: bool) -> ModelShape:
+    return ModelShape(layers=8, hidden=HID, heads=8, kv_heads=8, ffn_hidden=FFN, vocab=V, seq_len=S,
+                      tie_embeddings=tie)
+
+
+def _hand(params: float, acts: float):
+    # dp = tp = 1, ZeRO 1 on one rank: 2 + 2 + 12 bytes per parameter; the 2.5 GiB reserve only.
+    return {"params": 2 * params, "grads": 2 * params, "optimizer": 12 * params, "activations": acts,
+            "buffers": 2.5 * GIB}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("pp,split", [(2, (7, 1)), (4, (3, 2, 2, 1))])
+def test_last_stage_with_a_large_vocab_is_the_most_loaded(tie, pp, split):
+    m = _shape(tie)
+    lay = Layout(pp=pp, pp_schedule="1f1b", recompute="full", zero=1)
+    gb = 8  # 8 micro-batches of one sequence
+    assert stage_layer_counts(m, lay) == list(split)
+    recomputed = activation_bytes_per_layer(m, Layout(recompute="none"), micro_tokens=S)  # one full layer
+    first_params = split[0] * PER_LAYER + EMB
+    # Untied: the output layer; tied: the last stage's copy of the embedding. The same vocab x hidden
+    # either way, plus the final norm.
+    last_params = split[-1] * PER_LAYER + EMB + HID
+    # Full recompute stores each layer's input (2sh) for every micro-batch in flight: pp on the first
+    # stage under 1F1B, 1 on the last; the last also keeps one micro-batch's HEAD. (The embedding
+    # output is the first layer's input: counted there.)
+    first_acts = 2 * S * HID * split[0] * pp + recomputed
+    last_acts = 2 * S * HID * split[-1] * 1 + recomputed + HEAD
+    first = stage_memory(m, lay, H100, global_batch=gb, stage="first")
+    last = stage_memory(m, lay, H100, global_batch=gb, stage="last")
+    assert dataclasses.asdict(first) == pytest.approx(_hand(first_params, first_acts), rel=1e-12)
+    assert dataclasses.asdict(last) == pytest.approx(_hand(last_params, last_acts), rel=1e-12)
+    assert last.total > first.total
+    assert memory_per_gpu(m, lay, H100, global_batch=gb) == last
+
+
+def test_gpipe_last_stage_holds_every_micro_batchs_logits():
+    m = _shape(False)
+    lay = Layout(pp=2, pp_schedule="gpipe", recompute="full", zero=1)
+    recomputed = activation_bytes_per_layer(m, Layout(recompute="none"), micro_tokens=S)
+    last = stage_memory(m, lay, H100, global_batch=8, stage="last")
+    assert last.activations == pytest.approx(2 * S * HID * 1 * 8 + recomputed + 8 * HEAD, rel=1e-12)
+
+
+def test_first_stage_wins_with_a_small_vocab():
+    # A 32000 vocabulary: the first stage (more layers, pp micro-batches in flight) is the larger.
+    m = dataclasses.replace(_shape(False), vocab=32000)
+    lay = Layout(pp=2, pp_schedule="1f1b", recompute="none", zero=1)
+    first = stage_memory(m, lay, H100, global_batch=8, stage="first")
+    last = stage_memory(m, lay, H100, global_batch=8, stage="last")
+    assert first.total > last.total
+    assert memory_per_gpu(m, lay, H100, global_batch=8) == first
+
+
+def test_in_flight_microbatches_per_end():
+    # torch's interleaved 1F1B: rank r runs (v-1)p + 2(p-1-r) warm-up chunk forwards before its first
+    # backward, so in units of its whole layer set the first rank holds (vp + p - 1)/v, the last ((v-1)p + 1)/v.
+    inter = Layout(pp=4, virtual_stages=2, pp_schedule="interleaved-1f1b")
+    assert in_flight_microbatches(inter, 16, "first") == pytest.approx((2 * 4 + 4 - 1) / 2)
+    assert in_flight_microbatches(inter, 16, "last") == pytest.approx((1 * 4 + 1) / 2)
+    assert in_flight_microbatches(Layout(pp=4), 16, "first") == 4
+    assert in_flight_microbatches(Layout(pp=4), 16, "last") == 1
+    assert in_flight_microbatches(Layout(pp=4, pp_schedule="gpipe"), 16, "last") == 16
+
+
+# -- pp = 1 ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tie", [False, True])
+def test_single_stage_memory_by_hand(tie):
+    # The whole model on one stage: parameters without the final norm's gain, the output layer only
+    # when untied; activations of every layer and one micro-batch's HEAD.
+    m = _shape(tie)
+    lay = Layout(recompute="full", zero=1)
+    recomputed = activation_bytes_per_layer(m, Layout(recompute="none"), micro_tokens=S)
+    params = 8 * PER_LAYER + EMB + (0 if tie else EMB)
+    acts = 2 * S * HID * 8 + recomputed + HEAD
+    got = memory_per_gpu(m, lay, H100, global_batch=8)
+    assert dataclasses.asdict(got) == pytest.approx(_hand(params, acts), rel=1e-12)
+    assert got == stage_memory(m, lay, H100, global_batch=8, stage="first")
