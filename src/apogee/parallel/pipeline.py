@@ -30,7 +30,6 @@ gradients (``scale_grads=False``), so the gradients are those of the mean over t
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Callable
 
 import torch
@@ -40,6 +39,7 @@ from torch.distributed.tensor import DTensor
 
 from apogee.models.flavors import ModelArgs
 from apogee.models.llama import Transformer
+from apogee.parallel.balance import balanced_stage_sizes
 
 # name -> (torch.distributed.pipelining class, stage placement)
 SCHEDULES: dict[str, tuple[str, str]] = {
@@ -90,23 +90,9 @@ def split_layers(args: ModelArgs, n_stages: int, seq_len: int) -> list[range]:
     the last stage's output projection costs vocab x dim, in the same units (the embedding lookup
     is free). Minimise the most loaded stage; surplus layers come off the most loaded stages.
     """
-    n_layers = args.n_layers
-    if n_layers < n_stages:
-        raise ValueError(f"{n_layers} layers cannot fill {n_stages} pipeline stages")
     kv_dim = args.n_kv_heads * args.head_dim
     layer = 2 * args.dim * args.dim + 2 * args.dim * kv_dim + 3 * args.dim * args.ffn_hidden + 2 * seq_len * args.dim
-    extra = [0.0] * n_stages
-    extra[-1] += args.vocab_size * args.dim / layer if args.vocab_size else 0.0
-    # The smallest max-load T for which stages capped at T hold all the layers.
-    for target in sorted({c + e for e in extra for c in range(1, n_layers + 1)}):
-        caps = [max(1, math.floor(target - e + 1e-9)) for e in extra]
-        if sum(caps) >= n_layers:
-            break
-    surplus = sum(caps) - n_layers
-    while surplus:
-        i = max((i for i in range(n_stages) if caps[i] > 1), key=lambda i: (caps[i] + extra[i], i))
-        caps[i] -= 1
-        surplus -= 1
+    caps = balanced_stage_sizes(args.n_layers, n_stages, args.vocab_size * args.dim / layer if args.vocab_size else 0.0)
     ranges, start = [], 0
     for count in caps:
         ranges.append(range(start, start + count))

@@ -11,10 +11,10 @@ embedding.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
+from apogee.parallel.balance import balanced_stage_sizes
 from apogee.planner.cluster import GIB, Cluster
 from apogee.planner.errors import PlannerError
 from apogee.planner.spec import Layout, ModelShape
@@ -65,8 +65,8 @@ class MemoryBreakdown:
 def stage_layer_counts(m: ModelShape, lay: Layout) -> list[int]:
     """Layers of each of the ``pp x virtual_stages`` pipeline stages, as the engine assigns them.
 
-    The same balance as ``apogee.parallel.pipeline.split_layers`` (mirrored here because the planner
-    does not import torch; tests/unit/test_planner_stages.py checks they agree): a layer costs its
+    The engine's balance (``apogee.parallel.balance``, which ``apogee.parallel.pipeline.split_layers``
+    uses too; tests/unit/test_planner_stages.py checks they agree): a layer costs its
     weights plus 2 x seq_len x hidden of attention, the last stage's output projection vocab x hidden in
     the same units; the smallest max-load cap is found and surplus layers come off the most loaded,
     latest stages first. So a large vocabulary moves layers off the last stage onto the others, and
@@ -84,17 +84,7 @@ def _split_layers(m: ModelShape, n_stages: int) -> tuple[int, ...]:
     if L < n_stages:
         raise PlannerError(f"model.layers={L} cannot fill layout.pp x layout.virtual_stages = {n_stages} pipeline stages")
     layer = m.attn_params() + m.dense_mlp_params() + 2 * m.seq_len * m.hidden
-    extra = [0.0] * n_stages
-    extra[-1] += m.vocab * m.hidden / layer
-    for target in sorted({c + e for e in extra for c in range(1, L + 1)}):
-        caps = [max(1, math.floor(target - e + 1e-9)) for e in extra]
-        if sum(caps) >= L:
-            break
-    surplus = sum(caps) - L
-    while surplus:
-        i = max((i for i in range(n_stages) if caps[i] > 1), key=lambda i: (caps[i] + extra[i], i))
-        caps[i] -= 1
-        surplus -= 1
+    caps = balanced_stage_sizes(L, n_stages, m.vocab * m.hidden / layer)
     return tuple(caps)
 
 
