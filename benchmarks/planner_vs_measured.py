@@ -11,6 +11,10 @@
    - gloo all-gather on the run's TP (else DP) group, 1 KiB and 4 MiB -> link latency, bus bandwidth,
    - 60 GEMMs on every rank at once vs each rank alone (others in a barrier) -> contention,
    - the resident size after all of the above (imports, gloo, op code pages; no model) -> reserved_gib,
+   - a structural replica of the run (the engine's model, parallel plans, loss, clipping and AdamW at
+     head_dim 2 and a few tokens: every call, DTensor dispatch, FSDP2 unit and collective of the real
+     step, with ~no compute or bytes), 1 and 3 blocks, all ranks at once, median -> host_table
+     (per block and rest, of a micro-batch and of the optimizer step; replaces the host_* count model),
    - every GEMM shape the cost model prices (compute.gemm_shapes)  -> gemm_table,
    - causal scaled_dot_product_attention forward + backward at the run's shape -> attn_eff,
    - one block's norms, rotary, SwiGLU product and residual adds (the engine's modules) forward +
@@ -96,6 +100,80 @@ def _elem_block(key: tuple, reps: int) -> float:
     return _best(run, reps)
 
 
+def _host_replica(parallel: dict, nproc: int, heads: int, kv_heads: int, mb: int, reps: int) -> dict:
+    """Host seconds on a structural replica of the run: the engine's model, parallel plans
+    (apogee.parallel.apply on this run's layout and mesh), loss, clipping and optimizer at near-zero
+    size (head_dim 2, a few tokens and vocabulary entries), so every torch call, autograd node,
+    DTensor dispatch, FSDP2 unit and collective of the real step runs with no compute or bytes to
+    speak of. All ranks at once, median of ``reps`` (the contention and the gloo latency the run
+    sees). Models of 1 and 3 blocks give per-block times and the rest (embedding, output, loss, the
+    root unit): {"micro_batch": (per block, rest), "step": (per block, rest)}, where micro_batch is one
+    micro-batch's forward + backward with gradient sync off (the engine reduce-scatters once per
+    step) and step is clipping + AdamW + zero_grad."""
+    import contextlib
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from apogee.config import load_config, validate
+    from apogee.models.flavors import ModelArgs
+    from apogee.models.init import init_weights
+    from apogee.models.llama import Transformer
+    from apogee.parallel.apply import parallelize
+    from apogee.parallel.mesh import Mesh
+    from apogee.train.optim import build_optimizer, clip_grad_norm
+
+    cfg = load_config(None, {"parallel": parallel})
+    resolved = validate(cfg, nproc)
+    mesh = Mesh.build(resolved, "cpu")
+    tp = resolved.tp
+    seq = 2 * tp
+    medians = {"micro_batch": [], "step": []}
+    depths = (1, 3)
+    for layers in depths:
+        args = ModelArgs(dim=2 * heads, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads, ffn_hidden=4 * tp,
+                         vocab_size=8 * tp, max_seq_len=seq)
+        with torch.device("meta"):
+            model = Transformer(args)
+        model = parallelize(model, mesh, param_dtype=torch.float32, compile=False)
+        init_weights(model, 0, torch.device("cpu"))
+        optimizer = build_optimizer(model, cfg.train, torch.device("cpu"))
+        tokens = torch.randint(0, args.vocab_size, (mb, seq + 1), generator=torch.Generator().manual_seed(0))
+
+        def micro_batch(sync: bool):
+            if hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(sync)
+            with loss_parallel() if tp > 1 and resolved.loss_parallel else contextlib.nullcontext():
+                logits = model(tokens[:, :-1])
+                F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(0, 1)).backward()
+
+        def step():
+            clip_grad_norm(model, cfg.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            micro_batch(True)
+            step()
+        if dist.is_initialized():
+            dist.barrier()
+        laps = [_timed(lambda: micro_batch(False)) for _ in range(reps)]
+        medians["micro_batch"].append(statistics.median(laps))
+        optimizer.zero_grad(set_to_none=True)
+        laps = []
+        for _ in range(reps):
+            micro_batch(True)
+            laps.append(_timed(step))
+        medians["step"].append(statistics.median(laps))
+    out = {}
+    for key, (one, deep) in medians.items():
+        per_block = max(0.0, (deep - one) / (depths[1] - depths[0]))
+        out[key] = (per_block, max(0.0, one - per_block))
+    return out
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -108,7 +186,7 @@ def _vmhwm() -> int:
 
 
 def _worker(rank: int, args: tuple, out) -> None:
-    nproc, dp, tp, shapes, mb, heads, kv_heads, seq, head_dim, elem, reps, port = args
+    nproc, dp, tp, shapes, mb, heads, kv_heads, seq, head_dim, elem, reps, port, parallel, model_heads = args
     import torch
     import torch.distributed as dist
     from torch import nn
@@ -197,8 +275,12 @@ def _worker(rank: int, args: tuple, out) -> None:
                 alone.append(min(_timed(work) for _ in range(3)))
         dist.barrier()
         res["contention"] = min(t_all) / alone[0]
-    res["base_rss"] = _vmhwm()  # runtime: imports, gloo, the code pages of the ops above; no model
-    # 6. Every GEMM shape the cost model prices for this layout, at the rank's thread count.
+    # 6. The host work of the layout's micro-batch, on a near-zero-size replica (after the resident
+    # size: the replica's own few tensors are not the runtime's).
+    base_rss = _vmhwm()  # runtime: imports, gloo, the code pages of the ops above; no model
+    res["host"] = _host_replica(parallel, nproc, *model_heads, mb, reps * 2)
+    res["base_rss"] = base_rss
+    # 7. Every GEMM shape the cost model prices for this layout, at the rank's thread count.
     table = {}
     for M, N, K in shapes:
         a, b = torch.randn(M, K), torch.randn(K, N)
@@ -213,7 +295,7 @@ def _worker(rank: int, args: tuple, out) -> None:
         o.sum().backward()
 
     res["t_attn"] = _best(attn, reps)
-    # 7. One block's memory-bound ops with the engine's own modules, forward + backward, at the rank's
+    # 8. One block's memory-bound ops with the engine's own modules, forward + backward, at the rank's
     # shape: the two RMSNorms and residual adds (on seq/tp tokens under sequence parallel), rotary on q
     # and k, the SwiGLU product. The same ops on 2-token tensors are pure dispatch/autograd, which
     # host_call_s / host_node_s already price: subtracted.
@@ -227,16 +309,18 @@ def _worker(rank: int, args: tuple, out) -> None:
 
 
 def measure_cpu(nproc: int, dp: int, tp: int, shapes, mb: int, seq: int, heads: tuple[int, int, int],
-                elem: tuple, reps: int = 7) -> dict:
+                elem: tuple, parallel: dict, model_heads: tuple[int, int], reps: int = 7) -> dict:
     """The primitives' costs with ``nproc`` ranks on this machine at once, each with the engine's thread
     count. ``heads``: (query heads, kv heads, head dim) per rank. Per primitive: the median over ranks
-    of each rank's minimum over repeats. ``elem``: compute.elem_key of the run's block."""
+    of each rank's minimum over repeats. ``elem``: compute.elem_key of the run's block. ``parallel``:
+    the run's [parallel] section, ``model_heads``: the model's (heads, kv heads), for the host replica."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    args = (nproc, dp, tp, sorted(shapes), mb, heads[0], heads[1], seq, heads[2], tuple(elem), reps, port)
+    args = (nproc, dp, tp, sorted(shapes), mb, heads[0], heads[1], seq, heads[2], tuple(elem), reps, port, parallel,
+            model_heads)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, args, q)) for r in range(nproc)]
@@ -245,12 +329,14 @@ def measure_cpu(nproc: int, dp: int, tp: int, shapes, mb: int, seq: int, heads: 
     res = [q.get(timeout=600)[1] for _ in procs]
     for p in procs:
         p.join()
-    merged = {k: statistics.median(r[k] for r in res) for k in res[0] if k != "gemm_table"}
+    merged = {k: statistics.median(r[k] for r in res) for k in res[0] if k not in ("gemm_table", "host")}
+    merged["host"] = {part: tuple(statistics.median(r["host"][part][i] for r in res) for i in range(2))
+                      for part in res[0]["host"]}
     merged["gemm_table"] = {s: statistics.median(r["gemm_table"][s] for r in res) for s in res[0]["gemm_table"]}
     return merged
 
 
-def cpu_from_measurement(meas: dict, m, mb: int, elem: tuple | None = None):
+def cpu_from_measurement(meas: dict, m, mb: int, elem: tuple | None = None, host_key: tuple | None = None):
     """The `cpu` accelerator with its calibration replaced by the micro-benchmark's figures."""
     from apogee.planner.cluster import ACCELERATORS
 
@@ -261,6 +347,8 @@ def cpu_from_measurement(meas: dict, m, mb: int, elem: tuple | None = None):
                               host_node_s=meas["host_node_s"])
     if elem is not None and "t_elem" in meas:
         acc = dataclasses.replace(acc, elem_table={tuple(elem): max(0.0, meas["t_elem"])})
+    if host_key is not None and "host" in meas:
+        acc = dataclasses.replace(acc, host_table={host_key: meas["host"]})
     for key in ("dtensor_call_s", "fsdp_unit_s", "contention"):
         if key in meas:
             acc = dataclasses.replace(acc, **{key: meas[key]})
@@ -304,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     from apogee.planner.cluster import Cluster
     from apogee.planner.compute import elem_key, gemm_shapes
     from apogee.planner.estimate import estimate
+    from apogee.planner.host import host_key
     from apogee.planner.spec import Layout, RunSpec, shape_from_args
 
     out = []
@@ -314,11 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         shapes = gemm_shapes(m, tp, 1, mbs)
         heads = (m.heads // tp, max(1, m.kv_heads // tp), m.head_dim)
         elem = elem_key(m, tp, 1, mbs, tp > 1)
-        meas = measure_cpu(nproc, dp, tp, shapes, mbs, seq, heads, elem)
-        acc = cpu_from_measurement(meas, m, mbs, elem)
+        lay = Layout(tp=tp, dp=dp, microbatch=mbs, zero=3, sequence_parallel=tp > 1, dp_overlap=False)
+        meas = measure_cpu(nproc, dp, tp, shapes, mbs, seq, heads, elem, par, (m.heads, m.kv_heads))
+        acc = cpu_from_measurement(meas, m, mbs, elem, host_key(lay, fsdp=dp > 1))
         run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=nproc, gpus_per_node=nproc), fixed={},
                       global_batch=gb, precision="fp32")
-        lay = Layout(tp=tp, dp=dp, microbatch=mbs, zero=3, sequence_parallel=tp > 1, dp_overlap=False)
         est = estimate(run, lay)
         with tempfile.TemporaryDirectory() as td:
             got = run_engine(flavor, nproc, par, seq, gb, mbs, args.steps, Path(td) / "run")
@@ -335,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                             "gloo_lat_us": round(acc.intra_lat_us, 1) if "lat_s" in meas else None,
                             "gloo_busbw_gbs": round(acc.nvlink_busbw_gbs, 2) if "lat_s" in meas else None,
                             "reserved_gib": round(acc.reserved_gib, 3),
-                            "contention": round(acc.contention, 2) if "contention" in meas else None},
+                            "contention": round(acc.contention, 2) if "contention" in meas else None,
+                            "host_ms": {part: [round(x * 1e3, 2) for x in v] for part, v in meas["host"].items()}},
             "pred_step_s": round(est.step_time_s, 4), "meas_step_min_s": round(got["step_s_min"], 4),
             "meas_step_median_s": round(got["step_s"], 4), "meas_step_max_s": round(got["step_s_max"], 4),
             "step_err_pct": round(100 * (est.step_time_s / got["step_s_min"] - 1), 1),

@@ -336,3 +336,46 @@ def test_cpu_measured_block_elementwise_and_contention_replace_the_formulas():
     assert oversubscription(cpu, 4) == 2.0 and oversubscription(cpu, 2) == 1.0  # 2 cores: x2 for 4 ranks
     contended = dataclasses.replace(cpu, contention=1.6)
     assert oversubscription(contended, 2) == 1.6 and oversubscription(contended, 1) == 1.0
+
+
+def test_cpu_measured_host_replica_replaces_the_count_model():
+    """A measured host table entry (benchmarks/planner_vs_measured.py's near-zero-size replica of the
+    layout) replaces the count model for its layout only: each micro-batch pays layers x per-block +
+    rest on top of the shared compute, each step the measured clipping/optimizer host time, and the
+    TP and FSDP collectives keep only their bandwidth term (their latency is in the measurement)."""
+    import dataclasses
+
+    from apogee.models.flavors import FLAVORS
+    from apogee.planner.cluster import Cluster
+    from apogee.planner.host import host_key
+    from apogee.planner.spec import shape_from_args
+
+    cpu = dataclasses.replace(get_accelerator("cpu"), contention=1.5)
+    m = shape_from_args(FLAVORS["tiny"], flavor="tiny", seq_len=128, vocab=256)
+    lay = Layout(tp=2, dp=2, microbatch=4, zero=3, sequence_parallel=True, dp_overlap=False)
+    n_micro, layers = 16 // (2 * 4), m.layers
+
+    def est(table):
+        acc = dataclasses.replace(cpu, host_table=table)
+        run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=4, gpus_per_node=4), fixed={}, global_batch=16,
+                      precision="fp32")
+        return estimate(run, lay)
+
+    key = host_key(lay, fsdp=True)
+    a = est({key: {"micro_batch": (0.010, 0.004), "step": (0.001, 0.002)}})
+    b = est({key: {"micro_batch": (0.012, 0.004), "step": (0.001, 0.002)}})
+    c = est({key: {"micro_batch": (0.010, 0.004), "step": (0.003, 0.002)}})
+    assert b.step_time_s - a.step_time_s == pytest.approx(n_micro * layers * 0.002)
+    assert c.step_time_s - a.step_time_s == pytest.approx(layers * 0.002)
+    # The collectives' latency is in the measurement: TP traffic is bytes over bandwidth only.
+    counted = est(None)
+    assert a.comm_s["tp"] < counted.comm_s["tp"]
+    tokens_bytes = 4 * 128 * m.hidden * 4  # one micro-batch's fp32 activations
+    per_all_reduce = 2 * (2 - 1) / 2 * tokens_bytes / (cpu.nvlink_busbw_gbs * 1e9)
+    assert a.comm_s["tp"] == pytest.approx(n_micro * (layers * 4 + 2) * per_all_reduce)
+    # Another layout (no sequence parallelism) is not in the table: the count model, as without one.
+    other = Layout(tp=2, dp=2, microbatch=4, zero=3, sequence_parallel=False, dp_overlap=False)
+    run = lambda acc: RunSpec(model=m, cluster=Cluster(accel=acc, gpus=4, gpus_per_node=4), fixed={},  # noqa: E731
+                              global_batch=16, precision="fp32")
+    with_table = dataclasses.replace(cpu, host_table={key: {"micro_batch": (1.0, 1.0), "step": (1.0, 1.0)}})
+    assert estimate(run(with_table), other).step_time_s == pytest.approx(estimate(run(cpu), other).step_time_s)

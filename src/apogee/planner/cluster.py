@@ -67,6 +67,14 @@ class Accelerator:
     # the engine's fp32 block moves ~3x the bytes of a Megatron-style 16-bit count, much of it in strided
     # rotary ops far below copy bandwidth; benchmarks/planner_vs_measured.py times the engine's own modules).
     elem_table: dict | None = None
+    # Measured host seconds of one micro-batch's forward + backward on a structural replica of the
+    # layout (the engine's model and parallel plans at near-zero size: every op, DTensor dispatch,
+    # FSDP2 unit and collective the real step runs, with no compute or bytes to speak of), timed on
+    # all the node's ranks at once: {"micro_batch": (per block, rest), "step": (per block, rest)} (the
+    # step part: clipping, AdamW, zero_grad), keyed by host.host_key (cpu device;
+    # benchmarks/planner_vs_measured.py). Where present it replaces the count model of planner/host.py
+    # and already holds the contention and the collectives' latency.
+    host_table: dict | None = None
 
     @property
     def host_bound(self) -> bool:

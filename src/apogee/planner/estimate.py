@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -9,7 +10,7 @@ from apogee.planner import comms
 from apogee.planner.cluster import GIB, Cluster
 from apogee.planner.compute import hbm_bytes_per_s, layer_times, logits_times, moe_layer_times
 from apogee.planner.errors import PlannerError
-from apogee.planner.host import host_microbatch_s, host_step_s, oversubscription
+from apogee.planner.host import host_microbatch_s, host_step_s, measured_host_s, oversubscription
 from apogee.planner.memory import MemoryBreakdown, memory_per_gpu, stage_params
 from apogee.planner.schedule import bubble_fraction, bubble_slots
 from apogee.planner.spec import Layout, ModelShape, RunSpec
@@ -127,14 +128,20 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     fsdp = lay.zero >= 3 and lay.dp * lay.cp > 1
     ranks_node = min(cl.gpus, cl.gpus_per_node)
     share = oversubscription(acc, ranks_node)
+    measured_host = measured_host_s("micro_batch", lay, acc, Ls, fsdp) if acc.host_bound else None
     if acc.host_bound:
-        f_stage = (f_stage + host_microbatch_s(m, lay, acc, Ls, fsdp)) * share
+        if measured_host is None:
+            f_stage = (f_stage + host_microbatch_s(m, lay, acc, Ls, fsdp)) * share
+        else:
+            f_stage = f_stage * share + measured_host  # measured in situ: already shared
         b_stage *= share
         lf, lb = lf * share, lb * share
 
     # --- communication per micro-batch per stage ------------------------------------------------
     act_bytes = tokens * m.hidden * (4 if run.precision == "fp32" else 2)
     tp_link = comms.axis_link(lay, "tp", cl)
+    if measured_host is not None:
+        tp_link = dataclasses.replace(tp_link, latency=0.0)  # the measured host time holds the latency
     n_tp = 4 + (2 if lay.recompute == "full" else 0)  # 2 fwd + 2 bwd (+2 in the recomputed forward)
     tp_comm = Ls * n_tp * comms.all_reduce(act_bytes, t, tp_link)
     tp_comm += 2 * comms.all_reduce(act_bytes, t, tp_link) if t > 1 else 0.0  # embedding / logits boundaries
@@ -194,9 +201,11 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
             # neighbouring blocks' compute on GPUs; on a host-bound device gloo's copies and socket
             # I/O run on the rank's own cores and the latency is paid per unit.
             units = Ls + 1
-            param_ag = comms.all_gather(2 * params_rank * (2 if run.precision == "fp32" else 1), shard, dp_link)
+            # The per-unit gathers' latency is in a measured host time (the replica gathers every unit).
+            ag_link = dp_link if measured_host is None else dataclasses.replace(dp_link, latency=0.0)
+            param_ag = comms.all_gather(2 * params_rank * (2 if run.precision == "fp32" else 1), shard, ag_link)
             if acc.host_bound:
-                param_ag += (units - 1) * (shard - 1) * dp_link.latency
+                param_ag += (units - 1) * (shard - 1) * ag_link.latency
                 grad_rs += (units - 1) * (shard - 1) * dp_link.latency
             dp_comm = n_micro * 2 * param_ag + grad_rs
             if acc.host_bound:
@@ -214,10 +223,15 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     local_params = params_rank / (shard if lay.zero >= 1 else 1)
     t_opt = (ADAM_BYTES_PER_PARAM * local_params + GRAD_ZERO_BYTES_PER_PARAM * params_rank) / hbm_bytes_per_s(acc)
     if acc.host_bound:
-        t_opt = (t_opt + host_step_s(m, lay, acc, Ls)) * share
+        measured_step = measured_host_s("step", lay, acc, Ls, fsdp)
         # Small latency-bound collectives every step: the loss mean over data ranks and the global
         # gradient norm, plus (sequence parallel) one all-reduce per norm gain's partial gradient.
         small = (1 if shard > 1 else 0) + (1 if cl.gpus > 1 else 0) + ((2 * Ls + 1) if sp and t > 1 else 0)
+        if measured_step is None:
+            t_opt = (t_opt + host_step_s(m, lay, acc, Ls)) * share
+        else:
+            t_opt = t_opt * share + measured_step
+            small = 1 if shard > 1 else 0  # the replica's clipping ran the others
         t_opt += small * comms.all_reduce(8, max(2, min(cl.gpus, ranks_node)), comms.axis_link(lay, "tp", cl, size=2, stride=1))
 
     step = t_pipe + dp_exposed + t_opt

@@ -49,6 +49,23 @@ def host_microbatch_s(m: ModelShape, lay: Layout, acc: Accelerator, layers: int,
     return t
 
 
+def host_key(lay: Layout, fsdp: bool) -> tuple:
+    """What a block's host work depends on: tensor parallelism and sequence parallelism (DTensor ops
+    and their collectives), FSDP2 units, and recomputation (a replayed forward)."""
+    return (lay.tp, lay.sequence_parallel and lay.tp > 1, fsdp, lay.recompute)
+
+
+def measured_host_s(part: str, lay: Layout, acc: Accelerator, layers: int, fsdp: bool) -> float | None:
+    """Host seconds of one micro-batch (``part`` = "micro_batch") or of the per-step clipping and
+    optimizer (``part`` = "step") on a rank holding ``layers`` blocks, from the device's measured host
+    table (contention and collective latency included), or None where it holds no such layout."""
+    got = (acc.host_table or {}).get(host_key(lay, fsdp))
+    if got is None:
+        return None
+    per_block, rest = got[part]
+    return layers * per_block + rest
+
+
 def host_step_s(m: ModelShape, lay: Layout, acc: Accelerator, layers: int) -> float:
     """Host seconds of the per-step work outside the micro-batches: clipping and the optimizer's calls."""
     if not acc.host_bound:
