@@ -10,11 +10,12 @@
    - four FSDP2 units around tiny Linears vs the same unsharded -> fsdp_unit_s,
    - gloo all-gather on the run's TP (else DP) group, 1 KiB and 4 MiB -> link latency, bus bandwidth,
    - 60 GEMMs on every rank at once vs each rank alone (others in a barrier) -> contention,
-   - the resident size after all of the above (imports, gloo, op code pages; no model) -> reserved_gib,
    - a structural replica of the run (the engine's model, parallel plans, loss, clipping and AdamW at
      head_dim 2 and a few tokens: every call, DTensor dispatch, FSDP2 unit and collective of the real
      step, with ~no compute or bytes), 1 and 3 blocks, all ranks at once, median -> host_table
      (per block and rest, of a micro-batch and of the optimizer step; replaces the host_* count model),
+   - the resident size after all of the above (imports incl. torch._dynamo, gloo, op code pages; no
+     model) -> reserved_gib,
    - every GEMM shape the cost model prices (compute.gemm_shapes)  -> gemm_table,
    - causal scaled_dot_product_attention forward + backward at the run's shape -> attn_eff,
    - one block's norms, rotary, SwiGLU product and residual adds (the engine's modules) forward +
@@ -275,11 +276,11 @@ def _worker(rank: int, args: tuple, out) -> None:
                 alone.append(min(_timed(work) for _ in range(3)))
         dist.barrier()
         res["contention"] = min(t_all) / alone[0]
-    # 6. The host work of the layout's micro-batch, on a near-zero-size replica (after the resident
-    # size: the replica's own few tensors are not the runtime's).
-    base_rss = _vmhwm()  # runtime: imports, gloo, the code pages of the ops above; no model
+    # 6. The host work of the layout's step, on a near-zero-size replica of it; then the resident size:
+    # the runtime a rank carries before its model (imports, torch._dynamo, which building any model on
+    # the meta device loads, gloo, the code pages of the ops above; the replica's tensors are a few KiB).
     res["host"] = _host_replica(parallel, nproc, *model_heads, mb, reps * 2)
-    res["base_rss"] = base_rss
+    res["base_rss"] = _vmhwm()
     # 7. Every GEMM shape the cost model prices for this layout, at the rank's thread count.
     table = {}
     for M, N, K in shapes:
