@@ -1,6 +1,6 @@
 """Predict the 19 published Megatron-LM runs (shared/planner/published-runs.csv) and print the error.
 
-    python benchmarks/planner_accuracy.py [--csv PATH] [--json]
+    python benchmarks/planner_accuracy.py [--csv PATH] [--json] [--calibrate] [--gemm-table FILE]
 
 Every row is predicted from its published shape, GPU count and the layout keys the source states; the
 keys it does not state (micro-batch, interleaving depth, and for the H100 rows recompute) are chosen by
@@ -16,6 +16,9 @@ differs between the two groups is the software stack each source documents:
     schedule (1F1B or interleaved) searched. Published TFLOP/s count model FLOPs (no recompute).
 
 The one calibration per accelerator type is the `gemm_eff` of apogee.planner.cluster (see its comment).
+``--gemm-table FILE`` (written by benchmarks/gemm_table.py on that accelerator) adds the measured shape
+dependence of its GEMMs (cluster.Accelerator.gemm_shape_table); the level stays gemm_eff, so re-derive
+it with ``--calibrate --gemm-table FILE`` and state the figure.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ import sys
 import time
 from pathlib import Path
 
-from apogee.planner.cluster import Cluster, get_accelerator
+from apogee.planner.cluster import Cluster, get_accelerator, load_gemm_shape_table
 from apogee.planner.search import complete_layout, search
 from apogee.planner.spec import ModelShape, RunSpec, run_from_dict
 
 DEFAULT_CSV = Path(__file__).resolve().parents[2] / "shared" / "planner" / "published-runs.csv"
 
 
-def row_to_run(row: dict, gemm_eff: float | None = None) -> tuple[RunSpec, dict, str]:
+def row_to_run(row: dict, gemm_eff: float | None = None, shape_tables: dict | None = None) -> tuple[RunSpec, dict, str]:
     a100 = row["gpu_type"].startswith("A100")
     h, L, s, v = int(row["hidden"]), int(row["layers"]), int(row["seq_len"]), int(row["vocab"])
     model = ModelShape(
@@ -52,6 +55,8 @@ def row_to_run(row: dict, gemm_eff: float | None = None) -> tuple[RunSpec, dict,
     accel = get_accelerator("a100-80gb" if a100 else "h100-80gb")
     if gemm_eff is not None:
         accel = dataclasses.replace(accel, gemm_eff=gemm_eff)
+    if shape_tables and accel.name in shape_tables:
+        accel = dataclasses.replace(accel, gemm_shape_table=shape_tables[accel.name])
     cluster = Cluster(accel=accel, gpus=gpus, gpus_per_node=8)
     fixed = {"tp": int(row["tp"]), "pp": int(row["pp"]), "dp": int(row["dp"])}
     choices = {"pp_schedule": ["1f1b", "interleaved-1f1b"]}
@@ -74,12 +79,12 @@ def published_flops_per_seq(run: RunSpec, basis: str) -> float:
     return 72 * B * s * L * h * h * (1 + s / (6 * h) + v / (12 * L * h))  # Megatron-LM model FLOPs
 
 
-def calibrate(row: dict, lo: float = 0.2, hi: float = 1.0) -> float:
+def calibrate(row: dict, lo: float = 0.2, hi: float = 1.0, shape_tables: dict | None = None) -> float:
     """The gemm_eff at which ``row`` is predicted exactly (bisection; throughput rises with gemm_eff)."""
     pub = float(row["achieved_tflops_per_gpu"])
     for _ in range(40):
         mid = (lo + hi) / 2
-        run, choices, basis = row_to_run(row, gemm_eff=mid)
+        run, choices, basis = row_to_run(row, gemm_eff=mid, shape_tables=shape_tables)
         est = complete_layout(run, choices=choices)
         pred = published_flops_per_seq(run, basis) * run.global_batch / est.step_time_s / run.cluster.gpus / 1e12
         lo, hi = (mid, hi) if pred < pub else (lo, mid)
@@ -92,18 +97,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the rows and summary as JSON")
     ap.add_argument("--calibrate", action="store_true",
                     help="re-derive each accelerator's gemm_eff from its pure data-parallel 1.7B row and print it")
+    ap.add_argument("--gemm-table", type=Path, action="append", default=[],
+                    help="a measured GEMM shape table (benchmarks/gemm_table.py) for its accelerator's rows")
+    ap.add_argument("--gemm-eff", action="append", default=[], metavar="GPU=EFF",
+                    help="use this gemm_eff for GPU's rows (e.g. one re-derived with --calibrate)")
     args = ap.parse_args(argv)
     rows = list(csv.DictReader(open(args.csv)))
+    tables = {}
+    for path in args.gemm_table:
+        name = json.loads(path.read_text()).get("accelerator", "")
+        tables[name] = load_gemm_shape_table(path, name)
+    effs = {k: float(v) for k, v in (item.split("=", 1) for item in args.gemm_eff)}
     if args.calibrate:
         for row in rows:
             if row["model"].startswith("GPT 1.7B"):
-                run, _, _ = row_to_run(row)
-                print(f"{run.cluster.accel.name}: gemm_eff = {calibrate(row):.4f} "
+                run, _, _ = row_to_run(row, shape_tables=tables)
+                print(f"{run.cluster.accel.name}: gemm_eff = {calibrate(row, shape_tables=tables):.4f} "
                       f"(table: {run.cluster.accel.gemm_eff})")
         return 0
     out = []
     for row in rows:
-        run, choices, basis = row_to_run(row)
+        run, choices, basis = row_to_run(row, shape_tables=tables)
+        if run.cluster.accel.name in effs:
+            run, choices, basis = row_to_run(row, gemm_eff=effs[run.cluster.accel.name], shape_tables=tables)
         t0 = time.perf_counter()
         est = complete_layout(run, choices=choices)
         dt = time.perf_counter() - t0

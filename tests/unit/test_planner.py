@@ -379,3 +379,39 @@ def test_cpu_measured_host_replica_replaces_the_count_model():
                               global_batch=16, precision="fp32")
     with_table = dataclasses.replace(cpu, host_table={key: {"micro_batch": (1.0, 1.0), "step": (1.0, 1.0)}})
     assert estimate(run(with_table), other).step_time_s == pytest.approx(estimate(run(cpu), other).step_time_s)
+
+
+def test_gpu_gemm_shape_table_keeps_the_level_and_takes_the_shape_ratios(tmp_path):
+    """A measured GEMM table (benchmarks/gemm_table.py) sets only the shape dependence: a listed shape
+    costs its measured time scaled so that the reference shape lands on the calibrated gemm_eff;
+    unlisted shapes and other precisions keep the shape model; a bad file is one clear line."""
+    import dataclasses
+
+    from apogee.planner.cluster import load_gemm_shape_table
+    from apogee.planner.compute import GEMM_REF_SHAPE, gemm_time
+
+    h100 = get_accelerator("h100-80gb")
+    peak = h100.peak("bf16")
+    ref, shape = GEMM_REF_SHAPE, (4096, 6144, 2048)
+    path = tmp_path / "h100.json"
+    path.write_text(json.dumps({"accelerator": "h100-80gb", "dtype": "bf16", "device": "NVIDIA H100",
+                                "entries": [[*ref, 1.5e-3], [*shape, 0.2e-3]]}))
+    acc = dataclasses.replace(h100, gemm_shape_table=load_gemm_shape_table(path, "h100-80gb"))
+    t_ref = 2.0 * math.prod(ref) / (peak * h100.gemm_eff)
+    assert gemm_time(*ref, acc, peak) == pytest.approx(t_ref)
+    assert gemm_time(*shape, acc, peak) == pytest.approx(0.2e-3 / 1.5e-3 * t_ref)
+    assert gemm_time(*shape, acc, peak, batch=3) == pytest.approx(3 * 0.2e-3 / 1.5e-3 * t_ref)
+    other = (4096, 4096, 2048)
+    assert gemm_time(*other, acc, peak) == gemm_time(*other, h100, peak)
+    assert gemm_time(*shape, acc, peak, elem_bytes=1) == gemm_time(*shape, h100, peak, elem_bytes=1)
+    # A run description names it next to its accelerator (relative to the description's directory).
+    run = run_from_dict({"model": {"flavor": "llama3-8b"}, "cluster": {"gpu": "h100-80gb", "gpus": 8,
+                         "gemm_table": "h100.json"}}, base_dir=tmp_path)
+    assert run.cluster.accel.gemm_shape_table == {ref: 1.5e-3, shape: 0.2e-3}
+    with pytest.raises(PlannerError, match="measured for 'h100-80gb', not 'a100-80gb'"):
+        load_gemm_shape_table(path, "a100-80gb")
+    path.write_text(json.dumps({"accelerator": "h100-80gb", "dtype": "bf16", "entries": [[*shape, 0.2e-3]]}))
+    with pytest.raises(PlannerError, match="lacks the reference shape"):
+        load_gemm_shape_table(path, "h100-80gb")
+    with pytest.raises(PlannerError, match="not readable"):
+        load_gemm_shape_table(tmp_path / "missing.json", "h100-80gb")

@@ -67,6 +67,11 @@ class Accelerator:
     # the engine's fp32 block moves ~3x the bytes of a Megatron-style 16-bit count, much of it in strided
     # rotary ops far below copy bandwidth; benchmarks/planner_vs_measured.py times the engine's own modules).
     elem_table: dict | None = None
+    # Measured seconds of single bf16 GEMMs on this accelerator outside the training stack, keyed by
+    # (M, N, K), compute.GEMM_REF_SHAPE included (benchmarks/gemm_table.py): the shape dependence only.
+    # The level stays the calibrated gemm_eff: a listed shape costs its measured time x (GEMM_REF_SHAPE's
+    # in-stack time at gemm_eff) / (GEMM_REF_SHAPE's measured time). Unlisted shapes keep the shape model.
+    gemm_shape_table: dict | None = None
     # Measured host seconds of one micro-batch's forward + backward on a structural replica of the
     # layout (the engine's model and parallel plans at near-zero size: every op, DTensor dispatch,
     # FSDP2 unit and collective the real step runs, with no compute or bytes to speak of), timed on
@@ -213,7 +218,7 @@ class Cluster:
         return self.node_mtbf_hours * 3600.0 / self.nodes
 
 
-_CLUSTER_KEYS = {f.name for f in dataclasses.fields(Cluster)} - {"accel"} | {"gpu", "file"}
+_CLUSTER_KEYS = {f.name for f in dataclasses.fields(Cluster)} - {"accel"} | {"gpu", "file", "gemm_table"}
 
 
 def get_accelerator(name: str) -> Accelerator:
@@ -242,6 +247,11 @@ def cluster_from_dict(d: dict, *, where: str = "[cluster]", base_dir: Path | Non
     if "gpu" not in d or "gpus" not in d:
         raise PlannerError(f"{where} needs gpu = \"<type>\" and gpus = <count>")
     accel = get_accelerator(str(d.pop("gpu")))
+    if "gemm_table" in d:  # a measured shape table for this accelerator (benchmarks/gemm_table.py)
+        path = Path(d.pop("gemm_table"))
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        accel = dataclasses.replace(accel, gemm_shape_table=load_gemm_shape_table(path, accel.name))
     try:
         return Cluster(accel=accel, **d)
     except TypeError as e:
@@ -256,3 +266,26 @@ def load_toml(path: Path) -> dict:
         raise PlannerError(f"file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise PlannerError(f"{path}: invalid TOML: {e}") from None
+
+
+def load_gemm_shape_table(path, accelerator: str) -> dict:
+    """The (M, N, K) -> seconds table benchmarks/gemm_table.py wrote for ``accelerator``; one line
+    naming the file if it is unreadable, for another accelerator, or lacks the reference shape."""
+    import json
+    from pathlib import Path
+
+    from apogee.planner.compute import GEMM_REF_SHAPE
+
+    try:
+        doc = json.loads(Path(path).read_text())
+        table = {(int(m), int(n), int(k)): float(t) for m, n, k, t in doc["entries"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PlannerError(f"GEMM table {path} is not readable ({type(exc).__name__}: {exc}); "
+                           f"write it with benchmarks/gemm_table.py") from exc
+    if doc.get("accelerator") != accelerator:
+        raise PlannerError(f"GEMM table {path} was measured for {doc.get('accelerator')!r}, not {accelerator!r}")
+    if doc.get("dtype") != "bf16":
+        raise PlannerError(f"GEMM table {path} holds {doc.get('dtype')} GEMMs; the planner prices bf16 with it")
+    if GEMM_REF_SHAPE not in table:
+        raise PlannerError(f"GEMM table {path} lacks the reference shape {GEMM_REF_SHAPE}: it sets the scale")
+    return table

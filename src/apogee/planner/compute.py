@@ -171,6 +171,11 @@ def gemm_time(M: float, N: float, K: float, acc: Accelerator, peak: float, batch
         measured = acc.gemm_table.get((round(M), round(N), round(K)))
         if measured is not None:
             return batch * measured
+    if acc.gemm_shape_table is not None and elem_bytes == 2:
+        raw, raw_ref = acc.gemm_shape_table.get((round(M), round(N), round(K))), acc.gemm_shape_table.get(GEMM_REF_SHAPE)
+        if raw is not None and raw_ref is not None:
+            m0, n0, k0 = GEMM_REF_SHAPE
+            return batch * raw * (2.0 * m0 * n0 * k0 / (peak * acc.gemm_eff)) / raw_ref
     t_core, t_mem = _gemm_parts(M, N, K, acc, peak, batch, elem_bytes, core_eff(acc, peak, elem_bytes))
     return max(t_core, t_mem)
 
