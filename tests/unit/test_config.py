@@ -79,3 +79,15 @@ def test_round_trip_through_written_toml(tmp_path):
     cfg = load_config(None, ["train.steps=5", "model.flavor=tiny"])
     write_config(cfg, tmp_path / "c.toml")
     assert load_config(tmp_path / "c.toml") == cfg
+
+
+def test_process_group_backend_carries_cpu_tensors_under_cpu_offload():
+    import torch
+
+    from apogee.train.trainer import process_group_backend
+
+    assert process_group_backend(torch.device("cpu"), cpu_offload=False) == "gloo"
+    assert process_group_backend(torch.device("cpu"), cpu_offload=True) == "gloo"
+    assert process_group_backend(torch.device("cuda", 0), cpu_offload=False) == "nccl"
+    # Offloaded gradients are CPU tensors: their norm's all-reduce and the tied-embedding sum go over gloo.
+    assert process_group_backend(torch.device("cuda", 0), cpu_offload=True) == "cuda:nccl,cpu:gloo"

@@ -45,6 +45,14 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
+def process_group_backend(device: torch.device, cpu_offload: bool) -> str:
+    """gloo on CPU, NCCL on CUDA; with FSDP2 CPU offload also gloo for CPU tensors (the offloaded
+    gradients' norm, a tied embedding's gradient sum), which NCCL cannot carry (as torchtitan does)."""
+    if device.type != "cuda":
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if cpu_offload else "nccl"
+
+
 def model_vocab(cfg: Config, tokenizer_vocab: int) -> int:
     """The flavor's vocabulary, an explicit ``model.vocab_size``, or the tokenizer's rounded up to
     a multiple of 64 (tensor-core friendly, and divisible by any tensor-parallel degree <= 64)."""
@@ -93,7 +101,8 @@ class Trainer:
         if self.owns_process_group:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", device_id=self.device if self.device.type == "cuda" else None)
+            dist.init_process_group(process_group_backend(self.device, cfg.parallel.cpu_offload),
+                                    device_id=self.device if self.device.type == "cuda" else None)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.is_main = self.rank == 0
