@@ -1,6 +1,6 @@
 """The planner's predicted step time and memory per rank against real CPU training runs of the engine.
 
-    python benchmarks/planner_vs_measured.py [--steps 12] [--json]
+    python benchmarks/planner_vs_measured.py [--steps 20] [--json] [--only NAME]
 
 1. Micro-benchmarks (the `cpu` device's calibration, on this machine): ``nproc`` worker processes (gloo
    ranks) run at once, each with the thread count the engine gives a rank (cores // local ranks), and
@@ -52,6 +52,7 @@ CONFIGS = [
     # ru_maxrss, which the engine's mem_gib reads, across fork + exec).
     ("tiny dp_shard=2 x tp=2", "tiny", 4, {"dp_shard": 2, "tp": 2}, 128, 16, 4),
     ("debug dp_shard=2", "debug", 2, {"dp_shard": 2, "tp": 1}, 128, 16, 4),
+    ("debug pp=2 1f1b", "debug", 2, {"pp": 2, "dp_shard": 1, "tp": 1, "pp_schedule": "1f1b"}, 256, 16, 2),
     ("debug 1 rank", "debug", 1, {"dp_shard": 1, "tp": 1}, 256, 16, 4),
 ]
 WARMUP_STEPS = 3
@@ -279,7 +280,8 @@ def _worker(rank: int, args: tuple, out) -> None:
     # 6. The host work of the layout's step, on a near-zero-size replica of it; then the resident size:
     # the runtime a rank carries before its model (imports, torch._dynamo, which building any model on
     # the meta device loads, gloo, the code pages of the ops above; the replica's tensors are a few KiB).
-    res["host"] = _host_replica(parallel, nproc, *model_heads, mb, reps * 2)
+    if parallel.get("pp", 1) == 1:  # the replica runs the model whole; pipeline layouts keep the count model
+        res["host"] = _host_replica(parallel, nproc, *model_heads, mb, reps * 2)
     res["base_rss"] = _vmhwm()
     # 7. Every GEMM shape the cost model prices for this layout, at the rank's thread count.
     table = {}
@@ -331,8 +333,9 @@ def measure_cpu(nproc: int, dp: int, tp: int, shapes, mb: int, seq: int, heads: 
     for p in procs:
         p.join()
     merged = {k: statistics.median(r[k] for r in res) for k in res[0] if k not in ("gemm_table", "host")}
-    merged["host"] = {part: tuple(statistics.median(r["host"][part][i] for r in res) for i in range(2))
-                      for part in res[0]["host"]}
+    if "host" in res[0]:
+        merged["host"] = {part: tuple(statistics.median(r["host"][part][i] for r in res) for i in range(2))
+                          for part in res[0]["host"]}
     merged["gemm_table"] = {s: statistics.median(r["gemm_table"][s] for r in res) for s in res[0]["gemm_table"]}
     return merged
 
@@ -387,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--only", default="", help="run only the configs whose name contains this text")
     args = ap.parse_args(argv)
 
     from apogee.models.flavors import FLAVORS
@@ -398,14 +402,18 @@ def main(argv: list[str] | None = None) -> int:
 
     out = []
     for name, flavor, nproc, par, seq, gb, mbs in CONFIGS:
+        if args.only not in name:
+            continue
         fa = FLAVORS[flavor]
         m = shape_from_args(fa, flavor=flavor, seq_len=seq, vocab=256)  # byte tokenizer: 256 tokens
-        tp, dp = par["tp"], par["dp_shard"]
+        tp, dp, pp = par["tp"], par["dp_shard"], par.get("pp", 1)
         shapes = gemm_shapes(m, tp, 1, mbs)
         heads = (m.heads // tp, max(1, m.kv_heads // tp), m.head_dim)
         elem = elem_key(m, tp, 1, mbs, tp > 1)
-        lay = Layout(tp=tp, dp=dp, microbatch=mbs, zero=3, sequence_parallel=tp > 1, dp_overlap=False)
-        meas = measure_cpu(nproc, dp, tp, shapes, mbs, seq, heads, elem, par, (m.heads, m.kv_heads))
+        lay = Layout(tp=tp, dp=dp, pp=pp, microbatch=mbs, zero=3, sequence_parallel=tp > 1, dp_overlap=False,
+                     pp_schedule=par.get("pp_schedule", "1f1b"))
+        # The micro-benchmarks' collectives run over the ranks beside tp (pipeline ranks included).
+        meas = measure_cpu(nproc, dp * pp, tp, shapes, mbs, seq, heads, elem, par, (m.heads, m.kv_heads))
         acc = cpu_from_measurement(meas, m, mbs, elem, host_key(lay, fsdp=dp > 1))
         run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=nproc, gpus_per_node=nproc), fixed={},
                       global_batch=gb, precision="fp32")
@@ -426,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                             "gloo_busbw_gbs": round(acc.nvlink_busbw_gbs, 2) if "lat_s" in meas else None,
                             "reserved_gib": round(acc.reserved_gib, 3),
                             "contention": round(acc.contention, 2) if "contention" in meas else None,
-                            "host_ms": {part: [round(x * 1e3, 2) for x in v] for part, v in meas["host"].items()}},
+                            "host_ms": {part: [round(x * 1e3, 2) for x in v] for part, v in meas.get("host", {}).items()} or None},
             "pred_step_s": round(est.step_time_s, 4), "meas_step_min_s": round(got["step_s_min"], 4),
             "meas_step_median_s": round(got["step_s"], 4), "meas_step_max_s": round(got["step_s_max"], 4),
             "step_err_pct": round(100 * (est.step_time_s / got["step_s_min"] - 1), 1),
