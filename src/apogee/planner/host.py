@@ -51,8 +51,9 @@ def host_microbatch_s(m: ModelShape, lay: Layout, acc: Accelerator, layers: int,
 
 def host_key(lay: Layout, fsdp: bool) -> tuple:
     """What a block's host work depends on: tensor parallelism and sequence parallelism (DTensor ops
-    and their collectives), FSDP2 units, and recomputation (a replayed forward)."""
-    return (lay.tp, lay.sequence_parallel and lay.tp > 1, fsdp, lay.recompute)
+    and their collectives), FSDP2 units, recomputation (a replayed forward), and whether a pipeline
+    schedule runs the stage (the replica runs whole models: pipeline layouts keep the count model)."""
+    return (lay.tp, lay.sequence_parallel and lay.tp > 1, fsdp, lay.recompute, lay.pp > 1)
 
 
 def measured_host_s(part: str, lay: Layout, acc: Accelerator, layers: int, fsdp: bool) -> float | None:
