@@ -229,11 +229,9 @@ class MemorySnapshots:
         self._pending: concurrent.futures.Future | None = None
         self._pending_step: int | None = None  # the step whose snapshot is in flight
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        # Seconds each snapshot step held training up (waiting for the previous persist, then staging),
-        # and, of that, the waits alone: one entry each time a previous persist was still running, i.e.
-        # persisting took longer than checkpoint.memory_interval steps (benchmarks).
+        # Seconds each snapshot step held training up: waiting for the previous persist (if it took
+        # longer than checkpoint.memory_interval steps), then staging (benchmarks).
         self.blocked_s: list[float] = []
-        self.waited_s: list[float] = []
         if not self.enabled:
             return
         # Everything that must match for a shard to load as it was saved: the trajectory's config,
@@ -301,9 +299,7 @@ class MemorySnapshots:
         if not self.enabled or step % self.interval or step in self.last_steps:
             return
         start = time.perf_counter()
-        if self._pending is not None:
-            self.wait()  # one in flight at a time: its collectives finish before the next one's start
-            self.waited_s.append(time.perf_counter() - start)
+        self.wait()  # one in flight at a time: its collectives finish before the next one's start
         model_sd, optim_sd = _state_dicts(model, optimizer)
         state = {"model": {k: _host(v) for k, v in model_sd.items()},
                  "optim": {k: _host(v) for k, v in optim_sd.items()},
@@ -405,8 +401,8 @@ class MemorySnapshots:
 
     # ------------------------------------------------------------------------------- restore
     def inventory(self) -> tuple[list[dict], list[str]]:
-        """The verified snapshots this rank holds, and a line for each file that fails."""
-        self.wait()  # a persist in flight is writing and pruning these files
+        """The verified snapshots this rank holds, and a line for each file that fails. Call with no
+        persist in flight (``restore`` waits first): a persist writes and prunes these files."""
         found, problems = [], []
         if not self.holder.is_dir():
             return found, problems

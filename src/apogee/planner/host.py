@@ -3,10 +3,11 @@
 On a GPU the host enqueues kernels ahead of the device and this work hides behind it (its accelerators
 carry zero costs). On CPU ranks every Python-level torch call, autograd node, DTensor sharding
 propagation and FSDP2 hook runs on the same cores as the math, and for small models it is most of
-the step. The cost model is count x unit cost: the counts below are the engine's own (apogee's Llama
-block, torchtitan-style TP plan, FSDP2 per block), the unit costs come from micro-benchmarks of one
-primitive each (benchmarks/planner_vs_measured.py: a chain of tiny ops forward + backward, a chain of
-DTensor ops, one FSDP2 unit around a tiny Linear).
+the step. Where the device carries a measured host table (``measured_host_s``: a near-zero-size replica
+of the layout timed by benchmarks/planner_vs_measured.py) that is the cost. Otherwise it is count x
+unit cost: the counts below are the engine's own (apogee's Llama block, torchtitan-style TP plan,
+FSDP2 per block), the unit costs come from micro-benchmarks of one primitive each (a chain of tiny
+ops forward + backward, a chain of DTensor ops, one FSDP2 unit around a tiny Linear).
 """
 
 from __future__ import annotations

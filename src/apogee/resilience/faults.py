@@ -172,20 +172,12 @@ class FaultInjector:
 
     # Each fault is a method, so a drill is readable in one place.
     def _kill(self, fault: Fault, memory_dir: Path | None = None, settle_snapshots=None, **_) -> None:
-        self._settle(fault, settle_snapshots)
-        self._lose_memory(fault, memory_dir)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def _kill_during_save(self, fault: Fault, memory_dir: Path | None = None, settle_snapshots=None, **_) -> None:
-        self._settle(fault, settle_snapshots)
-        self._lose_memory(fault, memory_dir)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    @staticmethod
-    def _settle(kill: Fault, settle_snapshots: Callable[[int], None] | None) -> None:
-        """In-memory snapshots of steps before the kill's finish first (see the module docstring)."""
         if settle_snapshots is not None:
-            settle_snapshots(kill.step)
+            settle_snapshots(fault.step)  # earlier steps' in-memory snapshots finish (module docstring)
+        self._lose_memory(fault, memory_dir)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _kill_during_save = _kill  # the same act; only the point it fires at (inside a save) differs
 
     def _lose_memory(self, kill: Fault, memory_dir: Path | None) -> None:
         """A ``lose-memory`` of this rank that matches the kill: wipe the rank's snapshots first."""

@@ -241,8 +241,8 @@ class Trainer:
             log(message, enabled=self.is_main)
             return message
         self.checkpointer.wait()  # an async save in flight is of a good step: make it the latest
-        self.snapshots.wait()  # likewise an in-memory snapshot being written
-        # The newest good state: an in-memory snapshot newer than the durable checkpoint, else storage.
+        # The newest good state: an in-memory snapshot newer than the durable checkpoint (restore first
+        # lets one being written finish), else storage.
         found = self.snapshots.restore(self.model, self.optimizer) or self.checkpointer.load_latest(self.model, self.optimizer)
         back = int(found[1]["step"]) if found else self.step
         where = (found[0] if isinstance(found[0], str) else found[0].name) if found else None
