@@ -1,6 +1,7 @@
 """Time every GEMM the planner prices for the published runs on one accelerator, for its shape table.
 
     python benchmarks/gemm_table.py [--gpu h100-80gb] [--csv PATH] [--out gemm-h100.json] [--reps 20]
+                                    [--engine-configs]
     python benchmarks/planner_accuracy.py --gemm-table gemm-h100.json
 
 The planner prices a GPU GEMM from one calibration per accelerator (`gemm_eff`, the in-stack efficiency
@@ -50,6 +51,22 @@ def shapes_for_rows(rows: list[dict], gpu: str) -> set[tuple[int, int, int]]:
     return out
 
 
+def shapes_for_engine_configs() -> set[tuple[int, int, int]]:
+    """Every (M, N, K) the planner prices for benchmarks/planner_vs_measured_gpu.py's one-GPU configs."""
+    import dataclasses
+
+    from planner_vs_measured_gpu import CONFIGS
+
+    from apogee.models.flavors import FLAVORS
+    from apogee.planner.spec import shape_from_args
+
+    out = set()
+    for _, flavor, overrides, seq, _, mb, _, _ in CONFIGS:
+        m = shape_from_args(dataclasses.replace(FLAVORS[flavor], **overrides), flavor=flavor, seq_len=seq)
+        out |= gemm_shapes(m, 1, 1, mb)
+    return out
+
+
 def time_gemm(M: int, N: int, K: int, device, dtype, reps: int) -> float:
     """Median seconds of one [M,K] x [K,N] matmul after warm-up."""
     import torch
@@ -83,11 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("gemm-table.json"))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--limit", type=int, default=0, help="time only the N smallest shapes (smoke test)")
+    ap.add_argument("--engine-configs", action="store_true",
+                    help="also the shapes of benchmarks/planner_vs_measured_gpu.py's configs (the engine on one GPU)")
     args = ap.parse_args(argv)
 
     import torch
 
-    shapes = sorted(shapes_for_rows(list(csv.DictReader(open(args.csv))), args.gpu), key=lambda s: s[0] * s[1] * s[2])
+    shapes = shapes_for_rows(list(csv.DictReader(open(args.csv))), args.gpu)
+    if args.engine_configs:
+        shapes |= shapes_for_engine_configs()
+    shapes = sorted(shapes, key=lambda s: s[0] * s[1] * s[2])
     if args.limit:
         shapes = shapes[: args.limit]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -25,6 +25,25 @@ def _default_nproc() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 4
 
 
+def _fit_default_world(cfg, nproc: int):
+    """The config for the default rank count (the GPUs here, or 4 CPU ranks) when the user named none:
+    a preset sized for 4 ranks (``debug`` asks tp=2) still runs on a 1-GPU machine, re-planned by the
+    elastic rule (keep tp/cp/pp where possible, data parallel absorbs the rest) and said in one line.
+    An explicit ``--nproc`` keeps the configured layout's error instead."""
+    from apogee.config import validate
+    from apogee.resilience.replan import layout_name, replan
+
+    try:
+        validate(cfg, nproc)
+        return cfg
+    except ConfigError:
+        pass
+    fitted, parallel = replan(cfg, nproc)
+    print(f"apogee: {nproc} local rank(s) here do not fit the configured layout; training as "
+          f"{layout_name(parallel)} (pass --nproc N to keep the config's layout)", file=sys.stderr)
+    return fitted
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from apogee.launch import launch_local, run_rank, under_torchrun
 
@@ -36,6 +55,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_rank(cfg)
         return 0
     nproc = args.nproc or _default_nproc()
+    if not args.nproc:
+        cfg = _fit_default_world(cfg, nproc)
     from apogee.config import validate
 
     validate(cfg, nproc)  # reject a bad layout here, before any rank starts

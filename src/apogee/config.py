@@ -108,7 +108,7 @@ class EvalConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    interval: int = 100  # 0: only at the end
+    interval: int = 100  # 0: only at the end; -1: never (benchmarks: no multi-GB write at the end)
     resume: str = "auto"  # auto (latest in the run directory, if any) | never | a checkpoint directory
     keep: int = 3  # newest checkpoints kept; 0 keeps all
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: off)
@@ -403,8 +403,8 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelConfig:
         raise ConfigError(f"run.stop_at_step must be >= 0, got {cfg.run.stop_at_step}")
     if cfg.run.log_interval < 1:
         raise ConfigError(f"run.log_interval must be at least 1, got {cfg.run.log_interval}")
-    if cfg.checkpoint.interval < 0 or cfg.eval.interval < 0 or cfg.eval.batches < 1:
-        raise ConfigError("checkpoint.interval and eval.interval must be >= 0 and eval.batches >= 1")
+    if cfg.checkpoint.interval < -1 or cfg.eval.interval < 0 or cfg.eval.batches < 1:
+        raise ConfigError("checkpoint.interval must be >= -1, eval.interval >= 0 and eval.batches >= 1")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).is_dir():
         raise ConfigError(f"checkpoint.resume must be auto, never or a checkpoint directory, got {cfg.checkpoint.resume!r}")
     if cfg.checkpoint.keep < 0 or cfg.checkpoint.keep_every < 0:

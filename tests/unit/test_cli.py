@@ -43,3 +43,17 @@ def test_train_command_end_to_end(tmp_path, cache_dir, capsys):
     assert "sample (prompt 'def '):" in out
     assert (tmp_path / "checkpoints" / "step-00000003" / ".metadata").is_file()
     assert (tmp_path / "config.toml").is_file()
+
+
+def test_default_rank_count_refits_a_preset_sized_for_more_ranks(capsys):
+    # `apogee train` on a 1-GPU machine: the debug preset asks tp=2 for 4 CPU ranks.
+    from apogee.cli import _fit_default_world
+    from apogee.config import load_config, validate
+
+    cfg = load_config("debug", [])
+    fitted = _fit_default_world(cfg, 1)
+    assert validate(fitted, 1).degrees() == {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1}
+    assert (fitted.train.global_batch, fitted.train.micro_batch) == (cfg.train.global_batch, cfg.train.micro_batch)
+    assert "training as single rank" in capsys.readouterr().err
+    assert _fit_default_world(cfg, 4) is cfg  # fits: unchanged, silent
+    assert capsys.readouterr().err == ""

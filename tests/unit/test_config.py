@@ -91,3 +91,16 @@ def test_process_group_backend_carries_cpu_tensors_under_cpu_offload():
     assert process_group_backend(torch.device("cuda", 0), cpu_offload=False) == "nccl"
     # Offloaded gradients are CPU tensors: their norm's all-reduce and the tied-embedding sum go over gloo.
     assert process_group_backend(torch.device("cuda", 0), cpu_offload=True) == "cuda:nccl,cpu:gloo"
+
+
+def test_checkpoint_interval_minus_one_never_saves(tmp_path, cache_dir):
+    # Benchmarks of multi-GB models skip the write at the end; -2 is a typo, not a setting.
+    from helpers import tiny_config
+
+    from apogee.train.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="checkpoint.interval"):
+        tiny_config(tmp_path / "bad", cache_dir, checkpoint={"interval": -2})
+    result = Trainer(tiny_config(tmp_path / "run", cache_dir, steps=3, checkpoint={"interval": -1})).fit()
+    assert result.step == 3 and result.checkpoint is None
+    assert not any((tmp_path / "run" / "checkpoints").glob("step-*"))

@@ -416,7 +416,8 @@ class Trainer:
             last = self.step == cfg.train.steps
             stopping = self.step == cfg.run.stop_at_step
             do_eval = last or (cfg.eval.interval > 0 and self.step % cfg.eval.interval == 0)
-            do_save = last or (cfg.checkpoint.interval > 0 and self.step % cfg.checkpoint.interval == 0)
+            every = cfg.checkpoint.interval
+            do_save = every >= 0 and (last or (every > 0 and self.step % every == 0))
             do_log = last or do_eval or self.step == 1 or self.step % cfg.run.log_interval == 0
             if do_log:
                 if self.device.type == "cuda":

@@ -1,0 +1,204 @@
+"""The planner's predicted step time and memory against the engine training on one GPU.
+
+    python benchmarks/planner_vs_measured_gpu.py --out gpu-runs.json [--steps 12] [--only NAME]   # on a GPU
+    python benchmarks/planner_vs_measured_gpu.py --measured gpu-runs.json [--gemm-table gemm-h100.json]
+
+1. On a machine with CUDA, the engine (``apogee.launch.launch_local``, one rank, in this process)
+   trains each config below for ``--steps`` steps: bf16 autocast, FSDP2 mixed precision (fp32 master
+   weights, gradients reduced in fp32), fused AdamW, the stdlib corpus byte-level with the flavor's
+   own vocabulary (128256: the output layer is as large as in real use). metrics.jsonl gives tokens/s
+   per step (log_interval 1); the first 3 steps (warm-up, compilation) and the last (evaluation) are
+   skipped. Memory: the peak of ``torch.cuda.max_memory_allocated`` (what the engine logs as
+   mem_gib) and of ``max_memory_reserved`` (the caching allocator's pool), both reset per config.
+   The measurements are written to ``--out`` with the device name and torch version.
+2. The planner predicts each (``--measured FILE`` anywhere, or right after measuring): the GPU's
+   built-in accelerator (``--gpu``, default from the device name), one GPU, the same layout (tp = pp
+   = dp = 1, micro-batch, recompute, bf16), optionally with a measured GEMM shape table
+   (benchmarks/gemm_table.py). Nothing is fitted to these runs.
+
+Target (issue 5): within 10% on step time and memory per rank. The engine on one GPU has no
+communication, so this checks the compute and memory halves of the model on the planner's own
+engine, next to the published Megatron-LM rows (benchmarks/planner_accuracy.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+# name, flavor, model overrides, seq_len, global_batch, micro_batch, recompute, compile
+CONFIGS = [
+    ("llama-1b mb4", "llama-1b", {}, 2048, 8, 4, "none", False),
+    ("llama-1b mb8 selective", "llama-1b", {}, 2048, 16, 8, "selective", False),
+    ("llama-1b mb8 full", "llama-1b", {}, 2048, 16, 8, "full", False),
+    # Llama-3-8B's layer (4096 wide, 14336 FFN, GQA 32/8) at 4 layers: the GEMM shapes of real runs.
+    ("llama3-8b x4 layers mb2", "llama3-8b", {"n_layers": 4}, 4096, 4, 2, "none", False),
+    ("llama-1b mb4 compiled", "llama-1b", {}, 2048, 8, 4, "none", True),  # last: compilation takes longest
+]
+WARMUP_STEPS = 3
+
+
+def time_attention(mb: int, heads: int, kv_heads: int, seq: int, head_dim: int, reps: int = 10) -> float:
+    """Median seconds of the engine's causal attention call (SDPA, bf16, GQA), forward + backward."""
+    import torch
+    import torch.nn.functional as F
+
+    q = torch.randn(mb, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(mb, kv_heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    laps = []
+    for i in range(reps + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+        out.backward(torch.ones_like(out))
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            laps.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(laps)
+
+
+def measure(name, flavor, overrides, seq, gb, mb, recompute, compiled, steps: int, cache: Path, d: Path) -> dict:
+    import torch
+
+    from apogee.config import load_config
+    from apogee.launch import launch_local
+
+    cfg = load_config(None, {
+        "run": {"dir": str(d), "log_interval": 1, "device": "cuda"},
+        "model": {"flavor": flavor, **overrides},
+        "data": {"cache_dir": str(cache)},
+        "train": {"steps": steps, "seq_len": seq, "global_batch": gb, "micro_batch": mb, "compile": compiled},
+        "parallel": {"dp_shard": 1, "tp": 1, "recompute": recompute},
+        "checkpoint": {"interval": -1, "resume": "never"},  # no multi-GB write at the end
+        "eval": {"interval": 0, "batches": 1},
+    })
+    gc.collect()  # a config that failed (out of memory) leaves its tensors to the collector
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    launch_local(cfg, 1)
+    wall = time.perf_counter() - t0
+    recs = [json.loads(line) for line in open(d / "metrics.jsonl")]
+    reserved = torch.cuda.max_memory_reserved() / 2**30
+    a = cfg.model.args()
+    t_attn = time_attention(mb, a.n_heads, a.n_kv_heads, seq, a.dim // a.n_heads)
+    body = [r for r in recs if WARMUP_STEPS < r["step"] < steps]
+    step_s = [gb * seq / r["tokens_per_s"] for r in body]
+    return {"config": name, "flavor": flavor, "overrides": overrides, "seq_len": seq, "global_batch": gb,
+            "micro_batch": mb, "recompute": recompute, "compile": compiled,
+            "step_s": step_s, "mfu_logged": [r.get("mfu") for r in body],
+            "loss_first_last": [recs[0]["loss"], recs[-1]["loss"]],
+            "mem_allocated_gib": max(r["mem_gib"] for r in body),
+            "mem_reserved_gib": reserved, "attn_fwd_bwd_s": t_attn, "wall_s": wall}
+
+
+def predict(rec: dict, gpu: str, gemm_table: Path | None, engine: bool) -> dict:
+    """The planner's estimate for one measured config. ``engine``: calibrate like the CPU device is
+    (benchmarks/planner_vs_measured.py), by this machine's own micro-benchmarks: the GEMM table's
+    absolute times (the engine's matmuls are these cuBLAS calls) and the attention call timed above;
+    otherwise the built-in accelerator (calibrated on the published Megatron-LM rows)."""
+    from apogee.models.flavors import FLAVORS
+    from apogee.planner.cluster import ACCELERATORS, Cluster, load_gemm_shape_table
+    from apogee.planner.estimate import estimate
+    from apogee.planner.spec import Layout, RunSpec, shape_from_args
+
+    fa = dataclasses.replace(FLAVORS[rec["flavor"]], **{k: v for k, v in rec["overrides"].items()})
+    m = shape_from_args(fa, flavor=rec["flavor"], seq_len=rec["seq_len"])
+    acc = ACCELERATORS[gpu]
+    if gemm_table is not None:
+        table = load_gemm_shape_table(gemm_table, gpu)
+        acc = dataclasses.replace(acc, **({"gemm_table": table} if engine else {"gemm_shape_table": table}))
+    if engine:
+        # compute.py prices causal flash attention as 3.5 * (4 * tokens * seq * hidden) / 2 FLOPs per layer.
+        attn_flops = 3.5 * 4.0 * rec["micro_batch"] * m.seq_len * m.seq_len * m.hidden / 2
+        acc = dataclasses.replace(acc, attn_eff=attn_flops / rec["attn_fwd_bwd_s"] / acc.peak("bf16"))
+    lay = Layout(microbatch=rec["micro_batch"], recompute=rec["recompute"], zero=3, dp_overlap=False)
+    run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=1, gpus_per_node=1), fixed={},
+                  global_batch=rec["global_batch"], precision="bf16")
+    est = estimate(run, lay)
+    step_min, step_med = min(rec["step_s"]), statistics.median(rec["step_s"])
+    mem = est.memory.total / 2**30
+    return {"pred_step_s": est.step_time_s, "meas_step_min_s": step_min, "meas_step_median_s": step_med,
+            "step_err_pct": 100 * (est.step_time_s / step_med - 1),
+            "pred_mem_gib": mem, "pred_breakdown_gib": est.memory.gib(),
+            "mem_err_vs_reserved_pct": 100 * (mem / rec["mem_reserved_gib"] - 1),
+            "mem_err_vs_allocated_pct": 100 * (mem / rec["mem_allocated_gib"] - 1),
+            "pred_mfu": est.mfu, "meas_mfu": statistics.median(x for x in rec["mfu_logged"] if x is not None)
+            if any(x is not None for x in rec["mfu_logged"]) else None}
+
+
+def gpu_name_to_accelerator(device: str) -> str:
+    d = device.lower()
+    for key, name in (("h200", "h200"), ("h100", "h100-80gb"), ("a100", "a100-80gb"), ("b200", "b200")):
+        if key in d:
+            return name
+    raise SystemExit(f"no built-in accelerator for device {device!r}; pass --gpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--only", default="", help="run only the configs whose name contains this text")
+    ap.add_argument("--out", type=Path, default=None, help="write the measurements here (JSON)")
+    ap.add_argument("--measured", type=Path, default=None, help="predict for these measurements instead of measuring")
+    ap.add_argument("--gpu", default="", help="the planner's accelerator (default: from the device name)")
+    ap.add_argument("--gemm-table", type=Path, default=None, help="a benchmarks/gemm_table.py file for that GPU")
+    args = ap.parse_args(argv)
+
+    if args.measured is not None:
+        data = json.loads(args.measured.read_text())
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: measure on a GPU machine, or pass --measured FILE")
+        data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+        with tempfile.TemporaryDirectory() as td:
+            for i, cfg in enumerate(CONFIGS):
+                if args.only not in cfg[0]:
+                    continue
+                try:
+                    rec = measure(*cfg, steps=args.steps, cache=Path(td) / "cache", d=Path(td) / f"run{i}")
+                except Exception as exc:  # one config's failure (out of memory, a compile error) is a figure too
+                    rec = {"config": cfg[0], "error": f"{type(exc).__name__}: {exc}"[:2000]}
+                data["runs"].append(rec)
+                print(json.dumps(rec), flush=True)
+                if args.out:
+                    args.out.write_text(json.dumps(data, indent=1))
+    gpu = args.gpu or gpu_name_to_accelerator(data["device"])
+    print(f"{data['device']} (torch {data['torch']}) as the planner's {gpu}"
+          + (f", GEMM table {args.gemm_table}" if args.gemm_table else ""))
+    for rec in data["runs"]:
+        if "error" in rec:
+            print(f"{rec['config']:<26} failed: {rec['error'][:300]}")
+            continue
+        print(f"{rec['config']:<26} measured: step median {statistics.median(rec['step_s']):.3f} s "
+              f"(min {min(rec['step_s']):.3f}), memory reserved {rec['mem_reserved_gib']:.2f} GiB, "
+              f"allocated {rec['mem_allocated_gib']:.2f} GiB, loss {rec['loss_first_last'][0]:.2f} -> "
+              f"{rec['loss_first_last'][1]:.2f}")
+        for engine in (False, True):
+            if engine and args.gemm_table is None:
+                continue
+            p = predict(rec, gpu, args.gemm_table, engine)
+            meas_mfu = f"{100 * p['meas_mfu']:.1f}%" if p["meas_mfu"] is not None else "n/a"
+            label = "engine-calibrated" if engine else f"built-in {gpu}"
+            print(f"  {label:<24} step {p['pred_step_s']:.3f} s -> {p['step_err_pct']:+.1f}% vs median   "
+                  f"MFU predicted {100 * p['pred_mfu']:.1f}%, measured {meas_mfu}   memory {p['pred_mem_gib']:.2f} GiB "
+                  f"-> {p['mem_err_vs_reserved_pct']:+.1f}% vs reserved, {p['mem_err_vs_allocated_pct']:+.1f}% vs "
+                  f"allocated   (" + ", ".join(f"{k} {v:.2f}" for k, v in p["pred_breakdown_gib"].items()) + ")")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
