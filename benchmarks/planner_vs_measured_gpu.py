@@ -68,7 +68,57 @@ def time_attention(mb: int, heads: int, kv_heads: int, seq: int, head_dim: int, 
     return statistics.median(laps)
 
 
-def measure(name, flavor, overrides, seq, gb, mb, recompute, compiled, steps: int, cache: Path, d: Path) -> dict:
+class MemoryPhases:
+    """CUDA memory around each phase of a step, from global hooks (the engine is not touched): at the
+    start of every backward (allocated = the weights, gradients and optimizer state plus what the
+    forward and loss keep for backward; peak = the forward's and loss's peak), at its end (peak of
+    the backward), and around the optimizer step. The peak counter is reset at each mark, so the
+    run's overall peak is the largest phase peak."""
+
+    def __init__(self):
+        import torch
+
+        self.marks: list[tuple[str, float, float]] = []
+        self._backward = torch.autograd.backward
+        self._hooks = []
+
+    def mark(self, phase: str) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+        self.marks.append((phase, torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30))
+        torch.cuda.reset_peak_memory_stats()
+
+    def __enter__(self):
+        import torch
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        def backward(*args, **kwargs):
+            self.mark("forward+loss")
+            out = self._backward(*args, **kwargs)
+            self.mark("backward")
+            return out
+
+        torch.autograd.backward = backward
+        self._hooks = [register_optimizer_step_pre_hook(lambda *a: self.mark("before optimizer")),
+                       register_optimizer_step_post_hook(lambda *a: self.mark("optimizer"))]
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.autograd.backward = self._backward
+        for h in self._hooks:
+            h.remove()
+
+    def step(self, n: int) -> list[tuple[str, float, float]]:
+        """The marks of optimizer step ``n`` (1-based): from the end of step n-1's optimizer step."""
+        ends = [i for i, (phase, _, _) in enumerate(self.marks) if phase == "optimizer"]
+        return self.marks[ends[n - 2] + 1: ends[n - 1] + 1] if n <= len(ends) else []
+
+
+def measure(name, flavor, overrides, seq, gb, mb, recompute, compiled, steps: int, cache: Path, d: Path,
+            phases: bool = False) -> dict:
     import torch
 
     from apogee.config import load_config
@@ -87,7 +137,11 @@ def measure(name, flavor, overrides, seq, gb, mb, recompute, compiled, steps: in
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    launch_local(cfg, 1)
+    if phases:
+        with MemoryPhases() as mp:
+            launch_local(cfg, 1)
+    else:
+        launch_local(cfg, 1)
     wall = time.perf_counter() - t0
     recs = [json.loads(line) for line in open(d / "metrics.jsonl")]
     reserved = torch.cuda.max_memory_reserved() / 2**30
@@ -95,7 +149,10 @@ def measure(name, flavor, overrides, seq, gb, mb, recompute, compiled, steps: in
     t_attn = time_attention(mb, a.n_heads, a.n_kv_heads, seq, a.dim // a.n_heads)
     body = [r for r in recs if WARMUP_STEPS < r["step"] < steps]
     step_s = [gb * seq / r["tokens_per_s"] for r in body]
-    return {"config": name, "flavor": flavor, "overrides": overrides, "seq_len": seq, "global_batch": gb,
+    extra = {}
+    if phases:  # the logged peak was reset at every mark: the largest phase peak is the run's
+        extra = {"phases_step5": mp.step(5), "peak_over_phases_gib": max(peak for _, _, peak in mp.marks)}
+    return {**extra, "config": name, "flavor": flavor, "overrides": overrides, "seq_len": seq, "global_batch": gb,
             "micro_batch": mb, "recompute": recompute, "compile": compiled,
             "step_s": step_s, "mfu_logged": [r.get("mfu") for r in body],
             "loss_first_last": [recs[0]["loss"], recs[-1]["loss"]],
@@ -149,7 +206,9 @@ def gpu_name_to_accelerator(device: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--only", default="", help="run only the configs whose name contains this text")
+    ap.add_argument("--only", default="", help="run only the configs whose name contains one of these texts "
+                    "(comma-separated)")
+    ap.add_argument("--phases", action="store_true", help="record memory at each phase of a step (MemoryPhases)")
     ap.add_argument("--out", type=Path, default=None, help="write the measurements here (JSON)")
     ap.add_argument("--measured", type=Path, default=None, help="predict for these measurements instead of measuring")
     ap.add_argument("--gpu", default="", help="the planner's accelerator (default: from the device name)")
@@ -166,10 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
         with tempfile.TemporaryDirectory() as td:
             for i, cfg in enumerate(CONFIGS):
-                if args.only not in cfg[0]:
+                if not any(part in cfg[0] for part in args.only.split(",")):
                     continue
                 try:
-                    rec = measure(*cfg, steps=args.steps, cache=Path(td) / "cache", d=Path(td) / f"run{i}")
+                    rec = measure(*cfg, steps=args.steps, cache=Path(td) / "cache", d=Path(td) / f"run{i}",
+                                  phases=args.phases)
                 except Exception as exc:  # one config's failure (out of memory, a compile error) is a figure too
                     rec = {"config": cfg[0], "error": f"{type(exc).__name__}: {exc}"[:2000]}
                 data["runs"].append(rec)

@@ -122,6 +122,37 @@ def test_async_save_is_a_snapshot_and_durable_after_wait(tmp_path):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("reusable", [False, True])
+def test_async_saves_survive_a_stager_that_closes_itself(tmp_path, monkeypatch, reusable):
+    # torch 2.11 / 2.12 (pytorch/pytorch#183413): DefaultStager._stage closes its StateDictStager after
+    # each save; reusing that stager fails the next save. Emulated here on any torch.
+    import apogee.checkpoint.dcp as dcp_module
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    original = DefaultStager._stage
+
+    def closing_stage(self, state_dict, **kwargs):
+        staged = original(self, state_dict, **kwargs)
+        self._state_dict_stager.close()
+        return staged
+
+    monkeypatch.setattr(DefaultStager, "_stage", closing_stage)
+    monkeypatch.setattr(dcp_module, "STAGER_REUSABLE", reusable)
+    model, optim = model_and_optim()
+    ck, _ = saver(tmp_path, async_save=True)
+    ck.save(1, model, optim, {"step": 1})
+    ck.wait()
+    if reusable:  # what a reused stager meets on those versions
+        with pytest.raises(KeyError):
+            ck.save(2, model, optim, {"step": 2})
+            ck.wait()
+        return
+    for step in (2, 3):
+        ck.save(step, model, optim, {"step": step})
+    ck.close()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2, 3]
+
+
 def test_metadata_unpickler_refuses_foreign_globals(tmp_path):
     model, optim = model_and_optim()
     ck, _ = saver(tmp_path)

@@ -219,6 +219,12 @@ def _no_faults(point: str, step: int, **ctx: Any) -> None:
     pass
 
 
+# torch 2.11 and 2.12: DefaultStager._stage closes its StateDictStager after every save, which empties
+# the copier table the next save needs (KeyError: <class 'type'>, pytorch/pytorch#183413; seen on an
+# H100 with torch 2.11); there a stager serves one save. torch 2.13 keeps it, and its host buffers.
+STAGER_REUSABLE = torch.torch_version.TorchVersion(torch.__version__) >= "2.13"
+
+
 def _background_stager():
     """Copies the state into reused host buffers on a background thread (on CUDA: pinned buffers,
     a side stream, non-blocking copies), so the copy overlaps the next step's compute."""
@@ -282,6 +288,9 @@ class Checkpointer:
         if self.async_save:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="apogee-ckpt")
+            if self._stager is None or not STAGER_REUSABLE:
+                if self._stager is not None:
+                    self._stager.close()  # the previous save is durable (waited for above)
                 self._stager = _background_stager()
             response = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group,
                                       async_stager=self._stager)

@@ -277,7 +277,9 @@ class Pipeline:
 
     def _run(self, fn, inputs: torch.Tensor, targets: torch.Tensor, **extra) -> torch.Tensor:
         losses: list[torch.Tensor] = []
-        args = (inputs.to(self.device),) if self.has_first else ()
+        # Contiguous: a batch is a slice of one token window ([:, :-1]), and torch 2.11's stages check
+        # the input's strides against the contiguous example they were built with.
+        args = (inputs.to(self.device).contiguous(),) if self.has_first else ()
         target = targets.to(self.device) if self.has_last else None
         fn(*args, target=target, losses=losses, **extra)
         total = torch.zeros((), device=self.device)
