@@ -398,7 +398,8 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
             f"{statistics.mean(sim):5.3f}", f"{statistics.mean(statistics.mean(s['msgs']) for s in steps_stats):4.0f}",
             xfer(steps_stats),
             f"{statistics.median(s['span'] for s in steps_stats):6.3f}"]))
-        print(f"  {schedule} done", file=sys.stderr, flush=True)
+        # Each schedule's figures as soon as they exist: a later schedule that fails keeps them.
+        print(f"  {rows[-1]}\n  {diag[-1]}", file=sys.stderr, flush=True)
     if rank == 0:
         head = ["schedule".ljust(17), "v", "idle per stage (rank 0..p-1)".rjust(6 * world), " mean", "theor",
                 " comm", "th+comm", "rel err", "verdict on the mean (<= 10%)"]

@@ -14,7 +14,8 @@ from apogee.config import Config, load_config
 
 def tiny_config(run_dir: Path, cache_dir: Path, *, steps: int = 10, **sections):
     overrides = {
-        "run": {"dir": str(run_dir), "log_interval": 1},
+        # gloo ranks on CPU by design, also on a GPU machine (tests/gpu sets run.device=cuda).
+        "run": {"dir": str(run_dir), "log_interval": 1, "device": "cpu"},
         "model": {"flavor": "tiny"},
         "data": {"source": "stdlib", "tokenizer": "byte", "max_bytes": 300_000, "cache_dir": str(cache_dir)},
         "train": {"steps": steps, "seed": 7, "global_batch": 8, "micro_batch": 2, "seq_len": 32,

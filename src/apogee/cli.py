@@ -25,6 +25,19 @@ def _default_nproc() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 4
 
 
+def _check_local_gpus(cfg, nproc: int) -> None:
+    """One rank per GPU: more local ranks than GPUs would fail later in every rank ('invalid device
+    ordinal'); say it now, in one line naming the two ways out."""
+    import torch
+
+    if cfg.run.device == "cpu" or not (cfg.run.device == "cuda" or torch.cuda.is_available()):
+        return
+    gpus = torch.cuda.device_count()
+    if nproc > gpus:
+        raise ConfigError(f"{nproc} local ranks but {gpus} GPU(s) here (run.device={cfg.run.device}): pass "
+                          f"--nproc {gpus} or fewer, or --set run.device=cpu")
+
+
 def _fit_default_world(cfg, nproc: int):
     """The config for the default rank count (the GPUs here, or 4 CPU ranks) when the user named none:
     a preset sized for 4 ranks (``debug`` asks tp=2) still runs on a 1-GPU machine, re-planned by the
@@ -57,6 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     nproc = args.nproc or _default_nproc()
     if not args.nproc:
         cfg = _fit_default_world(cfg, nproc)
+    _check_local_gpus(cfg, nproc)
     from apogee.config import validate
 
     validate(cfg, nproc)  # reject a bad layout here, before any rank starts
@@ -87,6 +101,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         cfg = cfg.replace(resilience={"inject": [*cfg.resilience.inject, *args.inject]})
     nodes = Nodes.parse(args.nnodes)
     nproc = args.nproc or _default_nproc()
+    _check_local_gpus(cfg, nproc)
     # An elastic world size is known only at rendezvous; a fixed one is checked now.
     validate(cfg, nproc * nodes.min) if nodes.min == nodes.max else validate(cfg)
     load_corpus(cfg, progress=True)  # tokenise once, before the ranks start

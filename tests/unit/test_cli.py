@@ -31,7 +31,7 @@ def test_train_command_end_to_end(tmp_path, cache_dir, capsys):
     """The README's main command path on 2 ranks: trains, checkpoints, reports, samples."""
     code = main([
         "train", "--nproc", "2",
-        "--set", f"run.dir={tmp_path}", "--set", "model.flavor=tiny", "--set", "train.steps=3",
+        "--set", f"run.dir={tmp_path}", "--set", "run.device=cpu", "--set", "model.flavor=tiny", "--set", "train.steps=3",
         "--set", "train.seq_len=32", "--set", "train.global_batch=4", "--set", "train.micro_batch=2",
         "--set", "data.max_bytes=300000", "--set", f"data.cache_dir={cache_dir}", "--set", "parallel.tp=2",
         "--sample-tokens", "8",
@@ -57,3 +57,13 @@ def test_default_rank_count_refits_a_preset_sized_for_more_ranks(capsys):
     assert "training as single rank" in capsys.readouterr().err
     assert _fit_default_world(cfg, 4) is cfg  # fits: unchanged, silent
     assert capsys.readouterr().err == ""
+
+
+def test_more_local_ranks_than_gpus_is_one_line(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["train", "--nproc", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "4 local ranks but 1 GPU(s)" in err and "run.device=cpu" in err, err

@@ -11,7 +11,7 @@ from apogee.planner.spec import Layout, RunSpec
 
 
 def layout_to_config(run: RunSpec, lay: Layout) -> dict:
-    """The engine config dict: [model], [parallel], [train]. dp maps to dp_shard under ZeRO-3/FSDP,
+    """The engine config dict: [run] (device, for a CPU cluster), [model], [parallel], [train]. dp maps to dp_shard under ZeRO-3/FSDP,
     else to dp_replicate (ZeRO 1-2 have no FSDP equivalent; replicated data parallelism it is)."""
     sharded = lay.zero >= 3
     parallel = {
@@ -34,6 +34,8 @@ def layout_to_config(run: RunSpec, lay: Layout) -> dict:
     if lay.recompute != "none":
         parallel["recompute"] = lay.recompute
     cfg: dict = {}
+    if run.cluster.accel.name == "cpu":
+        cfg["run"] = {"device": "cpu"}  # planned for CPU ranks: not whatever GPU the training host has
     if run.model.flavor:
         cfg["model"] = {"flavor": run.model.flavor}
     cfg["parallel"] = parallel
