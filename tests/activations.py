@@ -58,8 +58,9 @@ class LiveStorages(TorchDispatchMode):
 
 
 def held_after_forward(layers: int, *, dtype: torch.dtype = torch.float32, recompute: str = "none",
-                       tp_mesh=None, sequence_parallel: bool = False) -> int:
-    """Bytes held for backward by a ``layers``-block model after forward + loss, on this rank."""
+                       tp_mesh=None, sequence_parallel: bool = False, autocast: bool = False) -> int:
+    """Bytes held for backward by a ``layers``-block model after forward + loss, on this rank.
+    ``autocast``: fp32 weights, forward under bf16 autocast (the engine without FSDP on a GPU)."""
     args = ModelArgs(dim=DIM, n_layers=layers, n_heads=HEADS, n_kv_heads=KV, ffn_hidden=FFN, vocab_size=VOCAB,
                      max_seq_len=SEQ)
     with torch.device("meta"):
@@ -67,13 +68,14 @@ def held_after_forward(layers: int, *, dtype: torch.dtype = torch.float32, recom
     if tp_mesh is not None:
         apply_tensor_parallel(model, tp_mesh, sequence_parallel=sequence_parallel, loss_parallel=True)
     init_weights(model, 0, torch.device("cpu"))
-    model.to(dtype)  # bf16 parameters and activations, as FSDP's param_dtype gives on a GPU
+    model.to(torch.float32 if autocast else dtype)  # bf16 parameters and activations: FSDP's param_dtype
     apply_recompute(list(model.layers.values()), recompute)
     tokens = torch.randint(0, VOCAB, (MB, SEQ + 1), generator=torch.Generator().manual_seed(0))
     mode = LiveStorages({_local(t).untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]})
     with loss_parallel() if tp_mesh is not None else contextlib.nullcontext():
         with mode:
-            logits = model(tokens[:, :-1])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # as the trainer: forward only
+                logits = model(tokens[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())  # as the trainer
             del logits
             held = mode.bytes

@@ -26,6 +26,21 @@ def test_planner_activations_match_the_engine(dtype, act_bytes, recompute):
     assert one - per_layer == pytest.approx(head, rel=0.01)
 
 
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_planner_activations_match_the_engine_under_autocast(recompute):
+    # fp32 weights, bf16 autocast (the engine without FSDP, e.g. on one GPU): fp32 residual stream, a bf16
+    # cast of each norm output per Linear, and of each matmul weight (recomputed under recompute).
+    one = held_after_forward(1, recompute=recompute, autocast=True)
+    three = held_after_forward(3, recompute=recompute, autocast=True)
+    per_layer = (three - one) / 2
+    m = ModelShape(layers=1, hidden=DIM, heads=HEADS, kv_heads=KV, ffn_hidden=FFN, vocab=VOCAB, seq_len=SEQ)
+    lay = Layout(recompute=recompute)
+    expect = activation_bytes_per_layer(m, lay, micro_tokens=TOKENS, act_bytes=2.0, autocast=True)
+    assert per_layer == pytest.approx(expect, rel=1e-6)
+    head = head_activation_bytes(m, lay, micro_tokens=TOKENS, act_bytes=2.0, autocast=True)
+    assert one - per_layer == pytest.approx(head, rel=0.01)
+
+
 def test_apogee_block_count_by_hand():
     # Llama-3-8B shape, bf16, no TP: two norms (4 + 2 + 2 + 4/h each), q/k/v 2(1 + 2 kv/a), the
     # attention output 2, logsumexp 4a/h, SwiGLU 8f/h bytes per token per hidden unit.

@@ -130,7 +130,14 @@ def stage_params(m: ModelShape, lay: Layout, stage: str = "first") -> tuple[floa
     return nonexpert, experts
 
 
-def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: float, act_bytes: float = 2.0) -> float:
+def engine_autocast(lay: Layout, precision: str) -> bool:
+    """apogee without FSDP (zero 3 with nothing to shard over: one GPU, or tp / pp alone) trains bf16 as
+    autocast over fp32 weights (apogee.train.trainer); FSDP2 instead gathers bf16 weights (param_dtype)."""
+    return precision == "bf16" and lay.zero >= 3 and lay.dp * lay.cp == 1
+
+
+def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: float, act_bytes: float = 2.0,
+                               autocast: bool = False) -> float:
     """Bytes of stored activations for one layer and one micro-batch of ``micro_tokens`` tokens (per CP
     rank), with activations of ``act_bytes`` bytes (2: bf16, 4: fp32).
 
@@ -151,6 +158,13 @@ def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: floa
     shrink by tp), but the Linears keep the *all-gathered* input for their weight gradient, so the
     gain-scaled output stays whole, unlike Megatron's SP, which re-gathers it in backward.
 
+    ``autocast`` (``engine_autocast``: fp32 weights, bf16 autocast; measured on an H100, docs/planner.md):
+    the residual stream is fp32, so each RMSNorm keeps its fp32 input and fp32 normalised output, and
+    every Linear after it keeps its own bf16 cast of the gain-scaled output (3 for q/k/v, 2 for
+    gate/up); each Linear also keeps the bf16 cast of its fp32 weight (2 bytes per matmul weight, per
+    micro-batch in flight: autocast re-casts in every forward). Recompute keeps the fp32 block input
+    and no weight casts (they are recomputed).
+
     Recompute ``full`` keeps the block input. ``selective`` (apogee.parallel.recompute: save the
     outputs of matmuls, attention and collectives, recompute the elementwise rest) keeps the block
     input, q/k/v, the attention output and logsumexp, every matmul output (wo and w2 included: under
@@ -164,37 +178,56 @@ def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: floa
         return act_bytes / 2 * _korthikanti_gpt(m, lay, sbh, t, sp)
     a = act_bytes
     norm_shard = t if sp else 1
+    block_input = 4.0 if autocast else a  # the residual stream: fp32 under autocast
     if lay.recompute == "full":
-        return a * sbh / norm_shard  # the block input only
+        return block_input * sbh / norm_shard  # the block input only
     f = (m.ffn_hidden if not m.moe_layers else m.moe_ffn_hidden * (m.top_k + m.shared_experts)) / m.hidden
     kv = m.kv_heads / m.heads
     qkv = a * (1 + 2 * kv) / t
     lse = 4 * m.heads / m.hidden / t
     if lay.recompute == "selective":
         collective = a / t if sp else (a if t > 1 else 0.0)  # reduce-scatter (SP) or all-reduce output
-        per = (a / norm_shard + qkv + a / t + lse + 2 * (a + collective) + 2 * a * f / t
+        per = (block_input / norm_shard + qkv + a / t + lse + 2 * (a + collective) + 2 * a * f / t
                + (2 * a if sp else 0.0))
+    elif autocast:
+        per = (norm_activation_units(m, lay, a, autocast_linears=3) + norm_activation_units(m, lay, a, autocast_linears=2)
+               + qkv + a / t + lse + 4 * a * f / t)
     else:
         per = 2 * norm_activation_units(m, lay, a) + qkv + a / t + lse + 4 * a * f / t
     if m.moe_layers:
         per += a * m.top_k / norm_shard  # the token copies dispatched to experts
-    return sbh * per
+    weight_casts = 2.0 * (m.attn_params() + m.dense_mlp_params()) / t if autocast and lay.recompute == "none" else 0.0
+    return sbh * per + weight_casts
 
 
-def norm_activation_units(m: ModelShape, lay: Layout, act_bytes: float) -> float:
-    """Bytes per token per hidden unit one apogee RMSNorm keeps for backward (see above)."""
+def norm_activation_units(m: ModelShape, lay: Layout, act_bytes: float, autocast_linears: int = 0) -> float:
+    """Bytes per token per hidden unit one apogee RMSNorm keeps for backward (see above); under autocast
+    (``autocast_linears`` > 0) its fp32 input and output, and one bf16 cast per Linear reading it."""
     norm_shard = lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
+    if autocast_linears:
+        return (4 + 4 + 4 / m.hidden) / norm_shard + 2 * autocast_linears
     return (4 + act_bytes + 4 / m.hidden) / norm_shard + act_bytes
 
 
-def head_activation_bytes(m: ModelShape, lay: Layout, *, micro_tokens: float, act_bytes: float = 2.0) -> float:
+def head_activation_bytes(m: ModelShape, lay: Layout, *, micro_tokens: float, act_bytes: float = 2.0,
+                          autocast: bool = False) -> float:
     """Bytes the stage holding the output layer keeps per micro-batch beyond its blocks: the final
     norm (llama) and the cross-entropy's fp32 log-softmax over the vocabulary shard (Korthikanti 2022
-    §4.3: 4sbv/t); the 16-bit logits themselves are not kept."""
+    §4.3: 4sbv/t); the 16-bit logits themselves are not kept. Under autocast also the output
+    weight's bf16 cast (the output layer is never recomputed)."""
     logits = 4 * micro_tokens * m.vocab / lay.tp
     if m.mlp == "gelu":
         return logits
-    return logits + micro_tokens * m.hidden * norm_activation_units(m, lay, act_bytes)
+    norm = micro_tokens * m.hidden * norm_activation_units(m, lay, act_bytes, autocast_linears=1 if autocast else 0)
+    return logits + norm + (2.0 * m.vocab * m.hidden / lay.tp if autocast else 0.0)
+
+
+def loss_backward_bytes(m: ModelShape, lay: Layout, *, micro_tokens: float) -> float:
+    """The transient peak at the start of backward on the stage with the output layer, on top of what
+    forward and loss keep: 8 bytes per logit of the vocabulary shard (the fp32 gradient of the
+    log-softmax input, its bf16 cast and one more bf16 logits-sized buffer; measured on an H100 with
+    the engine, 7.83 GiB at 8192 tokens x 128256, docs/planner.md). apogee's loss only (llama)."""
+    return 0.0 if m.mlp == "gelu" else 8.0 * micro_tokens * m.vocab / lay.tp
 
 
 def _korthikanti_gpt(m: ModelShape, lay: Layout, sbh: float, t: int, sp: bool) -> float:
@@ -253,9 +286,10 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
     w1, g1, o1 = zero_split(nonexpert, shard_dp, lay.zero)
     w2, g2, o2 = zero_split(experts, ex_dp, lay.zero)
     params, grads, opt = w1 + w2, g1 + g2, o1 + o2
-    if precision == "fp32":
-        # Plain fp32 training (the engine on CPU): 4-byte weights and grads, 8 bytes of Adam moments and no
-        # master copy; the same 16 bytes per parameter, split differently across the ZeRO stages.
+    autocast = engine_autocast(lay, precision)
+    if precision == "fp32" or autocast:
+        # fp32 weights (the engine on CPU, or under autocast without FSDP): 4-byte weights and grads, 8 bytes
+        # of Adam moments and no master copy; the same 16 bytes per parameter, split differently.
         params, grads, opt = params * 2, grads * 2, opt * 8 / 12
     if precision == "fp8":
         params += (nonexpert + experts) / (shard_dp if lay.zero >= 3 else 1)  # fp8 weight copies
@@ -263,18 +297,24 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
     n_micro = max(1, global_batch // (lay.dp * lay.microbatch))
     micro_tokens = lay.microbatch * m.seq_len / lay.cp
     act_bytes = 4.0 if precision == "fp32" else 2.0
-    per_layer = activation_bytes_per_layer(m, lay, micro_tokens=micro_tokens, act_bytes=act_bytes)
+    per_layer = activation_bytes_per_layer(m, lay, micro_tokens=micro_tokens, act_bytes=act_bytes, autocast=autocast)
     layers_here = sum(len(r) for r in rank_layer_ranges(m, lay, stage))
     acts = per_layer * layers_here * in_flight_microbatches(lay, n_micro, stage)
+    has_output = lay.pp == 1 or stage == "last"
+    # Transient peaks on top of what is kept: the loss' backward starts on the output stage, and under
+    # full recompute the layer being recomputed holds its full activations during its backward; the
+    # larger of the two (they do not overlap).
+    transient = loss_backward_bytes(m, lay, micro_tokens=micro_tokens) if has_output else 0.0
     if lay.recompute == "full":
-        # The layer being recomputed holds its full activations during its backward.
-        acts += activation_bytes_per_layer(m, dataclasses.replace(lay, recompute="none"), micro_tokens=micro_tokens,
-                                           act_bytes=act_bytes)
+        transient = max(transient, activation_bytes_per_layer(m, dataclasses.replace(lay, recompute="none"),
+                                                              micro_tokens=micro_tokens, act_bytes=act_bytes,
+                                                              autocast=autocast))
+    acts += transient
     if m.mlp == "gelu" and (lay.pp == 1 or stage == "first"):
         # Megatron keeps the embedding's dropout output (Korthikanti 2022 §4.3); apogee's embedding
         # output is the first block's input, counted there.
         acts += act_bytes * micro_tokens * m.hidden / (lay.tp if lay.sequence_parallel else 1)
-    head = head_activation_bytes(m, lay, micro_tokens=micro_tokens, act_bytes=act_bytes)
+    head = head_activation_bytes(m, lay, micro_tokens=micro_tokens, act_bytes=act_bytes, autocast=autocast)
     if lay.pp == 1:
         acts += head  # one micro-batch's (accumulation runs them in turn)
     elif stage == "last":
