@@ -126,8 +126,9 @@ def test_async_save_is_a_snapshot_and_durable_after_wait(tmp_path):
 def test_async_saves_survive_a_stager_that_closes_itself(tmp_path, monkeypatch, reusable):
     # torch 2.11 / 2.12 (pytorch/pytorch#183413): DefaultStager._stage closes its StateDictStager after
     # each save; reusing that stager fails the next save. Emulated here on any torch.
-    import apogee.checkpoint.dcp as dcp_module
     from torch.distributed.checkpoint.staging import DefaultStager
+
+    import apogee.checkpoint.dcp as dcp_module
 
     original = DefaultStager._stage
 

@@ -11,8 +11,9 @@ from apogee.planner.spec import Layout, RunSpec
 
 
 def layout_to_config(run: RunSpec, lay: Layout) -> dict:
-    """The engine config dict: [run] (device, for a CPU cluster), [model], [parallel], [train]. dp maps to dp_shard under ZeRO-3/FSDP,
-    else to dp_replicate (ZeRO 1-2 have no FSDP equivalent; replicated data parallelism it is)."""
+    """The engine config dict: [run] (device, for a CPU cluster), [model], [parallel], [train]. dp maps
+    to dp_shard under ZeRO-3/FSDP, else to dp_replicate (ZeRO 1-2 have no FSDP equivalent; replicated
+    data parallelism it is)."""
     sharded = lay.zero >= 3
     parallel = {
         "dp_replicate": 1 if sharded else lay.dp,
