@@ -239,6 +239,22 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _no_self_warmup(stage, own_rank: int) -> None:
+    """Drop the warm-up sends and receives a stage addresses to its own rank. Under the V schedules
+    (zbv, dualpipev) neighbouring stages share a rank; torch 2.11's first step sends a warm-up tensor to
+    each neighbour's rank, itself included, and gloo cannot send to itself ("Pair is not connected";
+    torch 2.13 no longer sends these). A send to oneself warms nothing up, so dropping the pair (both
+    ends are on this rank) changes nothing else."""
+    make_ops = getattr(stage, "_get_init_p2p_neighbors_ops", None)
+    if make_ops is None:
+        return
+
+    def without_self():
+        return [op for op in make_ops() if op.group_peer != own_rank]
+
+    stage._get_init_p2p_neighbors_ops = without_self
+
+
 class Pipeline:
     """This rank's pipeline stages and the schedule that runs them over the pp process group."""
 
@@ -267,6 +283,8 @@ class Pipeline:
         pipeline_stages = [
             pipelining.PipelineStage(module, s, n_stages, device, group=group) for s, module in stages
         ]
+        for stage in pipeline_stages:
+            _no_self_warmup(stage, dist.get_rank(group))
         cls = getattr(pipelining, SCHEDULES[schedule][0])
         first = pipeline_stages[0] if SCHEDULES[schedule][1] == "single" else pipeline_stages
         # Each micro-batch loss is already divided by n_microbatches: no rescaling of gradients.
