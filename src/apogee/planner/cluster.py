@@ -99,7 +99,9 @@ class Accelerator:
 # The one calibration per accelerator type (see the table's comments): the fraction of peak an 8192^3
 # GEMM reaches inside each training stack, re-derived by `benchmarks/planner_accuracy.py --calibrate`.
 A100_STACK_GEMM_EFF = 0.671
-H100_STACK_GEMM_EFF = 0.442
+H100_STACK_GEMM_EFF = 0.451
+# Causal flash-style attention forward + backward on Hopper, measured (see the h100-80gb entry).
+H100_ATTN_EFF = 0.443
 
 ACCELERATORS: dict[str, Accelerator] = {
     # A100 SXM4: 312 TFLOP/s dense bf16/fp16 (NVIDIA A100 datasheet; Narayanan et al. 2021 use 312);
@@ -123,17 +125,20 @@ ACCELERATORS: dict[str, Accelerator] = {
     # figures); 3.35 TB/s HBM3 (datasheet); NVLink4 900 GB/s bidirectional, NCCL all-reduce busbw
     # ~360 GB/s without NVLS (nccl-tests on DGX H100); ConnectX-7 400 Gb/s per GPU = 50 GB/s, ~45 GB/s
     # achieved (NVIDIA DGX H100 reference architecture); 132 SMs (H100 whitepaper); 700 W TDP.
-    # gemm_eff (the H100 calibration): 0.442, derived the same way from the Megatron-LM README's H100
+    # gemm_eff (the H100 calibration): 0.451, derived the same way from the Megatron-LM README's H100
     # 1.7B run (tp=1, pp=1, dp=48: 408.8 TFLOP/s). An 8192^3 bf16 matmul alone measures 798 TFLOP/s =
     # 0.807 on an H100 80GB with torch 2.11 (shared/planner/FORMULAS.md); calibrating on that instead
     # over-predicts every H100 row by 36-59%. The memory-bound work is priced op by op (compute.py) and
-    # GEMM shape (waves, K prologue, roofline, backward shapes) is modelled; what still separates 0.442
+    # GEMM shape (waves, K prologue, roofline, backward shapes) is modelled; what still separates 0.451
     # from 0.807 is not explained by the model (docs/planner.md, "Accuracy").
-    # attn_eff: FlashAttention-3 (Shah et al. 2024, Fig. 5-7) reaches ~500-600 TFLOP/s forward and
-    # ~450-550 backward in bf16 at head dim 128, seq 4k: ~0.5 of peak over forward + backward.
+    # attn_eff: measured, PyTorch 2.11's causal scaled_dot_product_attention forward + backward in bf16
+    # at head dim 128, seq 4096 (32 query / 8 kv heads, micro-batch 2) on an H100 80GB HBM3: 2.20 ms =
+    # 438 TFLOP/s = 0.443 of peak (benchmarks/results/h100-engine-runs.json, planner_vs_measured_gpu.py).
+    # (FlashAttention-3's paper figures, Shah et al. 2024, would give ~0.5; FA3 is not what these
+    # stacks ran.) At head dim 64, seq 2048 the same kernel reaches only 0.26-0.29.
     "h100-80gb": Accelerator(
         name="h100-80gb", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=80, mem_bw_gbs=3350,
-        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=0.50, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H100 NVL 94/96 GB parts: same SXM compute figures for the 96 GB SXM variant (NVIDIA GH200/H100
     # 96GB datasheet), 3.9 TB/s HBM3. The Hopper parts below (h100-96gb, h200, h800) have the same SMs,
@@ -142,18 +147,18 @@ ACCELERATORS: dict[str, Accelerator] = {
     # would predict ~1.8x an H100's throughput for the same model. Their bandwidths differ and are used.
     "h100-96gb": Accelerator(
         name="h100-96gb", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=96, mem_bw_gbs=3900,
-        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=0.50, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H200 SXM: same Hopper compute (989 bf16 dense), 141 GB HBM3e at 4.8 TB/s (NVIDIA H200 datasheet).
     "h200": Accelerator(
         name="h200", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=141, mem_bw_gbs=4800,
-        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=0.50, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H800: H100 compute with NVLink cut to 400 GB/s bidirectional; DeepSeek-V3 report (2024, §3.2)
     # measures 160 GB/s NVLink and 50 GB/s InfiniBand per GPU.
     "h800": Accelerator(
         name="h800", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=80, mem_bw_gbs=3350,
-        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=0.50, nvlink_busbw_gbs=160, nic_gbs=45, sms=132, power_w=700,
+        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, nvlink_busbw_gbs=160, nic_gbs=45, sms=132, power_w=700,
     ),
     # B200: 2.25 PFLOP/s dense bf16, 4.5 dense fp8, 192 GB (180 usable) HBM3e at 8 TB/s, NVLink5 1.8 TB/s
     # bidirectional (NVIDIA DGX B200 datasheet); 148 SMs; 1000 W. gemm_eff: no B200 training-stack
