@@ -458,8 +458,11 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelConfig:
         )
     if p.reshard_after_forward not in ("default", "always", "never"):
         raise ConfigError(f"parallel.reshard_after_forward must be default, always or never, got {p.reshard_after_forward!r}")
-    if p.cpu_offload and p.dp * p.cp == 1:
-        raise ConfigError("parallel.cpu_offload offloads FSDP shards: it needs parallel.dp_shard, dp_replicate or cp > 1")
+    if p.cpu_offload and p.dp * p.cp == 1 and p.tp * p.pp > 1:
+        # One rank alone offloads its whole model (FSDP2 over a 1-rank mesh); beside tp or pp it needs
+        # a data axis to shard over.
+        raise ConfigError("parallel.cpu_offload with tp or pp needs parallel.dp_shard, dp_replicate or cp > 1 "
+                          "(alone on one rank it offloads the whole model)")
     if p.recompute not in ("none", "selective", "full"):
         raise ConfigError(f"parallel.recompute must be none, selective or full, got {p.recompute!r}")
     if args.n_heads % p.tp:

@@ -49,3 +49,12 @@ def test_layout_matches_single_process(name, runs, reference):
     assert errors[name] is None, errors[name]
     got, want = read_metrics(dirs[name]), reference[LAYOUTS[name][1].get("tie_embeddings", "")]
     assert_matches_reference(got, want, steps=10)
+
+
+def test_one_rank_cpu_offload_matches_single_process(tmp_path, cache_dir, reference):
+    # One process alone: FSDP2 over a 1-rank mesh (a process group of its own) for the offload policy.
+    import torch.distributed as dist
+
+    Trainer(tiny_config(tmp_path, cache_dir, parallel={"cpu_offload": True})).fit()
+    assert not dist.is_initialized()  # the trainer's own group is gone with it
+    assert_matches_reference(read_metrics(tmp_path), reference[""], steps=10)

@@ -1,7 +1,7 @@
 """The engine's CUDA paths on one GPU (skipped without CUDA): bf16 training, asynchronous checkpoints
-staged through pinned memory and a bit-identical resume, in-memory snapshots (CUDA RNG included)
-after a killed rank, and per-block compile. (FSDP2 CPU offload needs dp_shard > 1, i.e. two GPUs:
-NCCL refuses two ranks on one device.)
+staged through pinned memory and a bit-identical resume, FSDP2 CPU offload on one GPU (the mixed
+cuda:nccl,cpu:gloo process group), in-memory snapshots (CUDA RNG included) after a killed rank, and
+per-block compile.
 
 Each check is a function of the device, so the same bodies run on CPU as a dry run of the test
 logic (``python tests/gpu/test_cuda.py cpu``); under pytest they run on ``cuda`` only."""
@@ -54,6 +54,20 @@ def check_async_resume_bit_identical(tmp: Path, cache_dir: Path, device: str) ->
         assert got[-1]["mem_gib"] > 0  # the CUDA allocator's peak is what mem_gib reports
 
 
+def check_cpu_offload_matches(tmp: Path, cache_dir: Path, device: str) -> None:
+    """FSDP2's CPUOffloadPolicy on one GPU (FSDP over a 1-rank mesh; process group cuda:nccl,cpu:gloo):
+    weights, gradients and the optimizer step on the host, forward and backward on the GPU; the losses
+    follow the plain run's (fused AdamW there, the CPU's foreach AdamW here: equal up to rounding)."""
+    plain, offload = tmp / "plain", tmp / "offload"
+    Trainer(config(plain, cache_dir, device)).fit()
+    Trainer(config(offload, cache_dir, device, parallel={"cpu_offload": True})).fit()
+    want, got = read_metrics(plain), read_metrics(offload)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], rel=2e-2), g["step"]
+    assert got[-1]["loss"] < got[0]["loss"] - 0.5
+
+
 def check_snapshot_recovery(tmp: Path, cache_dir: Path, device: str) -> None:
     """`apogee launch`'s supervisor, one rank, killed after step 5 with snapshots every 2 steps and no
     durable checkpoint before the end: restored from the step-4 snapshot (CUDA RNG included), and the
@@ -88,6 +102,10 @@ def test_async_resume_bit_identical(tmp_path, cache_dir):
     check_async_resume_bit_identical(tmp_path, cache_dir, "cuda")
 
 
+def test_cpu_offload_matches(tmp_path, cache_dir):
+    check_cpu_offload_matches(tmp_path, cache_dir, "cuda")
+
+
 def test_snapshot_recovery(tmp_path, cache_dir):
     check_snapshot_recovery(tmp_path, cache_dir, "cuda")
 
@@ -100,11 +118,11 @@ if __name__ == "__main__":  # dry run of the test logic on another device: pytho
     import tempfile
 
     dev = sys.argv[1] if len(sys.argv) > 1 else "cpu"
-    only = sys.argv[2:] or ["async", "snapshot", "compile"]
+    only = sys.argv[2:] or ["async", "offload", "snapshot", "compile"]
     with tempfile.TemporaryDirectory() as td:
         root = Path(td)
-        for name, fn in (("async", check_async_resume_bit_identical), ("snapshot", check_snapshot_recovery),
-                         ("compile", check_compile_matches_eager)):
+        for name, fn in (("async", check_async_resume_bit_identical), ("offload", check_cpu_offload_matches),
+                         ("snapshot", check_snapshot_recovery), ("compile", check_compile_matches_eager)):
             if name in only:
                 (root / name).mkdir()
                 fn(root / name, root / "cache", dev)

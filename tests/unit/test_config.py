@@ -104,3 +104,9 @@ def test_checkpoint_interval_minus_one_never_saves(tmp_path, cache_dir):
     result = Trainer(tiny_config(tmp_path / "run", cache_dir, steps=3, checkpoint={"interval": -1})).fit()
     assert result.step == 3 and result.checkpoint is None
     assert not any((tmp_path / "run" / "checkpoints").glob("step-*"))
+
+
+def test_cpu_offload_alone_on_one_rank_or_beside_a_data_axis():
+    assert validate(load_config(None, {"parallel": {"dp_shard": 1, "tp": 1, "cpu_offload": True}}), 1).dp == 1
+    assert "cpu_offload with tp or pp" in error({"parallel": {"dp_shard": 1, "tp": 2, "cpu_offload": True}}, 2)
+    assert validate(load_config(None, {"parallel": {"dp_shard": 2, "tp": 2, "cpu_offload": True}}), 4).tp == 2

@@ -42,8 +42,8 @@ class Mesh:
         fsdp = None
         if parallel.dp_replicate > 1:
             fsdp = _concatenate(world, world["dp_replicate"], shard)
-        elif parallel.dp_shard * parallel.cp > 1:
-            fsdp = shard
+        elif parallel.dp_shard * parallel.cp > 1 or parallel.cpu_offload:
+            fsdp = shard  # with cpu_offload on one rank: FSDP2 over a 1-rank mesh, for its offload policy
         dp_cp = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
         return cls(parallel, world, dp, fsdp, dp_cp)
 

@@ -97,12 +97,15 @@ class Trainer:
         cfg = self.cfg
         self.device = pick_device(cfg.run.device)
         # A process group the caller made (several runs in one launch) stays the caller's to destroy.
-        self.owns_process_group = "WORLD_SIZE" in os.environ and not dist.is_initialized()
+        # CPU offload is FSDP2's: one process alone gets a 1-rank process group (in-process store) for it.
+        alone_offloading = cfg.parallel.cpu_offload and "WORLD_SIZE" not in os.environ
+        self.owns_process_group = ("WORLD_SIZE" in os.environ or alone_offloading) and not dist.is_initialized()
         if self.owns_process_group:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group(process_group_backend(self.device, cfg.parallel.cpu_offload),
-                                    device_id=self.device if self.device.type == "cuda" else None)
+                                    device_id=self.device if self.device.type == "cuda" else None,
+                                    **({"store": dist.HashStore(), "rank": 0, "world_size": 1} if alone_offloading else {}))
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.is_main = self.rank == 0
