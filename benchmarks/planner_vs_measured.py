@@ -1,6 +1,7 @@
 """The planner's predicted step time and memory per rank against real CPU training runs of the engine.
 
     python benchmarks/planner_vs_measured.py [--steps 20] [--json] [--only NAME]
+    python benchmarks/planner_vs_measured.py --gpu ...    # the engine on one GPU: planner_vs_measured_gpu.py
 
 1. Micro-benchmarks (the `cpu` device's calibration, on this machine): ``nproc`` worker processes (gloo
    ranks) run at once, each with the thread count the engine gives a rank (cores // local ranks), and
@@ -387,6 +388,12 @@ def run_engine(flavor: str, nproc: int, parallel: dict, seq: int, gb: int, mbs: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--gpu"]:  # the GPU counterpart has its own configs and flags
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from planner_vs_measured_gpu import main as gpu_main
+
+        return gpu_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", action="store_true")

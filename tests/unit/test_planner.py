@@ -415,3 +415,22 @@ def test_gpu_gemm_shape_table_keeps_the_level_and_takes_the_shape_ratios(tmp_pat
         load_gemm_shape_table(path, "h100-80gb")
     with pytest.raises(PlannerError, match="not readable"):
         load_gemm_shape_table(tmp_path / "missing.json", "h100-80gb")
+
+
+def test_h100_engine_runs_memory_and_step(capsys):
+    """The H100 measurements of the engine kept in benchmarks/results (planner_vs_measured_gpu.py):
+    the predicted allocations (total less the 2.5 GiB reserve) equal each eager run's peak allocated
+    memory within 1%; step time stays within the recorded band (docs/planner.md: -7.5..+13.2%)."""
+    spec = importlib.util.spec_from_file_location("pvm_gpu", ROOT / "benchmarks" / "planner_vs_measured_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = json.loads((ROOT / "benchmarks" / "results" / "h100-engine-runs.json").read_text())
+    eager = [r for r in data["runs"] if not r["compile"]]
+    assert len(eager) == 4
+    for rec in eager:
+        p = mod.predict(rec, "h100-80gb", None, engine=False)
+        reserve = p["pred_breakdown_gib"]["buffers"]
+        assert p["pred_mem_gib"] - reserve == pytest.approx(rec["mem_allocated_gib"], rel=0.01), rec["config"]
+        assert abs(p["step_err_pct"]) <= 15.0, rec["config"]
+    assert mod.main(["--measured", str(ROOT / "benchmarks" / "results" / "h100-engine-runs.json")]) == 0
+    assert "llama3-8b x4 layers mb2" in capsys.readouterr().out
