@@ -4,8 +4,11 @@
 # GPU timing runs alone on the GPU (cores 0-3); the CPU pipeline bubble runs meanwhile on cores 8-15
 # (4 single-threaded gloo ranks); then the CUDA tests, the README's default `apogee train`, and the
 # step profile. Each part writes its own log under OUT_DIR and its failure does not stop the others.
+# Run from the repository root; apogee is taken from src/ (its dependencies, tomli-w included, must be
+# importable: pip install -e . where the machine allows, else wheels on PYTHONPATH).
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
