@@ -4,12 +4,14 @@
     python benchmarks/planner_vs_measured_gpu.py --measured gpu-runs.json [--gemm-table gemm-h100.json]
 
 1. On a machine with CUDA, the engine (``apogee.launch.launch_local``, one rank, in this process)
-   trains each config below for ``--steps`` steps: bf16 autocast, FSDP2 mixed precision (fp32 master
-   weights, gradients reduced in fp32), fused AdamW, the stdlib corpus byte-level with the flavor's
-   own vocabulary (128256: the output layer is as large as in real use). metrics.jsonl gives tokens/s
-   per step (log_interval 1); the first 3 steps (warm-up, compilation) and the last (evaluation) are
-   skipped. Memory: the peak of ``torch.cuda.max_memory_allocated`` (what the engine logs as
-   mem_gib) and of ``max_memory_reserved`` (the caching allocator's pool), both reset per config.
+   trains each config below for ``--steps`` steps: one rank has no FSDP, so bf16 autocast over fp32
+   weights and gradients, fused AdamW, the stdlib corpus byte-level with the flavor's own vocabulary
+   (128256: the output layer is as large as in real use). metrics.jsonl gives tokens/s per step
+   (log_interval 1); the first 3 steps (warm-up, compilation) and the last (evaluation) are skipped.
+   Memory: the peak of ``torch.cuda.max_memory_allocated`` (what the engine logs as mem_gib) and of
+   ``max_memory_reserved`` (the caching allocator's pool), both reset per config; with ``--phases``
+   they are reset at every phase mark (MemoryPhases), and ``peak_over_phases_gib`` is the run's peak.
+   The causal SDPA forward + backward at each config's shape is timed too (``attn_fwd_bwd_s``).
    The measurements are written to ``--out`` with the device name and torch version.
 2. The planner predicts each (``--measured FILE`` anywhere, or right after measuring): the GPU's
    built-in accelerator (``--gpu``, default from the device name), one GPU, the same layout (tp = pp
@@ -170,7 +172,7 @@ def predict(rec: dict, gpu: str, gemm_table: Path | None, engine: bool) -> dict:
     from apogee.planner.estimate import estimate
     from apogee.planner.spec import Layout, RunSpec, shape_from_args
 
-    fa = dataclasses.replace(FLAVORS[rec["flavor"]], **{k: v for k, v in rec["overrides"].items()})
+    fa = dataclasses.replace(FLAVORS[rec["flavor"]], **rec["overrides"])
     m = shape_from_args(fa, flavor=rec["flavor"], seq_len=rec["seq_len"])
     acc = ACCELERATORS[gpu]
     if gemm_table is not None:
