@@ -24,8 +24,8 @@ it with ``--calibrate --gemm-table FILE`` and state the figure.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import csv
+import dataclasses
 import json
 import sys
 import time
@@ -66,7 +66,8 @@ def row_to_run(row: dict, gemm_eff: float | None = None, shape_tables: dict | No
             fixed["pp_schedule"] = "interleaved-1f1b"
     else:
         fixed.update(zero=1, dp_overlap=True, tp_overlap=True)
-    run = RunSpec(model=model, cluster=cluster, fixed=fixed, global_batch=int(row["global_batch_seqs"]))
+    run = RunSpec(model=model, cluster=cluster, fixed=fixed, global_batch=int(row["global_batch_seqs"]),
+                  stack="megatron")
     basis = "hfu_eq3" if a100 else "model"
     return run, choices, basis
 

@@ -182,7 +182,8 @@ def predict(rec: dict, gpu: str, gemm_table: Path | None, engine: bool) -> dict:
         # compute.py prices causal flash attention as 3.5 * (4 * tokens * seq * hidden) / 2 FLOPs per layer.
         attn_flops = 3.5 * 4.0 * rec["micro_batch"] * m.seq_len * m.seq_len * m.hidden / 2
         acc = dataclasses.replace(acc, attn_eff=attn_flops / rec["attn_fwd_bwd_s"] / acc.peak("bf16"))
-    lay = Layout(microbatch=rec["micro_batch"], recompute=rec["recompute"], zero=3, dp_overlap=False)
+    lay = Layout(microbatch=rec["micro_batch"], recompute=rec["recompute"], zero=3, dp_overlap=False,
+                 compile=rec["compile"])
     run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=1, gpus_per_node=1), fixed={},
                   global_batch=rec["global_batch"], precision="bf16")
     est = estimate(run, lay)

@@ -28,6 +28,14 @@ class Accelerator:
     gemm_eff: float
     # Achieved fraction of peak for fused (flash) attention, forward + backward together.
     attn_eff: float
+    # The same at head_dim <= 64 where measured (flash kernels run small heads far below large ones).
+    attn_eff_hd64: float | None = None
+    # Fraction of peak apogee's own engine gets from its GEMMs: eager PyTorch calls cuBLAS directly, so
+    # this is cuBLAS's sustained efficiency measured outside any training stack (benchmarks/gemm_table.py),
+    # at compute.GEMM_REF_SHAPE's size class. Used for runs with ``[train] stack = "apogee"`` (the
+    # default); gemm_eff (calibrated on a published Megatron-LM run) for ``stack = "megatron"``. None:
+    # not measured on this accelerator, gemm_eff is used for both.
+    engine_gemm_eff: float | None = None
     nvlink_busbw_gbs: float  # intra-node all-reduce bus bandwidth per GPU
     nic_gbs: float  # inter-node bandwidth per GPU (one NIC per GPU), achieved
     sms: int  # streaming multiprocessors: the unit of GEMM wave quantization
@@ -102,6 +110,13 @@ A100_STACK_GEMM_EFF = 0.671
 H100_STACK_GEMM_EFF = 0.451
 # Causal flash-style attention forward + backward on Hopper, measured (see the h100-80gb entry).
 H100_ATTN_EFF = 0.443
+H100_ATTN_EFF_HD64 = 0.257
+# cuBLAS bf16 on an H100 80GB HBM3 (torch 2.11, benchmarks/results/gemm-h100.json, 392 shapes timed back
+# to back for 22 s): the median over its 318 shapes of at least 4096 x 4096 x 8192 is 0.695 of the dense
+# peak (10th-90th percentile over all shapes 0.64-0.72; its own 8192^3 entry 0.654). A single short
+# 8192^3 matmul reaches 0.807 (shared/planner/FORMULAS.md): a sustained sweep runs at lower clocks, as
+# training does.
+H100_ENGINE_GEMM_EFF = 0.695
 
 ACCELERATORS: dict[str, Accelerator] = {
     # A100 SXM4: 312 TFLOP/s dense bf16/fp16 (NVIDIA A100 datasheet; Narayanan et al. 2021 use 312);
@@ -133,12 +148,15 @@ ACCELERATORS: dict[str, Accelerator] = {
     # from 0.807 is not explained by the model (docs/planner.md, "Accuracy").
     # attn_eff: measured, PyTorch 2.11's causal scaled_dot_product_attention forward + backward in bf16
     # at head dim 128, seq 4096 (32 query / 8 kv heads, micro-batch 2) on an H100 80GB HBM3: 2.20 ms =
-    # 438 TFLOP/s = 0.443 of peak (benchmarks/results/h100-engine-runs.json, planner_vs_measured_gpu.py).
+    # 438 TFLOP/s = 0.443 of peak (benchmarks/results/h100-engine-runs.json, planner_vs_measured_gpu.py);
+    # attn_eff_hd64: the same call at head dim 64, seq 2048 (32 / 8 heads, micro-batch 4): 0.947 ms =
+    # 254 TFLOP/s = 0.257. engine_gemm_eff: H100_ENGINE_GEMM_EFF (measured; the Hopper parts share it).
     # (FlashAttention-3's paper figures, Shah et al. 2024, would give ~0.5; FA3 is not what these
     # stacks ran.) At head dim 64, seq 2048 the same kernel reaches only 0.26-0.29.
     "h100-80gb": Accelerator(
         name="h100-80gb", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=80, mem_bw_gbs=3350,
-        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, attn_eff_hd64=H100_ATTN_EFF_HD64,
+        engine_gemm_eff=H100_ENGINE_GEMM_EFF, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H100 NVL 94/96 GB parts: same SXM compute figures for the 96 GB SXM variant (NVIDIA GH200/H100
     # 96GB datasheet), 3.9 TB/s HBM3. The Hopper parts below (h100-96gb, h200, h800) have the same SMs,
@@ -147,18 +165,21 @@ ACCELERATORS: dict[str, Accelerator] = {
     # would predict ~1.8x an H100's throughput for the same model. Their bandwidths differ and are used.
     "h100-96gb": Accelerator(
         name="h100-96gb", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=96, mem_bw_gbs=3900,
-        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, attn_eff_hd64=H100_ATTN_EFF_HD64,
+        engine_gemm_eff=H100_ENGINE_GEMM_EFF, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H200 SXM: same Hopper compute (989 bf16 dense), 141 GB HBM3e at 4.8 TB/s (NVIDIA H200 datasheet).
     "h200": Accelerator(
         name="h200", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=141, mem_bw_gbs=4800,
-        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, attn_eff_hd64=H100_ATTN_EFF_HD64,
+        engine_gemm_eff=H100_ENGINE_GEMM_EFF, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H800: H100 compute with NVLink cut to 400 GB/s bidirectional; DeepSeek-V3 report (2024, §3.2)
     # measures 160 GB/s NVLink and 50 GB/s InfiniBand per GPU.
     "h800": Accelerator(
         name="h800", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=80, mem_bw_gbs=3350,
-        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, nvlink_busbw_gbs=160, nic_gbs=45, sms=132, power_w=700,
+        gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, attn_eff_hd64=H100_ATTN_EFF_HD64,
+        engine_gemm_eff=H100_ENGINE_GEMM_EFF, nvlink_busbw_gbs=160, nic_gbs=45, sms=132, power_w=700,
     ),
     # B200: 2.25 PFLOP/s dense bf16, 4.5 dense fp8, 192 GB (180 usable) HBM3e at 8 TB/s, NVLink5 1.8 TB/s
     # bidirectional (NVIDIA DGX B200 datasheet); 148 SMs; 1000 W. gemm_eff: no B200 training-stack

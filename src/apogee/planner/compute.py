@@ -90,11 +90,52 @@ def _block_bytes(m: ModelShape, *, moe: bool) -> tuple[float, float, float, floa
     return rf, rb, sf, sb
 
 
-def elementwise_bytes(m: ModelShape, tp: int, cp: int, mb: int, sp: bool, *, moe: bool = False) -> tuple[float, float]:
-    """(forward, backward) HBM bytes of one layer's memory-bound ops for one micro-batch on one rank."""
+# apogee's own Llama block run eagerly (apogee.models.llama; `train.compile = false`): every op is its own
+# kernel, so the count is far above the fused one above. Per token, per layer, for each dtype regime of
+# the engine: "fp32" (CPU), "bf16" (FSDP2's bf16 parameters) and "autocast" (no FSDP on a GPU: fp32
+# weights and residual stream, bf16 matmuls). Columns: R forward / backward (h-wide: RMSNorm in fp32 --
+# the fused CUDA kernel, x.float() and back -- the gain, residual adds, under autocast also each Linear's
+# bf16 cast of its fp32 input and of its input gradient), rotary forward / backward per q or kv element
+# (x.float(), four half-width products, sub/add, stack, cast back), rotary cos/sin reads per head_dim,
+# SwiGLU forward / backward per ffn element, and the last residual add (which recomputation skips: its
+# backward needs nothing). Derived from the engine's op list and checked against it byte for byte by
+# tests/unit/test_planner_traffic.py (a dispatch mode counting every op's operand bytes).
+ENGINE_BLOCK_BYTES = {
+    #            R fwd, R bwd, rope fwd, rope bwd, cos/sin fwd, bwd, swiglu fwd, bwd, last add
+    "fp32": (56, 132, 36, 40, 8, 8, 20, 36, 12),
+    "bf16": (60, 102, 48, 52, 4, 4, 10, 18, 6),
+    "autocast": (82, 174, 48, 52, 8, 8, 10, 18, 10),
+}
+ENGINE_RSTD_BYTES = 8  # two RMSNorms' fp32 reciprocal RMS per token: written forward, read backward
+# Under autocast each matmul weight is cast to bf16 in every forward (read 4, write 2 bytes) and its bf16
+# gradient back to fp32 (read 2, write 4): 6 + 6 bytes per parameter per micro-batch, 6 more per recompute.
+AUTOCAST_CAST_BYTES = 6
+# apogee's loss, (forward, backward) bytes per logit: F.cross_entropy(logits.float()) over 16-bit logits:
+# cast (read 2, write 4) 6, log_softmax (read, write) 8; backward: nll_loss's gradient (write) 4,
+# log_softmax backward (read two, write one) 12, the cast back 6. fp32 logits skip both casts.
+ENGINE_CE_BYTES = {"fp32": (8, 16), "bf16": (14, 22), "autocast": (14, 22)}
+
+
+def engine_block_bytes(m: ModelShape, regime: str) -> tuple[float, float, float, float, float, float]:
+    """apogee's eager block per token, unsharded: (R fwd, R bwd, S fwd, S bwd, R recompute, S recompute)."""
+    rf, rb, qf, qb, cf, cb, ff, fb, last = ENGINE_BLOCK_BYTES[regime]
+    h, kv, hd, f = m.hidden, m.kv_dim, m.head_dim, m.ffn_hidden
+    r_fwd, r_bwd = rf * h + ENGINE_RSTD_BYTES, rb * h + ENGINE_RSTD_BYTES
+    s_fwd = qf * (h + kv) + 2 * cf * hd + (ff * f)
+    s_bwd = qb * (h + kv) + 2 * cb * hd + (fb * f)
+    return r_fwd, r_bwd, s_fwd, s_bwd, r_fwd - last * h, s_fwd
+
+
+def elementwise_bytes(m: ModelShape, tp: int, cp: int, mb: int, sp: bool, *, moe: bool = False,
+                      eager: str | None = None) -> tuple[float, float]:
+    """(forward, backward) HBM bytes of one layer's memory-bound ops for one micro-batch on one rank.
+    ``eager``: apogee's eager block in that dtype regime (ENGINE_BLOCK_BYTES) instead of the fused count."""
     tokens = mb * m.seq_len / cp
-    rf, rb, sf, sb = _block_bytes(m, moe=moe)
     r_div = tp if (sp and tp > 1) else 1
+    if eager is not None and not moe:
+        rf, rb, sf, sb, _, _ = engine_block_bytes(m, eager)
+        return tokens * (rf / r_div + sf / tp), tokens * (rb / r_div + sb / tp)
+    rf, rb, sf, sb = _block_bytes(m, moe=moe)
     fwd = tokens * (rf / r_div + sf / tp)
     bwd = tokens * (rb / r_div + sb / tp)
     if m.attention == "eager":
@@ -104,13 +145,17 @@ def elementwise_bytes(m: ModelShape, tp: int, cp: int, mb: int, sp: bool, *, moe
     return fwd, bwd
 
 
-def selective_recompute_bytes(m: ModelShape, tp: int, cp: int, mb: int, sp: bool) -> float:
+def selective_recompute_bytes(m: ModelShape, tp: int, cp: int, mb: int, sp: bool, eager: str | None = None) -> float:
     """HBM bytes the selective recompute pass adds: GPT/eager, the softmax chain forward (Korthikanti
-    2022); Llama, the two norms' and SwiGLU's forward."""
+    2022); Llama, the two norms' and SwiGLU's forward; apogee's eager block, its whole elementwise
+    forward but the last residual add (apogee.parallel.recompute saves only matmul and attention outputs)."""
     if m.attention == "eager":
         return 9 * mb * m.heads / tp * (m.seq_len / cp) * m.seq_len
     tokens = mb * m.seq_len / cp
     r_div = tp if (sp and tp > 1) else 1
+    if eager is not None:
+        _, _, _, _, r_re, s_re = engine_block_bytes(m, eager)
+        return tokens * (r_re / r_div + s_re / tp)
     return tokens * (8 * m.hidden / r_div + 6 * m.ffn_hidden / tp)
 
 
@@ -191,18 +236,27 @@ def gemm_efficiency(M: float, N: float, K: float, acc: Accelerator, precision: s
 
 @lru_cache(maxsize=65536)
 def layer_times(m: ModelShape, tp: int, cp: int, ep: int, mb: int, sp: bool, recompute: str,
-                acc: Accelerator, precision: str) -> tuple[float, float]:
+                acc: Accelerator, precision: str, eager: str | None = None) -> tuple[float, float]:
     """(forward seconds, backward seconds incl. recompute) of one transformer layer, one micro-batch.
 
-    MoE layers use the MoE MLP; the caller weights dense and MoE layers.
+    MoE layers use the MoE MLP; the caller weights dense and MoE layers. ``eager``: the memory-bound
+    ops are apogee's eager block in that dtype regime (ENGINE_BLOCK_BYTES), else the fused count.
     """
-    return _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, moe=False)
+    return _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, moe=False, eager=eager)
 
 
 @lru_cache(maxsize=65536)
 def moe_layer_times(m: ModelShape, tp: int, cp: int, ep: int, mb: int, sp: bool, recompute: str,
-                    acc: Accelerator, precision: str) -> tuple[float, float]:
-    return _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, moe=True)
+                    acc: Accelerator, precision: str, eager: str | None = None) -> tuple[float, float]:
+    return _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, moe=True, eager=eager)
+
+
+def attn_efficiency(acc: Accelerator, head_dim: int) -> float:
+    """Flash attention's fraction of peak: the accelerator's head-dim-64 figure where it has one (the
+    kernels run small heads far below large ones), else ``attn_eff``."""
+    if head_dim <= 64 and acc.attn_eff_hd64 is not None:
+        return acc.attn_eff_hd64
+    return acc.attn_eff
 
 
 def _attn_gemms(m: ModelShape, tokens: float, tp: int) -> list[tuple[float, float, float]]:
@@ -246,7 +300,7 @@ def elem_key(m: ModelShape, tp: int, cp: int, mb: int, sp: bool) -> tuple[int, .
             m.head_dim, round(m.ffn_hidden / tp))
 
 
-def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe):
+def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe, eager):
     peak = acc.peak(precision)
     eb = ELEM_BYTES.get(precision, 2)
 
@@ -285,7 +339,7 @@ def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe):
     if m.attention == "flash":
         # Causal flash attention skips the masked half. attn_eff covers forward + backward together
         # (FA counts backward as 2.5x forward: it recomputes the scores); split 1 : 2.5.
-        t_attn = 3.5 * attn_flops / 2 / (peak16 * acc.attn_eff)
+        t_attn = 3.5 * attn_flops / 2 / (peak16 * attn_efficiency(acc, m.head_dim))
         attn_f, attn_b = t_attn / 3.5, t_attn * 2.5 / 3.5
     else:
         # Eager (Megatron 2021): per head, scores = Q K^T (K = head_dim) then O = P V (K = seq_len),
@@ -295,9 +349,10 @@ def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe):
         attn_f = _gemm_time(sq, m.seq_len, m.head_dim, acc, peak16, nb) + _gemm_time(sq, m.head_dim, m.seq_len, acc, peak16, nb)
         attn_b = 2 * attn_f
     act_scale = 2.0 if precision == "fp32" else 1.0  # the per-op counts are for 16-bit activations
-    ef, eb_ = elementwise_bytes(m, tp, cp, mb, sp, moe=moe)
+    ef, eb_ = elementwise_bytes(m, tp, cp, mb, sp, moe=moe, eager=eager)
     bw = hbm_bytes_per_s(acc)
-    t_elem_f, t_elem_b = act_scale * ef / bw, act_scale * eb_ / bw
+    scale = 1.0 if eager is not None else act_scale
+    t_elem_f, t_elem_b = scale * ef / bw, scale * eb_ / bw
     measured = acc.elem_table.get(elem_key(m, tp, cp, mb, sp)) if acc.elem_table and not moe else None
     if measured is not None:
         # Forward one part, backward two (each op's backward reads and writes about twice its forward's bytes).
@@ -305,19 +360,27 @@ def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe):
 
     fwd = t_gemm + attn_f + t_elem_f
     bwd = t_gemm_b + attn_b + t_elem_b
+    # apogee's eager block is counted in its own dtypes (no act_scale); its recompute skips the last add.
+    re_elem = selective_recompute_bytes(m, tp, cp, mb, sp, eager) / bw if eager is not None else None
     if recompute == "full":
-        bwd += fwd
+        bwd += fwd if re_elem is None or measured is not None else t_gemm + attn_f + re_elem
     elif recompute == "selective":
         # GPT/eager: recompute the attention core (scores, softmax, dropout); Llama: norms and SwiGLU.
-        sel = selective_recompute_bytes(m, tp, cp, mb, sp)
-        bwd += act_scale * sel / bw + (attn_f if m.attention == "eager" else 0.0)
+        if re_elem is None:
+            re_elem = act_scale * selective_recompute_bytes(m, tp, cp, mb, sp) / bw
+        bwd += re_elem + (attn_f if m.attention == "eager" else 0.0)
     return fwd, bwd
 
 
-def logits_times(m: ModelShape, tp: int, cp: int, mb: int, acc: Accelerator, precision: str) -> tuple[float, float]:
-    """(forward, backward) seconds of the output projection + cross-entropy on the last stage."""
+def logits_times(m: ModelShape, tp: int, cp: int, mb: int, acc: Accelerator, precision: str,
+                 eager: str | None = None) -> tuple[float, float]:
+    """(forward, backward) seconds of the output projection + cross-entropy on the last stage
+    (``eager``: apogee's loss in that dtype regime, ENGINE_CE_BYTES; else Megatron-LM's)."""
     peak = acc.peak(precision)
     tokens = mb * m.seq_len / cp
     f = gemm_time(tokens, m.vocab / tp, m.hidden, acc, peak, elem_bytes=ELEM_BYTES.get(precision, 2))
     per = tokens * m.vocab / tp / hbm_bytes_per_s(acc)
+    if eager is not None:
+        ce_f, ce_b = ENGINE_CE_BYTES[eager]
+        return f + ce_f * per, 2 * f + ce_b * per
     return f + CE_FWD_BYTES * per, 2 * f + CE_BWD_BYTES * per

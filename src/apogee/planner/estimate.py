@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from apogee.planner import comms
-from apogee.planner.cluster import GIB, Cluster
-from apogee.planner.compute import hbm_bytes_per_s, layer_times, logits_times, moe_layer_times
+from apogee.planner.cluster import GIB, Accelerator, Cluster
+from apogee.planner.compute import AUTOCAST_CAST_BYTES, hbm_bytes_per_s, layer_times, logits_times, moe_layer_times
 from apogee.planner.errors import PlannerError
 from apogee.planner.host import host_microbatch_s, host_step_s, measured_host_s, oversubscription
-from apogee.planner.memory import MemoryBreakdown, memory_per_gpu, stage_params
+from apogee.planner.memory import MemoryBreakdown, engine_autocast, memory_per_gpu, stage_params
 from apogee.planner.schedule import bubble_fraction, bubble_slots
 from apogee.planner.spec import Layout, ModelShape, RunSpec
 
@@ -23,6 +24,7 @@ GRAD_REDUCE_BYTES = 4  # fp32 gradient reduction: Megatron-LM main_grad and torc
 #   first micro-batch (write 4)                                                          = 4 bytes/param
 ADAM_BYTES_PER_PARAM = 34
 GRAD_ZERO_BYTES_PER_PARAM = 4
+GRAD_ACCUMULATE_BYTES_PER_PARAM = 12  # .grad += g in fp32: read two, write one
 # TP collectives overlapped with GEMMs still cost some time: the communication kernels take SMs from
 # the GEMMs (Wang et al. 2023, "Overlap communication with dependent computation", report ~10-20%
 # residual); we charge 15% of the communication.
@@ -100,12 +102,32 @@ def check_layout(m: ModelShape, lay: Layout, cluster: Cluster, global_batch: int
     return None
 
 
+def eager_regime(run: RunSpec, lay: Layout) -> str | None:
+    """The dtype regime of apogee's eager block (compute.ENGINE_BLOCK_BYTES) this run trains in, or None
+    where its memory-bound ops are fused (Megatron-LM, or layout.compile; apogee has no GPT block)."""
+    if run.stack != "apogee" or lay.compile or run.model.mlp != "swiglu":
+        return None
+    if run.precision == "fp32":
+        return "fp32"
+    return "autocast" if engine_autocast(lay, run.precision) else "bf16"
+
+
+@lru_cache(maxsize=64)
+def _engine_accelerator(acc: Accelerator) -> Accelerator:
+    """``acc`` with its GEMMs at the engine's measured cuBLAS efficiency (one object per accelerator,
+    so the cost model's caches, keyed on the accelerator, keep working)."""
+    return dataclasses.replace(acc, gemm_eff=acc.engine_gemm_eff)
+
+
 def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None) -> Estimate:
     m, cl = run.model, run.cluster
     why = check_layout(m, lay, cl, run.global_batch)
     if why:
         raise PlannerError(why)
     acc = cl.accel
+    if run.stack == "apogee" and acc.engine_gemm_eff is not None:
+        acc = _engine_accelerator(acc)
+    eager = eager_regime(run, lay)
     mem = memory or memory_per_gpu(m, lay, cl, global_batch=run.global_batch, precision=run.precision)
     capacity = acc.mem_gib * GIB
 
@@ -113,7 +135,7 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     n_micro = run.global_batch // (lay.dp * mb)
     tokens = mb * m.seq_len / lay.cp  # per rank per micro-batch
     sp = lay.sequence_parallel
-    key = (m, t, lay.cp, lay.ep, mb, sp, lay.recompute, acc, run.precision)
+    key = (m, t, lay.cp, lay.ep, mb, sp, lay.recompute, acc, run.precision, eager)
 
     # --- compute of one micro-batch on the slowest stage -----------------------------------------
     Ls = m.layers // p
@@ -122,7 +144,16 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     fm, bm = moe_layer_times(*key) if n_moe else (0.0, 0.0)
     f_stage = (Ls - n_moe) * fd + n_moe * fm
     b_stage = (Ls - n_moe) * bd + n_moe * bm
-    lf, lb = logits_times(m, t, lay.cp, mb, acc, run.precision)
+    lf, lb = logits_times(m, t, lay.cp, mb, acc, run.precision, eager)
+    if eager == "autocast":
+        # Every forward casts the stage's matmul weights to bf16 and every backward their gradients back
+        # (compute.AUTOCAST_CAST_BYTES each way; the recompute pass casts the block weights again).
+        # The blocks' matmul weights and the output layer's (the pipeline runs at the last stage's pace).
+        block_params = Ls * (m.attn_params() + m.dense_mlp_params()) / t
+        cast_params = block_params + m.vocab * m.hidden / t
+        recast = block_params if lay.recompute != "none" else 0.0
+        f_stage += AUTOCAST_CAST_BYTES * cast_params / hbm_bytes_per_s(acc)
+        b_stage += AUTOCAST_CAST_BYTES * (cast_params + recast) / hbm_bytes_per_s(acc)
     # Host-bound devices (cpu): dispatch/autograd/DTensor/FSDP host work joins the compute, and all of
     # it slows down when the node's ranks x threads exceed its cores.
     fsdp = lay.zero >= 3 and lay.dp * lay.cp > 1
@@ -221,7 +252,11 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
             else:
                 dp_exposed = dp_comm
     local_params = params_rank / (shard if lay.zero >= 1 else 1)
-    t_opt = (ADAM_BYTES_PER_PARAM * local_params + GRAD_ZERO_BYTES_PER_PARAM * params_rank) / hbm_bytes_per_s(acc)
+    # apogee under autocast drops its gradients after each step (set_to_none) instead of zeroing a buffer:
+    # the first micro-batch's fp32 gradients become .grad, each later one is added in place.
+    grad_buffer = (GRAD_ACCUMULATE_BYTES_PER_PARAM * (n_micro - 1) if eager == "autocast"
+                   else GRAD_ZERO_BYTES_PER_PARAM) * params_rank
+    t_opt = (ADAM_BYTES_PER_PARAM * local_params + grad_buffer) / hbm_bytes_per_s(acc)
     if acc.host_bound:
         measured_step = measured_host_s("step", lay, acc, Ls, fsdp)
         # Small latency-bound collectives every step: the loss mean over data ranks and the global

@@ -41,6 +41,8 @@ def layout_to_config(run: RunSpec, lay: Layout) -> dict:
         cfg["model"] = {"flavor": run.model.flavor}
     cfg["parallel"] = parallel
     cfg["train"] = {"global_batch": run.global_batch, "micro_batch": lay.microbatch, "seq_len": run.model.seq_len}
+    if lay.compile:
+        cfg["train"]["compile"] = True
     return cfg
 
 

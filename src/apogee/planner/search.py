@@ -67,7 +67,7 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
     results: list[Estimate] = []
     considered = rejected = 0
     best_nonfit: Estimate | None = None
-    base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap") if k in fixed}
+    base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap", "compile") if k in fixed}
 
     for tp in vals["tp"]:
         for pp in vals["pp"]:

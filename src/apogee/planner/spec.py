@@ -199,6 +199,9 @@ class Layout:
     # (Megatron-LM --overlap-grad-reduce / --tp-comm-overlap; FSDP2 prefetching / async TP).
     dp_overlap: bool = True
     tp_overlap: bool = False
+    # apogee's train.compile (per-block torch.compile): the block's elementwise ops fuse. Taken as given,
+    # never searched (the engine's default is eager).
+    compile: bool = False
 
     @property
     def world(self) -> int:
@@ -214,7 +217,7 @@ class Layout:
         if self.pp > 1:
             s += f" {self.pp_schedule}" + (f"x{self.virtual_stages}" if self.virtual_stages > 1 else "")
         s += f" rc:{self.recompute}" + (" sp" if self.sequence_parallel else "") + f" z{self.zero}"
-        return s
+        return s + (" compiled" if self.compile else "")
 
 
 LAYOUT_KEYS = {f.name for f in dataclasses.fields(Layout)}
@@ -240,7 +243,7 @@ def normalize_layout_dict(d: dict, *, where: str = "[layout]") -> dict:
         raise PlannerError(f"layout.pp_schedule must be one of {', '.join(SCHEDULES)} (got {out['pp_schedule']!r})")
     if "recompute" in out and out["recompute"] not in RECOMPUTE:
         raise PlannerError(f"layout.recompute must be one of {', '.join(RECOMPUTE)} (got {out['recompute']!r})")
-    for k in ("sequence_parallel", "dp_overlap", "tp_overlap"):
+    for k in ("sequence_parallel", "dp_overlap", "tp_overlap", "compile"):
         if k in out and not isinstance(out[k], bool):
             raise PlannerError(f"layout.{k} must be true or false (got {out[k]!r})")
     return out
@@ -254,9 +257,14 @@ class RunSpec:
     global_batch: int  # sequences per optimizer step
     precision: str = "bf16"
     checkpoint_gb: float | None = None  # size of one checkpoint; None: 14 bytes/param (bf16 weights + fp32 Adam)
+    # The software the run is priced for: "apogee" (this engine: eager PyTorch blocks unless
+    # layout.compile, cuBLAS at the accelerator's engine_gemm_eff) or "megatron" (Megatron-LM with
+    # fused kernels, at the gemm_eff calibrated on its published runs).
+    stack: str = "apogee"
 
 
-_TRAIN_KEYS = {"global_batch", "precision", "checkpoint_gb", "seq_len"}
+STACKS = ("apogee", "megatron")
+_TRAIN_KEYS = {"global_batch", "precision", "checkpoint_gb", "seq_len", "stack"}
 
 
 def run_from_dict(d: dict, *, base_dir: Path | None = None) -> RunSpec:
@@ -287,8 +295,11 @@ def run_from_dict(d: dict, *, base_dir: Path | None = None) -> RunSpec:
     if precision not in ("bf16", "fp8"):
         raise PlannerError(f"train.precision must be \"bf16\" or \"fp8\" (got {precision!r})")
     cluster.accel.peak(precision)  # rejects fp8 on accelerators without it
+    stack = train.get("stack", "apogee")
+    if stack not in STACKS:
+        raise PlannerError(f"train.stack must be \"apogee\" or \"megatron\" (got {stack!r})")
     return RunSpec(model=model, cluster=cluster, fixed=fixed, global_batch=gb, precision=precision,
-                   checkpoint_gb=train.get("checkpoint_gb"))
+                   checkpoint_gb=train.get("checkpoint_gb"), stack=stack)
 
 
 def load_run(path: str | Path) -> RunSpec:
