@@ -15,8 +15,9 @@
    The measurements are written to ``--out`` with the device name and torch version.
 2. The planner predicts each (``--measured FILE`` anywhere, or right after measuring): the GPU's
    built-in accelerator (``--gpu``, default from the device name), one GPU, the same layout (tp = pp
-   = dp = 1, micro-batch, recompute, bf16), optionally with a measured GEMM shape table
-   (benchmarks/gemm_table.py). Nothing is fitted to these runs.
+   = dp = 1, micro-batch, recompute, bf16, train.compile), priced as ``stack = "apogee"`` (the eager
+   block's counted traffic, cuBLAS at the accelerator's measured engine_gemm_eff), optionally with a
+   measured GEMM table (benchmarks/gemm_table.py). Nothing is fitted to these runs.
 
 Target (issue 5): within 10% on step time and memory per rank. The engine on one GPU has no
 communication, so this checks the compute and memory halves of the model on the planner's own
@@ -166,7 +167,7 @@ def predict(rec: dict, gpu: str, gemm_table: Path | None, engine: bool) -> dict:
     """The planner's estimate for one measured config. ``engine``: calibrate like the CPU device is
     (benchmarks/planner_vs_measured.py), by this machine's own micro-benchmarks: the GEMM table's
     absolute times (the engine's matmuls are these cuBLAS calls) and the attention call timed above;
-    otherwise the built-in accelerator (calibrated on the published Megatron-LM rows)."""
+    otherwise the built-in accelerator."""
     from apogee.models.flavors import FLAVORS
     from apogee.planner.cluster import ACCELERATORS, Cluster, load_gemm_shape_table
     from apogee.planner.estimate import estimate
