@@ -1,7 +1,7 @@
 """Pipeline bubble per schedule: measured idle of each stage vs theory plus measured communication.
 
     python benchmarks/pipeline_bubble.py [--pp 4] [--microbatches 8] [--steps 5] [--schedules gpipe,1f1b,...]
-                                         [--dim 256] [--seq 128]
+                                         [--dim 256] [--seq 128] [--cpu-quota auto|CORES]
 
 Runs apogee's own pipeline (``apogee.parallel.pipeline``: split, stages, torch schedules) on ``pp``
 gloo ranks on this host (one process each, one intra-op thread each), over a small Llama (8 layers,
@@ -34,35 +34,46 @@ CPU contention. On a busy host the measured ``comm`` is far above it: a few mess
 was sent and whose receiver was waiting still take milliseconds to land (neither end got a core),
 while most land before the receiver asks for them (``recv/send ms``, the median per message).
 
-Theory, with m micro-batches, p ranks, v stages per rank, and every stage's forward (F),
-backward-input (I) and backward-weight (W) equal:
+Theory (``theor``): the bubble of the schedule's own action order (the order each rank executed, which
+torch's schedule fixes in advance) replayed with every stage's forward (F), backward-input (I) and
+backward-weight (W) equal (a full backward B = I + W), the loss free and communication free. For
+the four schedules with a closed form it equals the formula (``formula``), with m micro-batches, p
+ranks and v stages per rank:
 
     GPipe, 1F1B          (p - 1) / (m + p - 1)
     interleaved 1F1B     (p - 1) / (v m + p - 1)
     zero bubble (ZB1P)   (p - 1) / 3 / (v m + (p - 1) / 3)   (a third of the interleaved bubble)
-    ZB-V                 0
-    DualPipeV            not modelled here
+    ZB-V                 0 in the paper's limit; torch's order at p = 4, m = 8 leaves (p - 1) / 3 /
+                         (v m + (p - 1) / 3) = 0.059, as ZB1P, which is what ``theor`` gives
+    DualPipeV            no closed form here; ``theor`` from its order (0.059 at p = 4, m = 8)
 
 The 1F1B-family formulas do not depend on the F : B ratio as long as all stages cost the same
 (their bubble is (p - 1)(F + B) against m(F + B) of work). The zero-bubble ones do: ZB1P's bubble
 is (p - 1)(F + I - W) per chunk, a third of 1F1B's only when F = I = W, and ZB-V is bubble-free only
 when F = I = W. On a CPU, B = I + W is about 2 F and I and W differ, so the measured F / B / I / W
-per micro-batch and chunk are printed. ``sim`` replays each rank's executed action order with the
-median measured cost of each (stage, action) and free communication: the bubble this schedule
-would have with these costs, stage imbalance included; it is a diagnostic, the verdict is against
-the formula, as the criterion asks: |mean idle - (theory + comm)| / (theory + comm) <= 10%.
+per micro-batch and chunk are printed. ``sim`` replays each rank's executed action order with each
+action's measured duration in that step and free communication: the bubble this schedule has with
+the costs it really had, unequal stages and ranks of unequal speed included (median over steps); it
+is a diagnostic, the verdict is against the theory, as the criterion asks:
+|mean idle - (theory + comm)| / (theory + comm) <= 10%.
 
-On a host with fewer cores than ranks (pp=4 on 2 cores) the ranks compete for cores: busy
+On a host with fewer cores than ranks (pp=4 on 2 cores) uncapped ranks compete for cores: busy
 periods in the steady state (all ranks computing) are stretched and those in the fill and drain
-are not, which shrinks the neighbour waiting (``nbr w``) below the formula. ``--pp 2`` on 2 cores
-avoids that. Other jobs on the host stall ranks at random: those stalls land in ``comm`` (and in
-compute), and the figures move by several points between runs. Read CPU figures as the shape of
-each schedule, not as GPU figures.
+are not, which shrinks the neighbour waiting (``nbr w``) below the formula. ``--cpu-quota`` (default
+``auto``) therefore puts each rank in a cgroup of its own with a CFS bandwidth quota of cores / pp
+(0.5 of a core each for pp=4 on 2 cores, in ~1 ms slices): the ranks together never ask for more
+than the host has, so each behaves as a device of fixed speed, as a GPU does. It needs a writable
+cgroup hierarchy (root); without one, ``auto`` says so and runs uncapped. At the default ``--dim 256``
+the schedule's own host work between actions (``other``) is a sizeable share; ``--dim 768`` makes
+compute dominate. Other jobs on the host stall ranks at random: those stalls land in ``comm`` (and
+in compute), and the figures move by a few points between runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import statistics
 import sys
@@ -92,6 +103,8 @@ def _configure(dim: int, seq: int) -> None:
     ARGS = ModelArgs(dim=dim, n_layers=8, n_heads=4, n_kv_heads=4, ffn_hidden=3 * dim, vocab_size=256, max_seq_len=seq)
     SEQ = seq
     _ACT_ELEMS = MICRO_BATCH * SEQ * ARGS.dim
+
+
 TOLERANCE = 0.10
 now = time.perf_counter  # CLOCK_MONOTONIC on Linux: comparable across the processes of one host
 
@@ -286,19 +299,19 @@ def _analyse_step(per_rank: list, world: int, pingpong: dict) -> dict:
     }
 
 
-def _costs(logs: list, world: int) -> tuple[dict, dict]:
-    """Median seconds per (stage, kind) and per kind, over ranks and steps (robust to a busy host)."""
-    by_stage, by_kind = defaultdict(list), defaultdict(list)
+def _kind_costs(logs: list) -> dict:
+    """Median seconds per action kind, over ranks, stages and steps (robust to a busy host)."""
+    by_kind = defaultdict(list)
     for rank_logs in logs:
         for comp, _ in rank_logs:
-            for kind, stage, _, s, e in comp:
-                by_stage[(stage, kind)].append(e - s)
+            for kind, _, _, s, e in comp:
                 by_kind[kind].append(e - s)
-    return ({k: statistics.median(x) for k, x in by_stage.items()}, {k: statistics.median(x) for k, x in by_kind.items()})
+    return {k: statistics.median(x) for k, x in by_kind.items()}
 
 
-def _simulate(orders: list, cost: dict, n_stages: int) -> list[float]:
-    """Replay each rank's action order with median costs and free communication: idle per rank."""
+def _simulate(orders: list, cost, n_stages: int) -> list[float]:
+    """Replay each rank's action order with ``cost(kind, stage, micro-batch)`` seconds per action and
+    free communication: idle per rank."""
     done: dict = {}
     pos = [0] * len(orders)
     free = [0.0] * len(orders)
@@ -318,8 +331,9 @@ def _simulate(orders: list, cost: dict, n_stages: int) -> list[float]:
                 if dep is None:
                     break
                 start = max(free[r], dep)
-                free[r] = start + cost[(stage, kind)]
-                busy[r] += cost[(stage, kind)]
+                c = cost(kind, stage, mb)
+                free[r] = start + c
+                busy[r] += c
                 done[(kind, stage, mb)] = free[r]
                 pos[r] += 1
                 progress = True
@@ -328,6 +342,11 @@ def _simulate(orders: list, cost: dict, n_stages: int) -> list[float]:
     span = max(free)
     return [1 - b / span for b in busy]
 
+
+# The costs the theory assumes: every stage's forward, input-gradient and weight-gradient halves equal
+# (a full backward is both), the loss free.
+def unit_cost(kind: str, stage: int, mb: int) -> float:
+    return {"B": 2.0, "L": 0.0}.get(kind, 1.0)
 
 _ACT_ELEMS = MICRO_BATCH * SEQ * ARGS.dim
 
@@ -340,7 +359,52 @@ def xfer(steps_stats: list) -> str:
     return f"{statistics.median(r) * 1e3:5.2f} /{statistics.median(s) * 1e3:5.2f}" if r and s else "-".rjust(12)
 
 
-def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int, dim: int, seq: int) -> None:
+CGROUP_PERIOD_US = 1000  # the kernel's shortest CFS period: a throttled rank runs in slices of ~1 ms
+CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/cpu")  # cgroup v2, then v1's cpu controller
+
+
+def _limit_cpu(share: float, tag: str) -> None:
+    """Give this process (all its threads, the ones it starts later included) ``share`` of one core
+    with a CFS bandwidth quota in a cgroup of its own (cgroup v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us``):
+    ranks that together ask for no more than the host's cores then never compete for them, so each is
+    a device of fixed speed, as a GPU is. Exits with one line where cgroups cannot be written."""
+    period = max(CGROUP_PERIOD_US, round(1000 / share))  # the kernel's smallest quota is 1 ms too
+    quota = round(share * period)
+    for root, files in zip(CGROUP_ROOTS, ({"cpu.max": f"{quota} {period}"},
+                                          {"cpu.cfs_period_us": str(period), "cpu.cfs_quota_us": str(quota)})):
+        if not os.path.exists(os.path.join(root, "cgroup.procs")):
+            continue
+        group = os.path.join(root, f"apogee-bubble-{tag}")
+        try:
+            os.makedirs(group, exist_ok=True)
+            for name, value in files.items():
+                with open(os.path.join(group, name), "w") as f:
+                    f.write(value)
+            with open(os.path.join(group, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+            return
+        except OSError:
+            continue
+    raise SystemExit("--cpu-quota: cannot create a CPU-limited cgroup under /sys/fs/cgroup (needs a writable "
+                     "cgroup v1 cpu or v2 hierarchy, usually root); run without --cpu-quota")
+
+
+def _cgroups_writable() -> bool:
+    probe = f"apogee-bubble-probe-{os.getpid()}"
+    for root in CGROUP_ROOTS:
+        try:
+            os.mkdir(os.path.join(root, probe))
+            os.rmdir(os.path.join(root, probe))
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int, dim: int, seq: int,
+          cpu_quota: float = 0.0) -> None:
+    if cpu_quota:
+        _limit_cpu(cpu_quota, f"{os.getppid()}-{rank}")
     _configure(dim, seq)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -374,15 +438,19 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
 
         idle, p2p, comm, est = med("idle"), med("p2p"), med("comm"), med("est")
         mean = statistics.mean(idle)
-        th = theory(schedule, world, m, v)
-        cost, kinds = _costs(logs, world)
+        formula = theory(schedule, world, m, v)
+        kinds = _kind_costs(logs)
         orders = [[c[:3] for c in logs[r][0][0]] for r in range(world)]
-        sim = _simulate(orders, cost, world * v)
+        sim = []  # per step: the executed orders replayed with that step's own action durations
+        for s in range(steps):
+            took = {(c[0], c[1], c[2]): c[4] - c[3] for r in range(world) for c in logs[r][s][0]}
+            sim.append(statistics.mean(_simulate(orders, lambda k, st, mb: took[k, st, mb], world * v)))
+        th = statistics.mean(_simulate(orders, unit_cost, world * v))  # the schedule's own bubble
         comm_mean = statistics.mean(comm) if comm is not None else None
-        cells = [f"{schedule:17}", f"{v:>1}", " ".join(f"{x:5.3f}" for x in idle).rjust(6 * world), f"{mean:5.3f}"]
-        if th is None or comm_mean is None:
-            cells += [" n/a " if th is None else f"{th:5.3f}",
-                      f"{comm_mean:5.3f}" if comm_mean is not None else " n/a ", "  n/a ", "   n/a", "  -  "]
+        cells = [f"{schedule:17}", f"{v:>1}", " ".join(f"{x:5.3f}" for x in idle).rjust(6 * world), f"{mean:5.3f}",
+                 " n/a " if formula is None else f"{formula:5.3f}"]
+        if math.isnan(th) or comm_mean is None:
+            cells += [" n/a ", f"{comm_mean:5.3f}" if comm_mean is not None else " n/a ", "  n/a ", "   n/a", "  -  "]
         else:
             target = th + comm_mean
             err = abs(mean - target) / target if target else float("inf")
@@ -395,14 +463,14 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
             f"{schedule:17}", fbw, f"{statistics.mean(p2p):5.3f}",
             f"{statistics.mean(p2p) - (comm_mean or 0):5.3f}",
             f"{mean - statistics.mean(p2p):6.3f}", f"{statistics.mean(est):5.3f}",
-            f"{statistics.mean(sim):5.3f}", f"{statistics.mean(statistics.mean(s['msgs']) for s in steps_stats):4.0f}",
+            f"{statistics.median(sim):5.3f}", f"{statistics.mean(statistics.mean(s['msgs']) for s in steps_stats):4.0f}",
             xfer(steps_stats),
             f"{statistics.median(s['span'] for s in steps_stats):6.3f}"]))
         # Each schedule's figures as soon as they exist: a later schedule that fails keeps them.
         print(f"  {rows[-1]}\n  {diag[-1]}", file=sys.stderr, flush=True)
     if rank == 0:
-        head = ["schedule".ljust(17), "v", "idle per stage (rank 0..p-1)".rjust(6 * world), " mean", "theor",
-                " comm", "th+comm", "rel err", "verdict on the mean (<= 10%)"]
+        head = ["schedule".ljust(17), "v", "idle per stage (rank 0..p-1)".rjust(6 * world), " mean", "formula",
+                "theor", " comm", "th+comm", "rel err", "verdict on the mean (<= 10%)"]
         print("  ".join(head))
         print("\n".join(rows))
         print()
@@ -410,10 +478,12 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
                          "  p2p", "nbr w", " other", "pp est", "  sim", "msgs", "recv/send ms", "step s"]))
         print("\n".join(diag))
         print("idle = 1 - compute / span; comm = measured transfer part of p2p (timestamps, see the docstring); "
-              "theor = formula with F = I = W;\np2p = time in p2p calls, nbr w = of which waiting for the "
+              "formula = the paper's bubble;\ntheor = the bubble of the schedule's own action order with every "
+              "stage's F = I = W (B = I + W) and free communication;\np2p = time in p2p calls, nbr w = of which waiting for the "
               "neighbour, other = idle - p2p (schedule overhead); pp est = min ping-pong time x messages / span;\n"
               "recv/send ms = median measured transfer part of one received / sent message; "
-              "sim = bubble of the executed orders with the measured median costs and free communication; "
+              "sim = bubble of the executed orders replayed with each action's measured duration and free "
+              "communication (median over steps); "
               "msgs = p2p messages per rank per step; all fractions are means over ranks", flush=True)
     dist.destroy_process_group()
 
@@ -428,9 +498,36 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256, help="model width: more compute per action shrinks the "
                         "schedule's fixed host overhead and the communication relative to it")
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--cpu-quota", default="auto", metavar="CORES",
+                        help="cap each rank at this many cores with a cgroup CPU quota (e.g. 0.5; 0: no cap); "
+                        "'auto' (default): host cores / pp where there are fewer cores than ranks and cgroups "
+                        "can be written, so that ranks never compete for cores")
     a = parser.parse_args()
-    mp.start_processes(_rank, args=(a.pp, a.port, a.schedules.split(","), a.microbatches, a.steps, a.dim, a.seq), nprocs=a.pp,
-                       start_method="spawn")
+    cores = os.cpu_count() or 1
+    if a.cpu_quota == "auto":
+        quota = cores / a.pp if cores < a.pp else 0.0
+        if quota and not _cgroups_writable():
+            print(f"note: {a.pp} ranks on {cores} cores and no writable cgroup to cap them (--cpu-quota): "
+                  "ranks compete for cores, which shrinks the measured bubble", flush=True)
+            quota = 0.0
+    else:
+        try:
+            quota = float(a.cpu_quota or 0)
+        except ValueError:
+            raise SystemExit(f"--cpu-quota must be a number of cores or 'auto' (got {a.cpu_quota!r})") from None
+    if quota < 0 or quota * a.pp > cores:
+        raise SystemExit(f"--cpu-quota {quota:g} x {a.pp} ranks exceeds this host's {cores} cores")
+    if quota:
+        print(f"each rank capped at {quota:g} of a core (cgroup CPU quota): {a.pp} ranks on {cores} cores never "
+              "compete", flush=True)
+    try:
+        mp.start_processes(_rank, args=(a.pp, a.port, a.schedules.split(","), a.microbatches, a.steps, a.dim,
+                                        a.seq, quota), nprocs=a.pp, start_method="spawn")
+    finally:
+        for root in CGROUP_ROOTS:  # the ranks' groups, empty now that they have exited
+            for rank in range(a.pp):
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(root, f"apogee-bubble-{os.getpid()}-{rank}"))
 
 
 if __name__ == "__main__":
