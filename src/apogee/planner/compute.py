@@ -121,8 +121,8 @@ def engine_block_bytes(m: ModelShape, regime: str) -> tuple[float, float, float,
     rf, rb, qf, qb, cf, cb, ff, fb, last = ENGINE_BLOCK_BYTES[regime]
     h, kv, hd, f = m.hidden, m.kv_dim, m.head_dim, m.ffn_hidden
     r_fwd, r_bwd = rf * h + ENGINE_RSTD_BYTES, rb * h + ENGINE_RSTD_BYTES
-    s_fwd = qf * (h + kv) + 2 * cf * hd + (ff * f)
-    s_bwd = qb * (h + kv) + 2 * cb * hd + (fb * f)
+    s_fwd = qf * (h + kv) + 2 * cf * hd + ff * f
+    s_bwd = qb * (h + kv) + 2 * cb * hd + fb * f
     return r_fwd, r_bwd, s_fwd, s_bwd, r_fwd - last * h, s_fwd
 
 
