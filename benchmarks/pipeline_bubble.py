@@ -413,7 +413,7 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
     pingpong = _pingpong(rank, world, 4 * _ACT_ELEMS)
     out = print if rank == 0 else (lambda *a, **k: None)
     out(f"pp={world}, m={m} micro-batches of {MICRO_BATCH}x{SEQ} tokens, {ARGS.n_layers} layers, dim {ARGS.dim}; "
-        f"{os.cpu_count()} CPU cores, gloo, torch {torch.__version__}, {steps} timed steps (median)")
+        f"{len(os.sched_getaffinity(0))} CPU cores, gloo, torch {torch.__version__}, {steps} timed steps (median)")
     out("ping-pong one-way, median (min), 4 B / " + f"{4 * _ACT_ELEMS // 1024} KiB (an activation or its gradient): "
         + ", ".join(f"{a}<->{b} {t[0] * 1e6:.0f} ({t[2] * 1e6:.0f}) / {t[1] * 1e6:.0f} ({t[3] * 1e6:.0f}) us"
                     for (a, b), t in sorted(pingpong.items())), flush=True)
@@ -503,7 +503,7 @@ def main() -> None:
                         "'auto' (default): host cores / pp where there are fewer cores than ranks and cgroups "
                         "can be written, so that ranks never compete for cores")
     a = parser.parse_args()
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use (taskset, cgroup cpusets)
     if a.cpu_quota == "auto":
         quota = cores / a.pp if cores < a.pp else 0.0
         if quota and not _cgroups_writable():
