@@ -97,6 +97,31 @@ def test_interleaving_and_recompute_move_step_time_the_right_way():
     assert plain.mfu == pytest.approx(plain.model_tflops_per_gpu / 989.0)
 
 
+def test_stack_and_compile_price_the_software_that_runs():
+    """stack = "apogee" prices the engine's eager block (more memory-bound time than the fused count)
+    unless layout.compile; stack = "megatron" the fused count at the calibrated in-stack GEMM efficiency;
+    compile reaches the engine config; a bad stack is one line naming the key."""
+    from apogee.planner.export import layout_to_config
+
+    lay = dict(tp=1, pp=1, dp=8, microbatch=2, zero=3)
+    eager = estimate(_run("llama-1b", gpus=8, gb=16, **lay), Layout(**lay))
+    compiled = estimate(_run("llama-1b", gpus=8, gb=16, **lay, compile=True), Layout(**lay, compile=True))
+    assert compiled.step_time_s < eager.step_time_s
+    mega_run = run_from_dict({"model": {"flavor": "llama-1b"}, "cluster": {"gpu": "h100-80gb", "gpus": 8},
+                              "layout": lay, "train": {"global_batch": 16, "stack": "megatron"}})
+    mega = estimate(mega_run, Layout(**lay))
+    # Same fused count, but Megatron's in-stack GEMM efficiency (0.451) is below cuBLAS's measured 0.695.
+    assert mega.step_time_s > compiled.step_time_s
+    assert "compiled" in Layout(**lay, compile=True).short()
+    assert layout_to_config(mega_run, Layout(**lay, compile=True))["train"]["compile"] is True
+    assert "compile" not in layout_to_config(mega_run, Layout(**lay))["train"]
+    with pytest.raises(PlannerError, match="train.stack"):
+        run_from_dict({"model": {"flavor": "llama-1b"}, "cluster": {"gpu": "h100-80gb", "gpus": 8},
+                       "train": {"stack": "nemo"}})
+    with pytest.raises(PlannerError, match="layout.compile"):
+        _run("llama-1b", gpus=8, compile="yes")
+
+
 def test_young_daly_interval():
     run = _run(gpus=64)
     e = estimate(run, Layout(tp=1, pp=1, dp=64, microbatch=1, zero=3))
