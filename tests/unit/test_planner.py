@@ -110,7 +110,7 @@ def test_stack_and_compile_price_the_software_that_runs():
     mega_run = run_from_dict({"model": {"flavor": "llama-1b"}, "cluster": {"gpu": "h100-80gb", "gpus": 8},
                               "layout": lay, "train": {"global_batch": 16, "stack": "megatron"}})
     mega = estimate(mega_run, Layout(**lay))
-    # Same fused count, but Megatron's in-stack GEMM efficiency (0.451) is below cuBLAS's measured 0.695.
+    # Both fused, but Megatron's in-stack GEMM efficiency (0.451) is below cuBLAS's measured 0.695.
     assert mega.step_time_s > compiled.step_time_s
     assert "compiled" in Layout(**lay, compile=True).short()
     assert layout_to_config(mega_run, Layout(**lay, compile=True))["train"]["compile"] is True

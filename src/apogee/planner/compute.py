@@ -360,14 +360,13 @@ def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe, eager):
 
     fwd = t_gemm + attn_f + t_elem_f
     bwd = t_gemm_b + attn_b + t_elem_b
-    # apogee's eager block is counted in its own dtypes (no act_scale); its recompute skips the last add.
-    re_elem = selective_recompute_bytes(m, tp, cp, mb, sp, eager) / bw if eager is not None else None
+    # The memory-bound part of a recompute pass. apogee's eager block re-runs its whole elementwise forward
+    # but the last residual add, under full and selective recompute alike.
+    re_elem = scale * selective_recompute_bytes(m, tp, cp, mb, sp, eager) / bw
     if recompute == "full":
-        bwd += fwd if re_elem is None or measured is not None else t_gemm + attn_f + re_elem
+        bwd += t_gemm + attn_f + (re_elem if eager is not None and measured is None else t_elem_f)
     elif recompute == "selective":
         # GPT/eager: recompute the attention core (scores, softmax, dropout); Llama: norms and SwiGLU.
-        if re_elem is None:
-            re_elem = act_scale * selective_recompute_bytes(m, tp, cp, mb, sp) / bw
         bwd += re_elem + (attn_f if m.attention == "eager" else 0.0)
     return fwd, bwd
 

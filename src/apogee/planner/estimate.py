@@ -146,9 +146,9 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     b_stage = (Ls - n_moe) * bd + n_moe * bm
     lf, lb = logits_times(m, t, lay.cp, mb, acc, run.precision, eager)
     if eager == "autocast":
-        # Every forward casts the stage's matmul weights to bf16 and every backward their gradients back
-        # (compute.AUTOCAST_CAST_BYTES each way; the recompute pass casts the block weights again).
-        # The blocks' matmul weights and the output layer's (the pipeline runs at the last stage's pace).
+        # Every forward casts the blocks' and the output layer's matmul weights to bf16 and every backward
+        # their gradients back (compute.AUTOCAST_CAST_BYTES each way; a recompute pass casts the blocks'
+        # again). The output layer: the pipeline runs at the last stage's pace.
         block_params = Ls * (m.attn_params() + m.dense_mlp_params()) / t
         cast_params = block_params + m.vocab * m.hidden / t
         recast = block_params if lay.recompute != "none" else 0.0

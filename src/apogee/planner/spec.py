@@ -297,7 +297,7 @@ def run_from_dict(d: dict, *, base_dir: Path | None = None) -> RunSpec:
     cluster.accel.peak(precision)  # rejects fp8 on accelerators without it
     stack = train.get("stack", "apogee")
     if stack not in STACKS:
-        raise PlannerError(f"train.stack must be \"apogee\" or \"megatron\" (got {stack!r})")
+        raise PlannerError(f"train.stack must be one of {', '.join(STACKS)} (got {stack!r})")
     return RunSpec(model=model, cluster=cluster, fixed=fixed, global_batch=gb, precision=precision,
                    checkpoint_gb=train.get("checkpoint_gb"), stack=stack)
 
