@@ -2,6 +2,7 @@
 
     python benchmarks/pipeline_bubble.py [--pp 4] [--microbatches 8] [--steps 5] [--schedules gpipe,1f1b,...]
                                          [--dim 256] [--seq 128] [--cpu-quota auto|CORES]
+                                         [--cpu-period-ms 10]
 
 Runs apogee's own pipeline (``apogee.parallel.pipeline``: split, stages, torch schedules) on ``pp``
 gloo ranks on this host (one process each, one intra-op thread each), over a small Llama (8 layers,
@@ -61,18 +62,25 @@ On a host with fewer cores than ranks (pp=4 on 2 cores) uncapped ranks compete f
 periods in the steady state (all ranks computing) are stretched and those in the fill and drain
 are not, which shrinks the neighbour waiting (``nbr w``) below the formula. ``--cpu-quota`` (default
 ``auto``) therefore puts each rank in a cgroup of its own with a CFS bandwidth quota of cores / pp
-(0.5 of a core each for pp=4 on 2 cores, in ~1 ms slices): the ranks together never ask for more
-than the host has, so each behaves as a device of fixed speed, as a GPU does. It needs a writable
-cgroup hierarchy (root); without one, ``auto`` says so and runs uncapped. At the default ``--dim 256``
-the schedule's own host work between actions (``other``) is a sizeable share; ``--dim 768`` makes
-compute dominate. Other jobs on the host stall ranks at random: those stalls land in ``comm`` (and
-in compute), and the figures move by a few points between runs.
+(0.5 of a core each for pp=4 on 2 cores, 5 ms in every 10 ms period, ``--cpu-period-ms``): the ranks
+together never ask for more than the host has, so each behaves as a device of fixed speed, as a GPU
+does. (Periods of 1-2 ms, used before, made the capped ranks unequally slow: up to ~15% apart for the
+same work, which the zero-bubble schedules' small bubble cannot absorb.) It needs a writable cgroup
+hierarchy (root); without one, ``auto`` says so and runs uncapped. At the default ``--dim 256`` the
+schedule's own host work between actions (``other``) is a sizeable share; ``--dim 768`` makes compute
+dominate. What stays: on a shared virtual machine the same action's CPU time varies by +-20% from one
+call to the next even in a process alone (measured with the glibc heap kept, see _keep_freed_memory),
+so some actions run late and their successors wait; ``sim`` shows how much bubble that adds. Other jobs
+on the host stall ranks at random: those stalls land in ``comm`` (and in compute), and the figures move
+by a few points between runs. ``--dump PREFIX`` keeps the raw timestamps for such analysis.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import json
 import math
 import os
 import statistics
@@ -359,16 +367,21 @@ def xfer(steps_stats: list) -> str:
     return f"{statistics.median(r) * 1e3:5.2f} /{statistics.median(s) * 1e3:5.2f}" if r and s else "-".rjust(12)
 
 
-CGROUP_PERIOD_US = 1000  # the kernel's shortest CFS period: a throttled rank runs in slices of ~1 ms
+# CFS bandwidth period: a capped rank runs share x period, then waits for the next period. Measured here
+# (4 ranks at 0.5 core on 2 cores, a matmul loop with pauses): 1-2 ms periods cost each rank 20-40% of its
+# throughput in switches and cache refills, unequally (40-56 matmuls/s against 72 expected, differing by
+# ~25% between ranks, which is device heterogeneity the bubble theory does not have); 10 ms periods give
+# 68-69 each. Coarser periods lengthen the burst a rank may run at full speed after an idle wait.
+DEFAULT_CPU_PERIOD_MS = 10.0
 CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/cpu")  # cgroup v2, then v1's cpu controller
 
 
-def _limit_cpu(share: float, tag: str) -> None:
+def _limit_cpu(share: float, tag: str, period_ms: float = DEFAULT_CPU_PERIOD_MS) -> None:
     """Give this process (all its threads, the ones it starts later included) ``share`` of one core
     with a CFS bandwidth quota in a cgroup of its own (cgroup v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us``):
     ranks that together ask for no more than the host's cores then never compete for them, so each is
     a device of fixed speed, as a GPU is. Exits with one line where cgroups cannot be written."""
-    period = max(CGROUP_PERIOD_US, round(1000 / share))  # the kernel's smallest quota is 1 ms too
+    period = max(round(period_ms * 1000), round(1000 / share))  # the kernel's smallest quota is 1 ms
     quota = round(share * period)
     for root, files in zip(CGROUP_ROOTS, ({"cpu.max": f"{quota} {period}"},
                                           {"cpu.cfs_period_us": str(period), "cpu.cfs_quota_us": str(quota)})):
@@ -389,6 +402,16 @@ def _limit_cpu(share: float, tag: str) -> None:
                      "cgroup v1 cpu or v2 hierarchy, usually root); run without --cpu-quota")
 
 
+def _keep_freed_memory() -> None:
+    """glibc returns large freed blocks to the kernel, so every step's activations page-fault afresh:
+    ~9 ms of kernel time per forward + backward of one dim-768 layer here, at random moments. Keeping
+    them in the heap (no mmap'd chunks, no trimming) leaves 0.5 ms. Other C libraries: left as they are."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: serve every allocation from the heap
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (a C int): never give freed heap back
+
+
 def _cgroups_writable() -> bool:
     probe = f"apogee-bubble-probe-{os.getpid()}"
     for root in CGROUP_ROOTS:
@@ -402,9 +425,10 @@ def _cgroups_writable() -> bool:
 
 
 def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int, dim: int, seq: int,
-          cpu_quota: float = 0.0) -> None:
+          cpu_quota: float = 0.0, cpu_period_ms: float = DEFAULT_CPU_PERIOD_MS, dump: str = "") -> None:
     if cpu_quota:
-        _limit_cpu(cpu_quota, f"{os.getppid()}-{rank}")
+        _limit_cpu(cpu_quota, f"{os.getppid()}-{rank}", cpu_period_ms)
+    _keep_freed_memory()
     _configure(dim, seq)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -429,6 +453,9 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
         logs = _run_schedule(rank, world, schedule, m, steps)
         if rank:
             continue
+        if dump:
+            with open(f"{dump}.{schedule}.json", "w") as f:
+                json.dump(logs, f)
         steps_stats = [_analyse_step([logs[r][s] for r in range(world)], world, pingpong) for s in range(steps)]
 
         def med(key):
@@ -502,6 +529,12 @@ def main() -> None:
                         help="cap each rank at this many cores with a cgroup CPU quota (e.g. 0.5; 0: no cap); "
                         "'auto' (default): host cores / pp where there are fewer cores than ranks and cgroups "
                         "can be written, so that ranks never compete for cores")
+    parser.add_argument("--cpu-period-ms", type=float, default=DEFAULT_CPU_PERIOD_MS,
+                        help="CFS period of the quota: a capped rank runs quota x period, then waits (default "
+                        f"{DEFAULT_CPU_PERIOD_MS:g}; 1-2 ms periods make the ranks unequally slow)")
+    parser.add_argument("--dump", default="", metavar="PREFIX",
+                        help="also write each schedule's raw timestamps to PREFIX.<schedule>.json: per rank, per "
+                        "timed step, (compute actions [kind, stage, micro-batch, start, end], p2p ops)")
     a = parser.parse_args()
     cores = len(os.sched_getaffinity(0))  # the cores this process may use (taskset, cgroup cpusets)
     if a.cpu_quota == "auto":
@@ -518,11 +551,11 @@ def main() -> None:
     if quota < 0 or quota * a.pp > cores:
         raise SystemExit(f"--cpu-quota {quota:g} x {a.pp} ranks exceeds this host's {cores} cores")
     if quota:
-        print(f"each rank capped at {quota:g} of a core (cgroup CPU quota): {a.pp} ranks on {cores} cores never "
-              "compete", flush=True)
+        print(f"each rank capped at {quota:g} of a core (cgroup CPU quota, {a.cpu_period_ms:g} ms period): {a.pp} "
+              f"ranks on {cores} cores never compete", flush=True)
     try:
         mp.start_processes(_rank, args=(a.pp, a.port, a.schedules.split(","), a.microbatches, a.steps, a.dim,
-                                        a.seq, quota), nprocs=a.pp, start_method="spawn")
+                                        a.seq, quota, a.cpu_period_ms, a.dump), nprocs=a.pp, start_method="spawn")
     finally:
         for root in CGROUP_ROOTS:  # the ranks' groups, empty now that they have exited
             for rank in range(a.pp):
