@@ -69,8 +69,8 @@ same work, which the zero-bubble schedules' small bubble cannot absorb.) It need
 hierarchy (root); without one, ``auto`` says so and runs uncapped. At the default ``--dim 256`` the
 schedule's own host work between actions (``other``) is a sizeable share; ``--dim 768`` makes compute
 dominate. What stays: on a shared virtual machine the same action's CPU time varies by +-20% from one
-call to the next even in a process alone (measured with the glibc heap kept, see _keep_freed_memory),
-so some actions run late and their successors wait; ``sim`` shows how much bubble that adds. Other jobs
+call to the next even in a process alone (user time; keeping glibc's freed heap removes ~9 ms of page
+faults per dim-768 layer but not that, and made a rank abort at exit), so some actions run late and their successors wait; ``sim`` shows how much bubble that adds. Other jobs
 on the host stall ranks at random: those stalls land in ``comm`` (and in compute), and the figures move
 by a few points between runs. ``--dump PREFIX`` keeps the raw timestamps for such analysis.
 """
@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -402,16 +401,6 @@ def _limit_cpu(share: float, tag: str, period_ms: float = DEFAULT_CPU_PERIOD_MS)
                      "cgroup v1 cpu or v2 hierarchy, usually root); run without --cpu-quota")
 
 
-def _keep_freed_memory() -> None:
-    """glibc returns large freed blocks to the kernel, so every step's activations page-fault afresh:
-    ~9 ms of kernel time per forward + backward of one dim-768 layer here, at random moments. Keeping
-    them in the heap (no mmap'd chunks, no trimming) leaves 0.5 ms. Other C libraries: left as they are."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: serve every allocation from the heap
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (a C int): never give freed heap back
-
-
 def _cgroups_writable() -> bool:
     probe = f"apogee-bubble-probe-{os.getpid()}"
     for root in CGROUP_ROOTS:
@@ -428,7 +417,6 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
           cpu_quota: float = 0.0, cpu_period_ms: float = DEFAULT_CPU_PERIOD_MS, dump: str = "") -> None:
     if cpu_quota:
         _limit_cpu(cpu_quota, f"{os.getppid()}-{rank}", cpu_period_ms)
-    _keep_freed_memory()
     _configure(dim, seq)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
