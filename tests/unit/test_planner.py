@@ -132,6 +132,25 @@ def test_young_daly_interval():
     assert 0.9 < e.goodput < 1.0
 
 
+def test_energy_per_token_is_the_cluster_at_tdp_over_the_tokens():
+    lay = Layout(tp=1, pp=1, dp=64, microbatch=1, zero=3)
+    e = estimate(_run(gpus=64), lay)
+    tokens = 256 * 8192  # llama3-8b: global batch 256 x seq 8192
+    assert e.power_kw == pytest.approx(64 * 0.700)  # h100-80gb: 700 W TDP, no node power, PUE 1
+    assert e.energy_j_per_token == pytest.approx(64 * 700 * e.step_time_s / tokens)
+    assert e.energy_j_per_useful_token == pytest.approx(e.energy_j_per_token / e.goodput)
+    # 8 nodes of 4.6 kW besides their GPUs (a DGX H100's 10.2 kW less 8 x 700 W), in a PUE 1.2 hall
+    run = run_from_dict({"model": {"flavor": "llama3-8b"}, "train": {"global_batch": 256},
+                         "cluster": {"gpu": "h100-80gb", "gpus": 64, "node_power_w": 4600, "pue": 1.2}})
+    facility = estimate(run, lay)
+    assert facility.step_time_s == e.step_time_s
+    assert facility.power_kw == pytest.approx((64 * 0.700 + 8 * 4.6) * 1.2)
+    assert facility.energy_j_per_token == pytest.approx(e.energy_j_per_token * facility.power_kw / e.power_kw)
+    for bad, key in (({"pue": 0.9}, "cluster.pue"), ({"node_power_w": -1}, "cluster.node_power_w")):
+        with pytest.raises(PlannerError, match=key):
+            run_from_dict({"model": {"flavor": "llama3-8b"}, "cluster": {"gpu": "h100-80gb", "gpus": 64, **bad}})
+
+
 # -- search ---------------------------------------------------------------------------------------
 def test_search_1t_on_3072_finds_a_fitting_layout():
     run = run_from_dict({"model": {"flavor": "dense-1t"}, "cluster": {"gpu": "a100-80gb", "gpus": 3072}})
@@ -168,7 +187,8 @@ def test_simulate_json_keys(capsys):
     assert _cli("simulate", "--flavor", "llama3-8b", "--gpus", "64", "--json") == 0
     out = json.loads(capsys.readouterr().out)
     for k in ("step_time_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "hardware_tflops_per_gpu", "mfu",
-              "memory_gib_per_gpu", "fits", "checkpoint_interval_s", "goodput"):
+              "memory_gib_per_gpu", "fits", "checkpoint_interval_s", "goodput", "power_kw", "energy_j_per_token",
+              "energy_j_per_useful_token"):
         assert k in out
     assert out["fits"] and 0 < out["mfu"] < 1
     assert set(out["memory_gib_per_gpu"]) >= {"params", "grads", "optimizer", "activations", "buffers"}

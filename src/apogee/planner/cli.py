@@ -148,6 +148,10 @@ def _print_estimate(e: Estimate, run: RunSpec) -> None:
                                      for k in e.comm_s if e.comm_s[k] > 0) or "none")
     print(f"checkpoint  every {e.checkpoint_interval_s / 60:.1f} min (write {e.checkpoint_write_s:.1f} s, "
           f"job MTBF {run.cluster.mtbf_s / 3600:.1f} h)   expected goodput {e.goodput:.1%}")
+    # 1 J/token = 1e12 J per trillion tokens = 277.8 MWh
+    print(f"energy      {e.power_kw:,.1f} kW (accelerators at TDP; cluster.node_power_w, pue)   "
+          f"{e.energy_j_per_token:.3g} J/token, {e.energy_j_per_useful_token:.3g} per useful token = "
+          f"{e.energy_j_per_useful_token * 1e12 / 3.6e9:,.0f} MWh per trillion tokens")
 
 
 def cmd_simulate(args) -> int:

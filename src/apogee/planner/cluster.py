@@ -217,10 +217,22 @@ class Cluster:
     node_mtbf_hours: float = 6_300.0
     checkpoint_write_gbs: float = 100.0  # aggregate write bandwidth to durable storage, GB/s
     restart_s: float = 600.0  # time from a failure to training again (detection + restart + reload)
+    # Energy (estimate._energy). Each accelerator draws its TDP (Accelerator.power_w) for the whole run:
+    # the convention of Meta's Llama 2 paper (Touvron et al. 2023, Table 2: "peak power capacity per GPU
+    # device ... adjusted for power usage efficiency") and the Llama 3 model card (700 W per H100-80GB).
+    # node_power_w: what each node draws besides its accelerators (CPUs, memory, NICs, fans); 0 counts the
+    # accelerators only. For scale, a DGX H100 is rated 10.2 kW max, of which its 8 GPUs' TDP is 5.6 kW
+    # (NVIDIA DGX H100 datasheet). pue: the data centre's power usage effectiveness (facility / IT power).
+    node_power_w: float = 0.0
+    pue: float = 1.0
 
     def __post_init__(self) -> None:
         if self.gpus <= 0 or self.gpus_per_node <= 0:
             raise PlannerError("cluster.gpus and cluster.gpus_per_node must be positive")
+        if self.node_power_w < 0:
+            raise PlannerError(f"cluster.node_power_w={self.node_power_w} must be >= 0 (watts per node)")
+        if self.pue < 1:
+            raise PlannerError(f"cluster.pue={self.pue} must be >= 1 (facility power / IT power)")
         if self.gpus % self.gpus_per_node and self.gpus > self.gpus_per_node:
             raise PlannerError(
                 f"cluster.gpus={self.gpus} is not a multiple of cluster.gpus_per_node={self.gpus_per_node}"
@@ -237,6 +249,11 @@ class Cluster:
     @property
     def inter_bw(self) -> float:
         return (self.inter_gbs_per_gpu or self.accel.nic_gbs) * 1e9
+
+    @property
+    def power_w(self) -> float:
+        """What the whole cluster draws from the grid while the job runs: accelerators at TDP, nodes, PUE."""
+        return (self.gpus * self.accel.power_w + self.nodes * self.node_power_w) * self.pue
 
     @property
     def mtbf_s(self) -> float:

@@ -49,6 +49,9 @@ class Estimate:
     checkpoint_interval_s: float = 0.0
     checkpoint_write_s: float = 0.0
     goodput: float = 0.0
+    power_kw: float = 0.0  # the cluster's draw (cluster.Cluster.power_w)
+    energy_j_per_token: float = 0.0  # per token trained at the predicted step time
+    energy_j_per_useful_token: float = 0.0  # the same over goodput: checkpoint stalls and lost work included
 
     def to_json(self) -> dict:
         return {
@@ -68,6 +71,9 @@ class Estimate:
             "checkpoint_interval_s": self.checkpoint_interval_s,
             "checkpoint_write_s": self.checkpoint_write_s,
             "goodput": self.goodput,
+            "power_kw": self.power_kw,
+            "energy_j_per_token": self.energy_j_per_token,
+            "energy_j_per_useful_token": self.energy_j_per_useful_token,
         }
 
 
@@ -286,6 +292,7 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
         compute_s=n_micro * (f_stage + b_stage) + t_opt,
     )
     _checkpointing(run, est)
+    _energy(run, est, tokens_step)
     return est
 
 
@@ -295,6 +302,17 @@ def _recompute_flops(m: ModelShape, lay: Layout) -> float:
     if lay.recompute == "selective" and m.attention == "eager":
         return m.attn_flops_per_token()
     return 0.0
+
+
+def _energy(run: RunSpec, est: Estimate, tokens_step: int) -> None:
+    """Energy per token with every accelerator at TDP for the whole step (cluster.Cluster's convention):
+    bubbles and exposed communication are charged as busy, so this is the ceiling a power meter should
+    stay under. Per useful token the checkpoint stalls, restarts and recomputed work after failures
+    (1 - goodput) draw power too."""
+    watts = run.cluster.power_w
+    est.power_kw = watts / 1e3
+    est.energy_j_per_token = watts * est.step_time_s / tokens_step
+    est.energy_j_per_useful_token = est.energy_j_per_token / est.goodput if est.goodput > 0 else math.inf
 
 
 def _checkpointing(run: RunSpec, est: Estimate) -> None:
