@@ -152,3 +152,44 @@ def test_single_stage_memory_by_hand(tie):
     got = memory_per_gpu(m, lay, H100, global_batch=8)
     assert dataclasses.asdict(got) == pytest.approx(_hand(params, acts), rel=1e-12)
     assert got == stage_memory(m, lay, H100, global_batch=8, stage="first")
+
+
+# -- step time: each pp rank's own blocks ------------------------------------------------------------
+def _timed(flavor: str, stack: str, layers: int | None = None, **layout):
+    from apogee.planner.estimate import estimate, rank_layer_counts
+    from apogee.planner.spec import run_from_dict
+
+    model = {"flavor": flavor} if layers is None else {**_shape_keys(flavor), "layers": layers}
+    run = run_from_dict({"model": model, "cluster": {"gpu": "h100-80gb", "gpus": 128},
+                         "train": {"global_batch": 64, "stack": stack}})
+    lay = Layout(**layout)
+    return rank_layer_counts(run, lay), estimate(run, lay)
+
+
+def _shape_keys(flavor: str) -> dict:
+    s = shape_from_flavor(flavor)
+    return {k: getattr(s, k) for k in ("hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "seq_len")}
+
+
+def test_step_time_takes_each_ranks_blocks_from_the_engines_split():
+    lay = dict(tp=8, pp=4, dp=4, microbatch=1, virtual_stages=2, pp_schedule="interleaved-1f1b",
+               sequence_parallel=True, zero=1)
+    counts, _ = _timed("llama3-70b", "apogee", **lay)
+    stages = stage_layer_counts(shape_from_flavor("llama3-70b"), Layout(**lay))
+    assert counts == [sum(stages[r::4]) for r in range(4)] and sum(counts) == 80
+    assert counts != [20] * 4  # the output layer moves blocks off the last rank
+    # Megatron-LM splits evenly where the stages divide the layers (the published runs' split).
+    assert _timed("llama3-70b", "megatron", **lay)[0] == [20] * 4
+
+
+def test_a_pipeline_that_does_not_divide_the_layers_is_priced_between_its_neighbours():
+    # Llama 3 405B's 126 layers on 16 stages (Dubey et al. 2024): no longer rejected.
+    lay = dict(tp=8, pp=16, dp=1, microbatch=1, pp_schedule="1f1b", sequence_parallel=True, zero=1)
+    counts, uneven = _timed("llama3-405b", "megatron", **lay)
+    assert sum(counts) == 126 and max(counts) == 8 and min(counts) < 8
+    _, fewer = _timed("llama3-405b", "megatron", layers=112, **lay)  # 7 a stage
+    _, more = _timed("llama3-405b", "megatron", layers=128, **lay)  # 8 a stage
+    assert fewer.step_time_s < uneven.step_time_s < more.step_time_s
+    from apogee.planner.errors import PlannerError
+    with pytest.raises(PlannerError, match="layout.pp x layout.virtual_stages = 128 pipeline stages"):
+        _timed("llama3-405b", "megatron", **{**lay, "pp": 128, "tp": 1})

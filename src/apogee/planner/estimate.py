@@ -12,7 +12,7 @@ from apogee.planner.cluster import GIB, Accelerator, Cluster
 from apogee.planner.compute import AUTOCAST_CAST_BYTES, hbm_bytes_per_s, layer_times, logits_times, moe_layer_times
 from apogee.planner.errors import PlannerError
 from apogee.planner.host import host_microbatch_s, host_step_s, measured_host_s, oversubscription
-from apogee.planner.memory import MemoryBreakdown, engine_autocast, memory_per_gpu, stage_params
+from apogee.planner.memory import MemoryBreakdown, engine_autocast, memory_per_gpu, stage_layer_counts, stage_params
 from apogee.planner.schedule import bubble_fraction, bubble_slots
 from apogee.planner.spec import Layout, ModelShape, RunSpec
 
@@ -85,10 +85,11 @@ def check_layout(m: ModelShape, lay: Layout, cluster: Cluster, global_batch: int
         return f"layout.tp={lay.tp} must divide model.heads={m.heads} and model.kv_heads={m.kv_heads}"
     if lay.tp > cluster.gpus_per_node:
         return f"layout.tp={lay.tp} exceeds cluster.gpus_per_node={cluster.gpus_per_node} (TP needs NVLink)"
-    if m.layers % lay.pp:
-        return f"layout.pp={lay.pp} must divide model.layers={m.layers}"
-    if lay.virtual_stages > 1 and (lay.pp_schedule != "interleaved-1f1b" or (m.layers // lay.pp) % lay.virtual_stages):
-        return f"layout.virtual_stages={lay.virtual_stages} needs pp_schedule=interleaved-1f1b and to divide layers/pp"
+    if m.layers < lay.pp * lay.virtual_stages:
+        return (f"layout.pp x layout.virtual_stages = {lay.pp * lay.virtual_stages} pipeline stages exceed "
+                f"model.layers={m.layers} (each stage needs a layer)")
+    if lay.virtual_stages > 1 and lay.pp_schedule != "interleaved-1f1b":
+        return f"layout.virtual_stages={lay.virtual_stages} needs pp_schedule=interleaved-1f1b"
     if lay.pp == 1 and (lay.virtual_stages > 1 or lay.pp_schedule not in ("1f1b",)):
         return "pp_schedule/virtual_stages only apply with layout.pp > 1"
     if m.seq_len % (2 * lay.cp) and lay.cp > 1:
@@ -141,67 +142,31 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     n_micro = run.global_batch // (lay.dp * mb)
     tokens = mb * m.seq_len / lay.cp  # per rank per micro-batch
     sp = lay.sequence_parallel
-    key = (m, t, lay.cp, lay.ep, mb, sp, lay.recompute, acc, run.precision, eager)
 
-    # --- compute of one micro-batch on the slowest stage -----------------------------------------
-    Ls = m.layers // p
-    n_moe = round(Ls * m.moe_layers / m.layers)
-    fd, bd = layer_times(*key)
-    fm, bm = moe_layer_times(*key) if n_moe else (0.0, 0.0)
-    f_stage = (Ls - n_moe) * fd + n_moe * fm
-    b_stage = (Ls - n_moe) * bd + n_moe * bm
-    lf, lb = logits_times(m, t, lay.cp, mb, acc, run.precision, eager)
-    if eager == "autocast":
-        # Every forward casts the blocks' and the output layer's matmul weights to bf16 and every backward
-        # their gradients back (compute.AUTOCAST_CAST_BYTES each way; a recompute pass casts the blocks'
-        # again). The output layer: the pipeline runs at the last stage's pace.
-        block_params = Ls * (m.attn_params() + m.dense_mlp_params()) / t
-        cast_params = block_params + m.vocab * m.hidden / t
-        recast = block_params if lay.recompute != "none" else 0.0
-        f_stage += AUTOCAST_CAST_BYTES * cast_params / hbm_bytes_per_s(acc)
-        b_stage += AUTOCAST_CAST_BYTES * (cast_params + recast) / hbm_bytes_per_s(acc)
-    # Host-bound devices (cpu): dispatch/autograd/DTensor/FSDP host work joins the compute, and all of
-    # it slows down when the node's ranks x threads exceed its cores.
+    # --- one micro-batch on each pipeline rank ---------------------------------------------------
     fsdp = lay.zero >= 3 and lay.dp * lay.cp > 1
     ranks_node = min(cl.gpus, cl.gpus_per_node)
     share = oversubscription(acc, ranks_node)
-    measured_host = measured_host_s("micro_batch", lay, acc, Ls, fsdp) if acc.host_bound else None
+    counts = rank_layer_counts(run, lay)
+    # A device's measured host table holds the layout or not, whatever a rank's block count.
+    host_measured = acc.host_bound and measured_host_s("micro_batch", lay, acc, counts[0], fsdp) is not None
+    lf, lb = logits_times(m, t, lay.cp, mb, acc, run.precision, eager)
     if acc.host_bound:
-        if measured_host is None:
-            f_stage = (f_stage + host_microbatch_s(m, lay, acc, Ls, fsdp)) * share
-        else:
-            f_stage = f_stage * share + measured_host  # measured in situ: already shared
-        b_stage *= share
         lf, lb = lf * share, lb * share
-
-    # --- communication per micro-batch per stage ------------------------------------------------
     act_bytes = tokens * m.hidden * (4 if run.precision == "fp32" else 2)
-    tp_link = comms.axis_link(lay, "tp", cl)
-    if measured_host is not None:
-        tp_link = dataclasses.replace(tp_link, latency=0.0)  # the measured host time holds the latency
-    n_tp = 4 + (2 if lay.recompute == "full" else 0)  # 2 fwd + 2 bwd (+2 in the recomputed forward)
-    tp_comm = Ls * n_tp * comms.all_reduce(act_bytes, t, tp_link)
-    tp_comm += 2 * comms.all_reduce(act_bytes, t, tp_link) if t > 1 else 0.0  # embedding / logits boundaries
-    if lay.tp_overlap and not acc.host_bound:
-        tp_exposed = max(0.0, tp_comm - 0.5 * (f_stage + b_stage)) + TP_OVERLAP_RESIDUAL * tp_comm
-    else:
-        tp_exposed = tp_comm
-
-    cp_comm = cp_exposed = 0.0
-    if lay.cp > 1:
-        cp_link = comms.axis_link(lay, "cp", cl)
-        kv_bytes = 2 * tokens * m.kv_dim * 2 / t
-        # Ring attention passes K,V (cp-1) times forward, K,V and their grads backward, behind attention.
-        cp_comm = Ls * 3 * (lay.cp - 1) * comms.p2p(kv_bytes, cp_link)
-        cp_exposed = max(0.0, cp_comm - 0.5 * (f_stage + b_stage))
-
-    ep_comm = 0.0
-    if lay.ep > 1 and n_moe:
-        ep_link = comms.axis_link(lay, "dp", cl, size=lay.ep, stride=t)
-        disp = tokens * m.top_k * m.hidden * 2
-        ep_comm = n_moe * 4 * comms.all_to_all(disp, lay.ep, ep_link)  # dispatch+combine, fwd+bwd
-        if lay.recompute == "full":
-            ep_comm *= 1.5
+    parts: dict[tuple[int, bool], _MicroBatch] = {}
+    work = []  # per pp rank: one micro-batch's forward + backward with its exposed TP/CP/EP traffic
+    for r, layers in enumerate(counts):
+        last = r == p - 1
+        if (layers, last) not in parts:
+            parts[layers, last] = _micro_batch(run, lay, acc, eager, layers, last, act_bytes, share, fsdp,
+                                               host_measured)
+        # The last rank also runs the output layer and the loss.
+        work.append(parts[layers, last].time + (lf + lb if last else 0.0))
+    slow = max(range(p), key=work.__getitem__)
+    part = parts[counts[slow], slow == p - 1]
+    f_stage, b_stage = part.f, part.b
+    Ls = max(counts)
 
     pp_comm = pp_exposed = 0.0
     if p > 1:
@@ -213,14 +178,14 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
         # (one per stage boundary per chunk) lie on the critical path.
         pp_exposed = 2 * (p - 1) * one + 2 * vv * one * n_micro * 0.1
 
-    per_mb = f_stage + b_stage + tp_exposed + cp_exposed + ep_comm
-    last_extra = lf + lb
     slots = bubble_slots(lay.pp_schedule, p, v)
     bubble = bubble_fraction(lay.pp_schedule, p, v, n_micro)
-    # The last stage also runs the output layer; the pipeline moves at its pace in steady state.
-    t_pipe = n_micro * (per_mb + (last_extra if p > 1 else 0.0)) + slots * per_mb + pp_exposed
-    if p == 1:
-        t_pipe = n_micro * (per_mb + last_extra)
+    # Steady state moves at the slowest rank's pace. The fill and drain pass every other rank once:
+    # with equal ranks the bubble is `slots` micro-batches of one rank; with unequal ones (uneven layer
+    # counts, the output layer on the last) the other ranks' mean work stands for that one rank's.
+    t_pipe = n_micro * work[slow] + pp_exposed
+    if p > 1:
+        t_pipe += slots * (sum(work) - work[slow]) / (p - 1)
 
     # --- data parallel ---------------------------------------------------------------------------
     nonexpert, experts = stage_params(m, lay)
@@ -239,7 +204,7 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
             # I/O run on the rank's own cores and the latency is paid per unit.
             units = Ls + 1
             # The per-unit gathers' latency is in a measured host time (the replica gathers every unit).
-            ag_link = dp_link if measured_host is None else dataclasses.replace(dp_link, latency=0.0)
+            ag_link = dataclasses.replace(dp_link, latency=0.0) if host_measured else dp_link
             param_ag = comms.all_gather(2 * params_rank * (2 if run.precision == "fp32" else 1), shard, ag_link)
             if acc.host_bound:
                 param_ag += (units - 1) * (shard - 1) * ag_link.latency
@@ -286,14 +251,104 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
         layout=lay, step_time_s=step, tokens_per_s_per_gpu=tok_per_gpu, model_tflops_per_gpu=model_tflops,
         hardware_tflops_per_gpu=hw_flops / step / cl.gpus / 1e12, mfu=model_tflops * 1e12 / peak,
         memory=mem, capacity_gib=acc.mem_gib, fits=mem.total <= capacity, bubble_fraction=bubble,
-        comm_s={"tp": tp_comm * n_micro, "cp": cp_comm * n_micro, "ep": ep_comm * n_micro, "pp": pp_comm, "dp": dp_comm},
-        comm_exposed_s={"tp": tp_exposed * n_micro, "cp": cp_exposed * n_micro, "ep": ep_comm * n_micro,
-                        "pp": pp_exposed, "dp": dp_exposed},
+        comm_s={"tp": part.tp_comm * n_micro, "cp": part.cp_comm * n_micro, "ep": part.ep_comm * n_micro,
+                "pp": pp_comm, "dp": dp_comm},
+        comm_exposed_s={"tp": part.tp_exposed * n_micro, "cp": part.cp_exposed * n_micro,
+                        "ep": part.ep_comm * n_micro, "pp": pp_exposed, "dp": dp_exposed},
         compute_s=n_micro * (f_stage + b_stage) + t_opt,
     )
     _checkpointing(run, est)
     _energy(run, est, tokens_step)
     return est
+
+
+def rank_layer_counts(run: RunSpec, lay: Layout) -> list[int]:
+    """Transformer blocks each pp rank holds (all its virtual stages together).
+
+    Megatron-LM splits evenly when the stages divide the layers (its default, what the published runs
+    used); otherwise, as with its uneven-split flags, and always for apogee, the engine's balance
+    (memory.stage_layer_counts: the output layer counts against the last stage)."""
+    m, p, v = run.model, lay.pp, lay.virtual_stages
+    if p == 1:
+        return [m.layers]
+    if run.stack == "megatron" and m.layers % (p * v) == 0:
+        return [m.layers // p] * p
+    counts = stage_layer_counts(m, lay)
+    return [sum(counts[r::p]) for r in range(p)]
+
+
+@dataclass(frozen=True)
+class _MicroBatch:
+    """One micro-batch's forward and backward on a pp rank, and its tensor/context/expert traffic."""
+    f: float
+    b: float
+    tp_comm: float
+    tp_exposed: float
+    cp_comm: float
+    cp_exposed: float
+    ep_comm: float
+
+    @property
+    def time(self) -> float:
+        return self.f + self.b + self.tp_exposed + self.cp_exposed + self.ep_comm
+
+
+def _micro_batch(run: RunSpec, lay: Layout, acc: Accelerator, eager: str | None, Ls: int, last: bool,
+                 act_bytes: float, share: float, fsdp: bool, host_measured: bool) -> _MicroBatch:
+    """A pp rank holding ``Ls`` blocks (``last``: and the output layer, priced by the caller)."""
+    m, cl, t, mb = run.model, run.cluster, lay.tp, lay.microbatch
+    tokens = mb * m.seq_len / lay.cp  # per rank per micro-batch
+    key = (m, t, lay.cp, lay.ep, mb, lay.sequence_parallel, lay.recompute, acc, run.precision, eager)
+    n_moe = round(Ls * m.moe_layers / m.layers)
+    fd, bd = layer_times(*key)
+    fm, bm = moe_layer_times(*key) if n_moe else (0.0, 0.0)
+    f_stage = (Ls - n_moe) * fd + n_moe * fm
+    b_stage = (Ls - n_moe) * bd + n_moe * bm
+    if eager == "autocast":
+        # Every forward casts the blocks' (and on the last rank the output layer's) matmul weights to bf16
+        # and every backward their gradients back (compute.AUTOCAST_CAST_BYTES each way; a recompute
+        # pass casts the blocks' again).
+        block_params = Ls * (m.attn_params() + m.dense_mlp_params()) / t
+        cast_params = block_params + (m.vocab * m.hidden / t if last else 0.0)
+        recast = block_params if lay.recompute != "none" else 0.0
+        f_stage += AUTOCAST_CAST_BYTES * cast_params / hbm_bytes_per_s(acc)
+        b_stage += AUTOCAST_CAST_BYTES * (cast_params + recast) / hbm_bytes_per_s(acc)
+    # Host-bound devices (cpu): dispatch/autograd/DTensor/FSDP host work joins the compute, and all of
+    # it slows down when the node's ranks x threads exceed its cores.
+    if acc.host_bound:
+        if host_measured:
+            f_stage = f_stage * share + measured_host_s("micro_batch", lay, acc, Ls, fsdp)  # already shared
+        else:
+            f_stage = (f_stage + host_microbatch_s(m, lay, acc, Ls, fsdp)) * share
+        b_stage *= share
+
+    tp_link = comms.axis_link(lay, "tp", cl)
+    if host_measured:
+        tp_link = dataclasses.replace(tp_link, latency=0.0)  # the measured host time holds the latency
+    n_tp = 4 + (2 if lay.recompute == "full" else 0)  # 2 fwd + 2 bwd (+2 in the recomputed forward)
+    tp_comm = Ls * n_tp * comms.all_reduce(act_bytes, t, tp_link)
+    tp_comm += 2 * comms.all_reduce(act_bytes, t, tp_link) if t > 1 else 0.0  # embedding / logits boundaries
+    if lay.tp_overlap and not acc.host_bound:
+        tp_exposed = max(0.0, tp_comm - 0.5 * (f_stage + b_stage)) + TP_OVERLAP_RESIDUAL * tp_comm
+    else:
+        tp_exposed = tp_comm
+
+    cp_comm = cp_exposed = 0.0
+    if lay.cp > 1:
+        cp_link = comms.axis_link(lay, "cp", cl)
+        kv_bytes = 2 * tokens * m.kv_dim * 2 / t
+        # Ring attention passes K,V (cp-1) times forward, K,V and their grads backward, behind attention.
+        cp_comm = Ls * 3 * (lay.cp - 1) * comms.p2p(kv_bytes, cp_link)
+        cp_exposed = max(0.0, cp_comm - 0.5 * (f_stage + b_stage))
+
+    ep_comm = 0.0
+    if lay.ep > 1 and n_moe:
+        ep_link = comms.axis_link(lay, "dp", cl, size=lay.ep, stride=t)
+        disp = tokens * m.top_k * m.hidden * 2
+        ep_comm = n_moe * 4 * comms.all_to_all(disp, lay.ep, ep_link)  # dispatch+combine, fwd+bwd
+        if lay.recompute == "full":
+            ep_comm *= 1.5
+    return _MicroBatch(f_stage, b_stage, tp_comm, tp_exposed, cp_comm, cp_exposed, ep_comm)
 
 
 def _recompute_flops(m: ModelShape, lay: Layout) -> float:

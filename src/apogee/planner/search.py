@@ -93,8 +93,10 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                             continue
                         for sched in scheds:
                             if sched == "interleaved-1f1b":
+                                # Even chunks where pp divides the layers, else any depth with a layer a stage.
                                 vs = vals.get("virtual_stages") or [
-                                    v for v in _divisors(m.layers // pp) if 1 < v <= MAX_VIRTUAL]
+                                    v for v in range(2, MAX_VIRTUAL + 1)
+                                    if (m.layers // pp) % v == 0 or (m.layers % pp and pp * v <= m.layers)]
                             else:
                                 vs = [1]
                             for v in vs:
