@@ -122,6 +122,30 @@ def test_stack_and_compile_price_the_software_that_runs():
         _run("llama-1b", gpus=8, compile="yes")
 
 
+def test_megatron_llama_block_memory_by_hand():
+    """stack = "megatron" prices a Llama block as Megatron-LM keeps it (Korthikanti's accounting with
+    RMSNorm, GQA flash attention and SwiGLU): llama3-405b, tp 8, seq 8192, one sequence, bf16."""
+    from apogee.planner.memory import megatron_llama_activation_bytes
+    from apogee.planner.spec import shape_from_flavor
+
+    m = shape_from_flavor("llama3-405b")
+    sbh = 8192 * 16384
+    sharded = 2 + 4 * 8 / 128 + 2 + 2 * 128 / 16384 + 6 * 53248 / 16384  # q, k/v, out, lse, SwiGLU
+    sp = Layout(tp=8, sequence_parallel=True)
+    assert megatron_llama_activation_bytes(m, sp, micro_tokens=8192) == pytest.approx(sbh * (8 + sharded) / 8)
+    assert megatron_llama_activation_bytes(m, Layout(tp=8), micro_tokens=8192) == pytest.approx(sbh * (8 + sharded / 8))
+    assert megatron_llama_activation_bytes(m, Layout(tp=8, sequence_parallel=True, recompute="full"),
+                                           micro_tokens=8192) == pytest.approx(2 * sbh / 8)
+    # apogee's own block keeps the gathered norm outputs under SP: over twice Megatron's.
+    lay = Layout(tp=8, pp=16, dp=64, microbatch=1, virtual_stages=7, pp_schedule="interleaved-1f1b",
+                 sequence_parallel=True, zero=2)
+    run = {"model": {"flavor": "llama3-405b"}, "cluster": {"gpu": "h100-80gb", "gpus": 8192},
+           "train": {"global_batch": 2048}}
+    mega = estimate(run_from_dict({**run, "train": {"global_batch": 2048, "stack": "megatron"}}), lay).memory
+    own = estimate(run_from_dict(run), lay).memory
+    assert 2 * mega.activations < own.activations and mega.params == own.params
+
+
 def test_young_daly_interval():
     run = _run(gpus=64)
     e = estimate(run, Layout(tp=1, pp=1, dp=64, microbatch=1, zero=3))

@@ -135,7 +135,8 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     if run.stack == "apogee" and acc.engine_gemm_eff is not None:
         acc = _engine_accelerator(acc)
     eager = eager_regime(run, lay)
-    mem = memory or memory_per_gpu(m, lay, cl, global_batch=run.global_batch, precision=run.precision)
+    mem = memory or memory_per_gpu(m, lay, cl, global_batch=run.global_batch, precision=run.precision,
+                                   stack=run.stack)
     capacity = acc.mem_gib * GIB
 
     t, p, v, mb = lay.tp, lay.pp, lay.virtual_stages, lay.microbatch

@@ -200,6 +200,35 @@ def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: floa
     return sbh * per + weight_casts
 
 
+def megatron_llama_activation_bytes(m: ModelShape, lay: Layout, *, micro_tokens: float,
+                                    act_bytes: float = 2.0) -> float:
+    """Bytes one Llama block keeps per micro-batch in Megatron-LM (``stack = "megatron"``), by
+    Korthikanti 2022's accounting (Table 2, whose GPT count is 34 sbh / t under sequence parallelism)
+    applied to RMSNorm, rotary GQA attention with a flash kernel and SwiGLU, no dropout, in units of
+    sbh at 16 bits: the two norms' inputs (2 + 2), the QKV input (2), q (2), k and v (4 kv / heads), the
+    attention output (2) and the kernel's fp32 logsumexp (4 heads / hidden), the fc1 input (2), its gate
+    and up outputs (4 f / h), the SwiGLU output (2 f / h). With sequence parallelism everything is split
+    by tp: the norm outputs are kept sharded and re-gathered in backward (Korthikanti §4.2.2), unlike
+    apogee's DTensor Linears (activation_bytes_per_layer). Without it the norm inputs and the QKV and fc1
+    inputs are whole. Selective recompute re-runs the attention core, which a flash kernel does not
+    store: the same as none. Full: the block input."""
+    sbh = micro_tokens * m.hidden
+    t = lay.tp
+    if lay.recompute == "full":
+        return act_bytes * sbh / _sp_shard(lay)
+    f = (m.ffn_hidden if not m.moe_layers else m.moe_ffn_hidden * (m.top_k + m.shared_experts)) / m.hidden
+    sharded = 2 + 4 * m.kv_heads / m.heads + 2 + 2 * m.heads / m.hidden + 6 * f  # q, k/v, out, lse, MLP
+    whole = 2 + 2 + 2 + 2  # norm inputs, QKV input, fc1 input
+    units = (whole + sharded) / t if lay.sequence_parallel and t > 1 else whole + sharded / t
+    if m.moe_layers:
+        units += m.top_k / _sp_shard(lay)  # the token copies dispatched to experts
+    return act_bytes / 2 * sbh * units
+
+
+def _sp_shard(lay: Layout) -> int:
+    return lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
+
+
 def norm_activation_units(m: ModelShape, lay: Layout, act_bytes: float, autocast_linears: int = 0) -> float:
     """Bytes per token per hidden unit one apogee RMSNorm keeps for backward (see above); under autocast
     (``autocast_linears`` > 0) its fp32 input and output, and one bf16 cast per Linear reading it."""
@@ -267,26 +296,29 @@ def in_flight_microbatches(lay: Layout, n_micro: int, stage: str = "first") -> f
 
 
 def memory_per_gpu(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: int,
-                   precision: str = "bf16") -> MemoryBreakdown:
+                   precision: str = "bf16", stack: str = "apogee") -> MemoryBreakdown:
     """The breakdown of the most loaded pipeline stage: the first or the last, whichever totals more
     (the first on a tie; with ``pp == 1`` the one stage)."""
-    first = stage_memory(m, lay, cluster, global_batch=global_batch, precision=precision, stage="first")
+    kw = dict(global_batch=global_batch, precision=precision, stack=stack)
+    first = stage_memory(m, lay, cluster, stage="first", **kw)
     if lay.pp == 1:
         return first
-    last = stage_memory(m, lay, cluster, global_batch=global_batch, precision=precision, stage="last")
+    last = stage_memory(m, lay, cluster, stage="last", **kw)
     return last if last.total > first.total else first
 
 
 def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: int, precision: str = "bf16",
-                 stage: str = "first") -> MemoryBreakdown:
-    """Bytes on one rank of the ``stage`` ("first" or "last") pipeline stage."""
+                 stage: str = "first", stack: str = "apogee") -> MemoryBreakdown:
+    """Bytes on one rank of the ``stage`` ("first" or "last") pipeline stage, for ``stack``'s blocks
+    (apogee's own, or Megatron-LM's: ``megatron_llama_activation_bytes`` for its Llama blocks)."""
     nonexpert, experts = stage_params(m, lay, stage)
     shard_dp = lay.dp * lay.cp  # FSDP/ZeRO shard over the data and context axes (torchtitan's dp_shard x cp)
     ex_dp = max(1, shard_dp // lay.ep)
     w1, g1, o1 = zero_split(nonexpert, shard_dp, lay.zero)
     w2, g2, o2 = zero_split(experts, ex_dp, lay.zero)
     params, grads, opt = w1 + w2, g1 + g2, o1 + o2
-    autocast = engine_autocast(lay, precision)
+    megatron = stack == "megatron"
+    autocast = engine_autocast(lay, precision) and not megatron
     if precision == "fp32" or autocast:
         # fp32 weights (the engine on CPU, or under autocast without FSDP): 4-byte weights and grads, 8 bytes
         # of Adam moments and no master copy; the same 16 bytes per parameter, split differently.
@@ -297,24 +329,30 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
     n_micro = max(1, global_batch // (lay.dp * lay.microbatch))
     micro_tokens = lay.microbatch * m.seq_len / lay.cp
     act_bytes = 4.0 if precision == "fp32" else 2.0
-    per_layer = activation_bytes_per_layer(m, lay, micro_tokens=micro_tokens, act_bytes=act_bytes, autocast=autocast)
+    def layer_bytes(layout: Layout) -> float:
+        if megatron and m.mlp != "gelu":
+            return megatron_llama_activation_bytes(m, layout, micro_tokens=micro_tokens, act_bytes=act_bytes)
+        return activation_bytes_per_layer(m, layout, micro_tokens=micro_tokens, act_bytes=act_bytes, autocast=autocast)
+
+    per_layer = layer_bytes(lay)
     layers_here = sum(len(r) for r in rank_layer_ranges(m, lay, stage))
     acts = per_layer * layers_here * in_flight_microbatches(lay, n_micro, stage)
     has_output = lay.pp == 1 or stage == "last"
     # Transient peaks on top of what is kept: the loss' backward starts on the output stage, and under
     # full recompute the layer being recomputed holds its full activations during its backward; the
     # larger of the two (they do not overlap).
-    transient = loss_backward_bytes(m, lay, micro_tokens=micro_tokens) if has_output else 0.0
+    transient = loss_backward_bytes(m, lay, micro_tokens=micro_tokens) if has_output and not megatron else 0.0
     if lay.recompute == "full":
-        transient = max(transient, activation_bytes_per_layer(m, dataclasses.replace(lay, recompute="none"),
-                                                              micro_tokens=micro_tokens, act_bytes=act_bytes,
-                                                              autocast=autocast))
+        transient = max(transient, layer_bytes(dataclasses.replace(lay, recompute="none")))
     acts += transient
     if m.mlp == "gelu" and (lay.pp == 1 or stage == "first"):
         # Megatron keeps the embedding's dropout output (Korthikanti 2022 §4.3); apogee's embedding
         # output is the first block's input, counted there.
         acts += act_bytes * micro_tokens * m.hidden / (lay.tp if lay.sequence_parallel else 1)
-    head = head_activation_bytes(m, lay, micro_tokens=micro_tokens, act_bytes=act_bytes, autocast=autocast)
+    if megatron and m.mlp != "gelu":  # the fp32 log-softmax and the final RMSNorm's input
+        head = 4 * micro_tokens * m.vocab / lay.tp + act_bytes * micro_tokens * m.hidden / _sp_shard(lay)
+    else:
+        head = head_activation_bytes(m, lay, micro_tokens=micro_tokens, act_bytes=act_bytes, autocast=autocast)
     if lay.pp == 1:
         acts += head  # one micro-batch's (accumulation runs them in turn)
     elif stage == "last":

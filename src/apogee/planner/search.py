@@ -111,7 +111,7 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                                                 continue
                                             considered += 1
                                             mem = memory_per_gpu(m, lay, cl, global_batch=run.global_batch,
-                                                                 precision=run.precision)
+                                                                 precision=run.precision, stack=run.stack)
                                             if mem.total > capacity:
                                                 rejected += 1
                                                 if best_nonfit is None or mem.total < best_nonfit.memory.total:
