@@ -62,17 +62,19 @@ On a host with fewer cores than ranks (pp=4 on 2 cores) uncapped ranks compete f
 periods in the steady state (all ranks computing) are stretched and those in the fill and drain
 are not, which shrinks the neighbour waiting (``nbr w``) below the formula. ``--cpu-quota`` (default
 ``auto``) therefore puts each rank in a cgroup of its own with a CFS bandwidth quota of cores / pp
-(0.5 of a core each for pp=4 on 2 cores, 5 ms in every 10 ms period, ``--cpu-period-ms``): the ranks
-together never ask for more than the host has, so each behaves as a device of fixed speed, as a GPU
-does. (Periods of 1-2 ms, used before, made the capped ranks unequally slow: up to ~15% apart for the
-same work, which the zero-bubble schedules' small bubble cannot absorb.) It needs a writable cgroup
-hierarchy (root); without one, ``auto`` says so and runs uncapped. At the default ``--dim 256`` the
-schedule's own host work between actions (``other``) is a sizeable share; ``--dim 768`` makes compute
-dominate. What stays: on a shared virtual machine the same action's CPU time varies by +-20% from one
-call to the next even in a process alone (user time; keeping glibc's freed heap removes ~9 ms of page
-faults per dim-768 layer but not that, and made a rank abort at exit), so some actions run late and their successors wait; ``sim`` shows how much bubble that adds. Other jobs
-on the host stall ranks at random: those stalls land in ``comm`` (and in compute), and the figures move
-by a few points between runs. ``--dump PREFIX`` keeps the raw timestamps for such analysis.
+(0.5 of a core each for pp=4 on 2 cores, in ~1 ms slices; ``--cpu-period-ms`` for coarser ones): the
+ranks together never ask for more than the host has, so each behaves as a device of fixed speed, as a
+GPU does, nearly: short slices leave the capped ranks unequally slow (up to ~15% apart for the same
+work, which the zero-bubble schedules' small bubble cannot absorb), 10 ms slices equalise them but add
+per-action jitter (see DEFAULT_CPU_PERIOD_MS). It needs a writable cgroup hierarchy (root); without
+one, ``auto`` says so and runs uncapped. At the default ``--dim 256`` the schedule's own host work
+between actions (``other``) is a sizeable share; ``--dim 768`` makes compute dominate. What stays: on
+a shared virtual machine the same action's CPU time varies by +-20% from one call to the next even in
+a process alone (user time; keeping glibc's freed heap removes ~9 ms of page faults per dim-768 layer
+but not that, and made a rank abort at exit), so some actions run late and their successors wait;
+``sim`` shows how much bubble that adds. Other jobs on the host stall ranks at random: those stalls
+land in ``comm`` (and in compute), and the figures move by a few points between runs. ``--dump PREFIX``
+keeps the raw timestamps for such analysis.
 """
 
 from __future__ import annotations
@@ -366,12 +368,15 @@ def xfer(steps_stats: list) -> str:
     return f"{statistics.median(r) * 1e3:5.2f} /{statistics.median(s) * 1e3:5.2f}" if r and s else "-".rjust(12)
 
 
-# CFS bandwidth period: a capped rank runs share x period, then waits for the next period. Measured here
-# (4 ranks at 0.5 core on 2 cores, a matmul loop with pauses): 1-2 ms periods cost each rank 20-40% of its
-# throughput in switches and cache refills, unequally (40-56 matmuls/s against 72 expected, differing by
-# ~25% between ranks, which is device heterogeneity the bubble theory does not have); 10 ms periods give
-# 68-69 each. Coarser periods lengthen the burst a rank may run at full speed after an idle wait.
-DEFAULT_CPU_PERIOD_MS = 10.0
+# CFS bandwidth period: a capped rank runs share x period, then waits for the next period (the kernel's
+# shortest period is 1 ms, and with share 0.5 the effective period here is 2 ms). Measured here (4 ranks
+# at 0.5 core on 2 cores, a matmul loop with pauses): short periods cost each rank 20-40% of its
+# throughput in switches and cache refills, unequally (40-56 matmuls/s against 72 expected); 10 ms
+# periods give 68-69 each. But a 10 ms period runs an action in 5 ms bursts (and a woken rank may burst
+# at full speed), which adds per-action jitter: on this machine the 1F1B family measured closer to its
+# theory at 1 ms (gpipe 2-7%, 1f1b 2-5%, interleaved 1-16% over three runs) than at 10 ms (gpipe 8-14%,
+# 1f1b 1-6%, interleaved 15-18%), and the zero-bubble family missed at both. 1 ms stays the default.
+DEFAULT_CPU_PERIOD_MS = 1.0
 CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/cpu")  # cgroup v2, then v1's cpu controller
 
 
@@ -519,7 +524,7 @@ def main() -> None:
                         "can be written, so that ranks never compete for cores")
     parser.add_argument("--cpu-period-ms", type=float, default=DEFAULT_CPU_PERIOD_MS,
                         help="CFS period of the quota: a capped rank runs quota x period, then waits (default "
-                        f"{DEFAULT_CPU_PERIOD_MS:g}; 1-2 ms periods make the ranks unequally slow)")
+                        f"{DEFAULT_CPU_PERIOD_MS:g}; 10 makes the ranks equally fast on average but jitterier)")
     parser.add_argument("--dump", default="", metavar="PREFIX",
                         help="also write each schedule's raw timestamps to PREFIX.<schedule>.json: per rank, per "
                         "timed step, (compute actions [kind, stage, micro-batch, start, end], p2p ops)")
