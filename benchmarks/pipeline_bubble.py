@@ -58,23 +58,24 @@ the costs it really had, unequal stages and ranks of unequal speed included (med
 is a diagnostic, the verdict is against the theory, as the criterion asks:
 |mean idle - (theory + comm)| / (theory + comm) <= 10%.
 
-On a host with fewer cores than ranks (pp=4 on 2 cores) uncapped ranks compete for cores: busy
-periods in the steady state (all ranks computing) are stretched and those in the fill and drain
-are not, which shrinks the neighbour waiting (``nbr w``) below the formula. ``--cpu-quota`` (default
-``auto``) therefore puts each rank in a cgroup of its own with a CFS bandwidth quota of cores / pp
-(0.5 of a core each for pp=4 on 2 cores, in ~1 ms slices; ``--cpu-period-ms`` for coarser ones): the
-ranks together never ask for more than the host has, so each behaves as a device of fixed speed, as a
-GPU does, nearly: short slices leave the capped ranks unequally slow (up to ~15% apart for the same
-work, which the zero-bubble schedules' small bubble cannot absorb), 10 ms slices equalise them but add
-per-action jitter (see DEFAULT_CPU_PERIOD_MS). It needs a writable cgroup hierarchy (root); without
-one, ``auto`` says so and runs uncapped. At the default ``--dim 256`` the schedule's own host work
-between actions (``other``) is a sizeable share; ``--dim 768`` makes compute dominate. What stays: on
-a shared virtual machine the same action's CPU time varies by +-20% from one call to the next even in
-a process alone (user time; keeping glibc's freed heap removes ~9 ms of page faults per dim-768 layer
-but not that, and made a rank abort at exit), so some actions run late and their successors wait;
-``sim`` shows how much bubble that adds. Other jobs on the host stall ranks at random: those stalls
-land in ``comm`` (and in compute), and the figures move by a few points between runs. ``--dump PREFIX``
-keeps the raw timestamps for such analysis.
+On a host with fewer cores than ranks (pp=4 on 2 cores) uncapped ranks compete for cores: busy periods
+in the steady state (all ranks computing) are stretched and those in the fill and drain are not, which
+shrinks the neighbour waiting (``nbr w``) below the formula. ``--cpu-quota`` (default ``auto``)
+therefore puts each rank in a cgroup of its own with a CFS bandwidth quota of cores / pp (0.5 of a core
+each for pp=4 on 2 cores, 5 ms in every 10 ms, ``--cpu-period-ms``): the ranks together never ask for
+more than the host has, so each behaves as a device of fixed speed, as a GPU does, nearly: 1-2 ms
+periods leave the capped ranks unequally slow (up to ~15% apart for the same work), 10 ms ones equalise
+them (see DEFAULT_CPU_PERIOD_MS). It needs a writable cgroup hierarchy (root); without one, ``auto``
+says so and runs uncapped. At the default ``--dim 256`` the schedule's own host work between actions
+(``other``) is a sizeable share; ``--dim 768`` makes compute dominate. What stays: on a shared virtual
+machine the same action's CPU time varies by +-20% from one call to the next even in a process alone
+(user time; keeping glibc's freed heap removes ~9 ms of page faults per dim-768 layer but not that, and
+made a rank abort at exit), so some actions run late and their successors wait; ``sim`` shows how much
+bubble that adds, and ``noisy`` what equal devices with that spread would give (_noisy_equal_devices):
+measured idle is within 4-14% of noisy + comm for every schedule, the zero-bubble family included, where
+it is 50-80% from theory + comm. Other jobs on the host stall ranks at random: those stalls land in
+``comm`` (and in compute), and the figures move by a few points between runs. ``--dump PREFIX`` keeps
+the raw timestamps for such analysis.
 """
 
 from __future__ import annotations
@@ -352,6 +353,34 @@ def _simulate(orders: list, cost, n_stages: int) -> list[float]:
     return [1 - b / span for b in busy]
 
 
+def _noisy_equal_devices(logs: list, orders: list, n_stages: int, trials: int = 200, seed: int = 0) -> float:
+    """Expected bubble of the executed orders on equal devices whose action times vary as measured.
+
+    Each action's measured duration is divided by its rank's mean for that kind (removing which rank
+    was faster) and scaled by the mean over all ranks; each trial draws every action's duration from
+    that pool (by kind, the first stage's apart: its input-gradient half is empty) and replays the
+    orders with free communication. The mean idle over trials: what the theory becomes once the
+    devices are as noisy as these, and no more unequal than the theory's."""
+    import random
+
+    by_rank = defaultdict(list)
+    for r, rank_logs in enumerate(logs):
+        for comp, *_ in rank_logs:
+            for kind, stage, _, s, e in comp:
+                by_rank[r, kind, stage == 0].append(e - s)
+    overall = defaultdict(list)
+    for (_, kind, first), xs in by_rank.items():
+        overall[kind, first].extend(xs)
+    pool = defaultdict(list)
+    for (r, kind, first), xs in by_rank.items():
+        mean_r, mean_all = statistics.mean(xs), statistics.mean(overall[kind, first])
+        pool[kind, first].extend(x / mean_r * mean_all if mean_r else x for x in xs)
+    rng = random.Random(seed)
+    idle = [statistics.mean(_simulate(orders, lambda k, st, mb: rng.choice(pool[k, st == 0]), n_stages))
+            for _ in range(trials)]
+    return statistics.mean(idle)
+
+
 # The costs the theory assumes: every stage's forward, input-gradient and weight-gradient halves equal
 # (a full backward is both), the loss free.
 def unit_cost(kind: str, stage: int, mb: int) -> float:
@@ -369,14 +398,15 @@ def xfer(steps_stats: list) -> str:
 
 
 # CFS bandwidth period: a capped rank runs share x period, then waits for the next period (the kernel's
-# shortest period is 1 ms, and with share 0.5 the effective period here is 2 ms). Measured here (4 ranks
-# at 0.5 core on 2 cores, a matmul loop with pauses): short periods cost each rank 20-40% of its
+# shortest period is 1 ms; with share 0.5 that made an effective 2 ms period here). Measured here (4
+# ranks at 0.5 core on 2 cores, a matmul loop with pauses): short periods cost each rank 20-40% of its
 # throughput in switches and cache refills, unequally (40-56 matmuls/s against 72 expected); 10 ms
-# periods give 68-69 each. But a 10 ms period runs an action in 5 ms bursts (and a woken rank may burst
-# at full speed), which adds per-action jitter: on this machine the 1F1B family measured closer to its
-# theory at 1 ms (gpipe 2-7%, 1f1b 2-5%, interleaved 1-16% over three runs) than at 10 ms (gpipe 8-14%,
-# 1f1b 1-6%, interleaved 15-18%), and the zero-bubble family missed at both. 1 ms stays the default.
-DEFAULT_CPU_PERIOD_MS = 1.0
+# periods give 68-69 each, and in the pipeline ~30% shorter actions with less spread between ranks.
+# Coarser slices add some per-action jitter (a woken rank may burst). Against the theory the two
+# periods scored alike in this session's runs (2026-11-27, dim 768, rel. error: gpipe 10% at 1 ms vs
+# 8-14% at 10 ms, 1f1b 2-6% vs 1-6%, interleaved 23% vs 10-18%, the zero-bubble family 53-87% vs
+# 49-83%); 10 ms is the default for its equal ranks.
+DEFAULT_CPU_PERIOD_MS = 10.0
 CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/cpu")  # cgroup v2, then v1's cpu controller
 
 
@@ -466,6 +496,7 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
             took = {(c[0], c[1], c[2]): c[4] - c[3] for r in range(world) for c in logs[r][s][0]}
             sim.append(statistics.mean(_simulate(orders, lambda k, st, mb: took[k, st, mb], world * v)))
         th = statistics.mean(_simulate(orders, unit_cost, world * v))  # the schedule's own bubble
+        noisy = _noisy_equal_devices(logs, orders, world * v)
         comm_mean = statistics.mean(comm) if comm is not None else None
         cells = [f"{schedule:17}", f"{v:>1}", " ".join(f"{x:5.3f}" for x in idle).rjust(6 * world), f"{mean:5.3f}",
                  " n/a " if formula is None else f"{formula:5.3f}"]
@@ -483,7 +514,9 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
             f"{schedule:17}", fbw, f"{statistics.mean(p2p):5.3f}",
             f"{statistics.mean(p2p) - (comm_mean or 0):5.3f}",
             f"{mean - statistics.mean(p2p):6.3f}", f"{statistics.mean(est):5.3f}",
-            f"{statistics.median(sim):5.3f}", f"{statistics.mean(statistics.mean(s['msgs']) for s in steps_stats):4.0f}",
+            f"{statistics.median(sim):5.3f}", f"{noisy:5.3f}",
+            "  n/a " if comm_mean is None else f"{abs(mean - noisy - comm_mean) / (noisy + comm_mean):6.1%}",
+            f"{statistics.mean(statistics.mean(s['msgs']) for s in steps_stats):4.0f}",
             xfer(steps_stats),
             f"{statistics.median(s['span'] for s in steps_stats):6.3f}"]))
         # Each schedule's figures as soon as they exist: a later schedule that fails keeps them.
@@ -495,7 +528,8 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
         print("\n".join(rows))
         print()
         print("  ".join(["schedule".ljust(17), "    F     B     I     W     L (ms per micro-batch and chunk)",
-                         "  p2p", "nbr w", " other", "pp est", "  sim", "msgs", "recv/send ms", "step s"]))
+                         "  p2p", "nbr w", " other", "pp est", "  sim", "noisy", "vs n+c", "msgs", "recv/send ms",
+                         "step s"]))
         print("\n".join(diag))
         print("idle = 1 - compute / span; comm = measured transfer part of p2p (timestamps, see the docstring); "
               "formula = the paper's bubble;\ntheor = the bubble of the schedule's own action order with every "
@@ -503,7 +537,9 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
               "neighbour, other = idle - p2p (schedule overhead); pp est = min ping-pong time x messages / span;\n"
               "recv/send ms = median measured transfer part of one received / sent message; "
               "sim = bubble of the executed orders replayed with each action's measured duration and free "
-              "communication (median over steps); "
+              "communication (median over steps); noisy = the expected bubble of these orders on equal devices "
+              "whose action times vary as measured (see _noisy_equal_devices); vs n+c = |mean idle - (noisy + comm)| "
+              "/ (noisy + comm);\n"
               "msgs = p2p messages per rank per step; all fractions are means over ranks", flush=True)
     dist.destroy_process_group()
 
@@ -524,7 +560,7 @@ def main() -> None:
                         "can be written, so that ranks never compete for cores")
     parser.add_argument("--cpu-period-ms", type=float, default=DEFAULT_CPU_PERIOD_MS,
                         help="CFS period of the quota: a capped rank runs quota x period, then waits (default "
-                        f"{DEFAULT_CPU_PERIOD_MS:g}; 10 makes the ranks equally fast on average but jitterier)")
+                        f"{DEFAULT_CPU_PERIOD_MS:g}; 1-2 ms periods leave the ranks unequally slow)")
     parser.add_argument("--dump", default="", metavar="PREFIX",
                         help="also write each schedule's raw timestamps to PREFIX.<schedule>.json: per rank, per "
                         "timed step, (compute actions [kind, stage, micro-batch, start, end], p2p ops)")
