@@ -11,6 +11,8 @@ from apogee.models.flavors import ModelArgs, get_flavor
 from apogee.models.llama import Transformer
 from apogee.parallel.pipeline import split_layers, split_model
 from apogee.planner.cluster import GIB, Cluster, get_accelerator
+from apogee.planner.errors import PlannerError
+from apogee.planner.estimate import estimate, rank_layer_counts
 from apogee.planner.memory import (
     activation_bytes_per_layer,
     in_flight_microbatches,
@@ -19,7 +21,7 @@ from apogee.planner.memory import (
     stage_memory,
     stage_params,
 )
-from apogee.planner.spec import Layout, ModelShape, shape_from_args, shape_from_flavor
+from apogee.planner.spec import Layout, ModelShape, run_from_dict, shape_from_args, shape_from_flavor
 
 H100 = Cluster(accel=get_accelerator("h100-80gb"), gpus=8, gpus_per_node=8)
 
@@ -156,9 +158,6 @@ def test_single_stage_memory_by_hand(tie):
 
 # -- step time: each pp rank's own blocks ------------------------------------------------------------
 def _timed(flavor: str, stack: str, layers: int | None = None, **layout):
-    from apogee.planner.estimate import estimate, rank_layer_counts
-    from apogee.planner.spec import run_from_dict
-
     model = {"flavor": flavor} if layers is None else {**_shape_keys(flavor), "layers": layers}
     run = run_from_dict({"model": model, "cluster": {"gpu": "h100-80gb", "gpus": 128},
                          "train": {"global_batch": 64, "stack": stack}})
@@ -190,6 +189,5 @@ def test_a_pipeline_that_does_not_divide_the_layers_is_priced_between_its_neighb
     _, fewer = _timed("llama3-405b", "megatron", layers=112, **lay)  # 7 a stage
     _, more = _timed("llama3-405b", "megatron", layers=128, **lay)  # 8 a stage
     assert fewer.step_time_s < uneven.step_time_s < more.step_time_s
-    from apogee.planner.errors import PlannerError
     with pytest.raises(PlannerError, match="layout.pp x layout.virtual_stages = 128 pipeline stages"):
         _timed("llama3-405b", "megatron", **{**lay, "pp": 128, "tp": 1})

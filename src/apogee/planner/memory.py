@@ -202,22 +202,22 @@ def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: floa
 
 def megatron_llama_activation_bytes(m: ModelShape, lay: Layout, *, micro_tokens: float,
                                     act_bytes: float = 2.0) -> float:
-    """Bytes one Llama block keeps per micro-batch in Megatron-LM (``stack = "megatron"``), by
-    Korthikanti 2022's accounting (Table 2, whose GPT count is 34 sbh / t under sequence parallelism)
-    applied to RMSNorm, rotary GQA attention with a flash kernel and SwiGLU, no dropout, in units of
-    sbh at 16 bits: the two norms' inputs (2 + 2), the QKV input (2), q (2), k and v (4 kv / heads), the
-    attention output (2) and the kernel's fp32 logsumexp (4 heads / hidden), the fc1 input (2), its gate
-    and up outputs (4 f / h), the SwiGLU output (2 f / h). With sequence parallelism everything is split
-    by tp: the norm outputs are kept sharded and re-gathered in backward (Korthikanti §4.2.2), unlike
+    """Bytes one Llama block keeps per micro-batch in Megatron-LM (``stack = "megatron"``), by Korthikanti
+    2022's accounting (Table 2, whose GPT count is 34 sbh / t under sequence parallelism) applied to
+    RMSNorm, rotary GQA attention with a flash kernel and SwiGLU, no dropout, in bytes per token per hidden
+    unit at 16-bit activations: the two norms' inputs (2 + 2), the QKV input (2), q (2), k and v (4 kv /
+    heads), the attention output (2) and the kernel's fp32 logsumexp (4 heads / hidden), the fc1 input (2),
+    its gate and up outputs (4 f / h), the SwiGLU output (2 f / h). With sequence parallelism everything is
+    split by tp: the norm outputs are kept sharded and re-gathered in backward (Korthikanti §4.2.2), unlike
     apogee's DTensor Linears (activation_bytes_per_layer). Without it the norm inputs and the QKV and fc1
-    inputs are whole. Selective recompute re-runs the attention core, which a flash kernel does not
-    store: the same as none. Full: the block input."""
+    inputs are whole. Selective recompute re-runs the attention core, which a flash kernel does not store:
+    the same as none. Full: the block input."""
     sbh = micro_tokens * m.hidden
     t = lay.tp
     if lay.recompute == "full":
         return act_bytes * sbh / _sp_shard(lay)
     f = (m.ffn_hidden if not m.moe_layers else m.moe_ffn_hidden * (m.top_k + m.shared_experts)) / m.hidden
-    sharded = 2 + 4 * m.kv_heads / m.heads + 2 + 2 * m.heads / m.hidden + 6 * f  # q, k/v, out, lse, MLP
+    sharded = 2 + 4 * m.kv_heads / m.heads + 2 + 4 * m.heads / m.hidden + 6 * f  # q, k/v, out, lse, MLP
     whole = 2 + 2 + 2 + 2  # norm inputs, QKV input, fc1 input
     units = (whole + sharded) / t if lay.sequence_parallel and t > 1 else whole + sharded / t
     if m.moe_layers:
@@ -329,10 +329,12 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
     n_micro = max(1, global_batch // (lay.dp * lay.microbatch))
     micro_tokens = lay.microbatch * m.seq_len / lay.cp
     act_bytes = 4.0 if precision == "fp32" else 2.0
+
     def layer_bytes(layout: Layout) -> float:
         if megatron and m.mlp != "gelu":
             return megatron_llama_activation_bytes(m, layout, micro_tokens=micro_tokens, act_bytes=act_bytes)
-        return activation_bytes_per_layer(m, layout, micro_tokens=micro_tokens, act_bytes=act_bytes, autocast=autocast)
+        return activation_bytes_per_layer(m, layout, micro_tokens=micro_tokens, act_bytes=act_bytes,
+                                          autocast=autocast)
 
     per_layer = layer_bytes(lay)
     layers_here = sum(len(r) for r in rank_layer_ranges(m, lay, stage))
