@@ -192,10 +192,11 @@ def cmd_plan(args) -> int:
                           "ranked": [e.to_json() for e in res.ranked]}, indent=1))
         return 0
     print(f"searched {res.considered} layouts in {dt:.2f} s ({res.rejected_memory} over memory)\n")
-    print(f"{'#':>2}  {'layout':<52}{'step s':>9}{'tok/s/GPU':>11}{'MFU':>7}{'GiB':>7}{'bubble':>8}{'goodput':>9}")
+    print(f"{'#':>2}  {'layout':<52}{'step s':>9}{'tok/s/GPU':>11}{'MFU':>7}{'GiB':>7}{'bubble':>8}{'goodput':>9}"
+          f"{'J/token':>9}")
     for i, e in enumerate(res.ranked, 1):
         print(f"{i:>2}  {e.layout.short():<52}{e.step_time_s:>9.3f}{e.tokens_per_s_per_gpu:>11,.0f}{e.mfu:>7.1%}"
-              f"{e.memory.total / GIB:>7.1f}{e.bubble_fraction:>8.1%}{e.goodput:>9.1%}")
+              f"{e.memory.total / GIB:>7.1f}{e.bubble_fraction:>8.1%}{e.goodput:>9.1%}{e.energy_j_per_token:>9.3g}")
     best = res.ranked[0]
     print("\nwhy #1:")
     for line in _reasons(best, res.ranked[1:]):
