@@ -73,7 +73,7 @@ machine the same action's CPU time varies by +-20% from one call to the next eve
 made a rank abort at exit), so some actions run late and their successors wait; ``sim`` shows how much
 bubble that adds, and ``noisy`` what equal devices with that spread would give (_noisy_equal_devices):
 measured idle is within 4-14% of noisy + comm for every schedule, the zero-bubble family included, where
-it is 50-80% from theory + comm. Other jobs on the host stall ranks at random: those stalls land in
+it is 50-85% from theory + comm. Other jobs on the host stall ranks at random: those stalls land in
 ``comm`` (and in compute), and the figures move by a few points between runs. ``--dump PREFIX`` keeps
 the raw timestamps for such analysis.
 """
@@ -85,6 +85,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -361,8 +362,6 @@ def _noisy_equal_devices(logs: list, orders: list, n_stages: int, trials: int = 
     that pool (by kind, the first stage's apart: its input-gradient half is empty) and replays the
     orders with free communication. The mean idle over trials: what the theory becomes once the
     devices are as noisy as these, and no more unequal than the theory's."""
-    import random
-
     by_rank = defaultdict(list)
     for r, rank_logs in enumerate(logs):
         for comp, *_ in rank_logs:
