@@ -191,3 +191,14 @@ def test_a_pipeline_that_does_not_divide_the_layers_is_priced_between_its_neighb
     assert fewer.step_time_s < uneven.step_time_s < more.step_time_s
     with pytest.raises(PlannerError, match="layout.pp x layout.virtual_stages = 128 pipeline stages"):
         _timed("llama3-405b", "megatron", **{**lay, "pp": 128, "tp": 1})
+
+
+def test_search_considers_power_of_two_pipelines_that_do_not_divide_the_layers():
+    from apogee.planner.search import candidate_values
+
+    def pp(gpus):
+        run = run_from_dict({"model": {"flavor": "llama3-405b"}, "cluster": {"gpu": "h100-80gb", "gpus": gpus}})
+        return candidate_values(run)["pp"]
+
+    assert pp(8192) == [1, 2, 4, 8, 16, 32, 64]  # 126 layers: only 1 and 2 divide both
+    assert pp(1344) == [1, 2, 3, 4, 6, 7, 8, 14, 16, 21, 32, 42, 64]  # 1344 = 2^6 x 3 x 7

@@ -42,7 +42,10 @@ def candidate_values(run: RunSpec, choices: dict | None = None) -> dict[str, lis
     g = cl.gpus
     vals: dict[str, list] = {
         "tp": [d for d in _divisors(min(g, cl.gpus_per_node)) if m.heads % d == 0 and g % d == 0],
-        "pp": [d for d in _divisors(m.layers) if g % d == 0],
+        # Divisors of the layers (even stages), and powers of two, which need not divide them (the engine's
+        # balanced split; e.g. Llama 3 405B's 126 layers on pp = 16).
+        "pp": sorted(d for d in set(_divisors(m.layers)) | {2**k for k in range(m.layers.bit_length())}
+                     if d <= m.layers and g % d == 0),
         "cp": [d for d in _divisors(g) if d == 1 or (m.seq_len % (2 * d) == 0 and m.seq_len // d >= 1024)],
         "ep": [d for d in _divisors(m.experts) if g % d == 0] if m.experts else [1],
         "pp_schedule": ["1f1b", "interleaved-1f1b", "zero-bubble"],
