@@ -26,9 +26,9 @@ flavor's plans are filtered by apogee's own validation, and these are other stac
 
 Each row is printed twice: with the planner's own choices (its memory model decides recompute) and
 with recompute pinned to none, fitting or not, which separates the time model from that choice. The
-FLOP basis of the published TFLOP/s is not stated in either source: the table gives the planner's
-model FLOPs (attention over the full s x s, as Megatron-LM counts it) and, in the last column, the
-error if causal attention is counted as half.
+predictions are in the planner's model FLOPs (attention over the full s x s, as Megatron-LM counts
+it). NeMo's table uses that basis (its tokens/s/GPU times these FLOPs per token give its TFLOP/s);
+Meta's does not say, so the last column gives the error if causal attention is counted as half.
 """
 
 from __future__ import annotations
