@@ -20,8 +20,9 @@ flavor's plans are filtered by apogee's own validation, and these are other stac
        16,384   8  16  16   8  131,072  380 (38%)
 
 2. NVIDIA NeMo 24.12's pre-training table (docs.nvidia.com/nemo-framework/user-guide/24.12, "Performance
-   Benchmarks"; NeMo trains with Megatron-Core): DGX-H100, FP8, the Llama rows, with their GBS, MBS,
-   sequence length, TP, PP, CP and VP (virtual stages); the distributed optimizer (`zero = 1`) with
+   Benchmarks"; NeMo trains with Megatron-Core): DGX-H100, FP8, the Llama and GPT-3 175B rows (its GPT-3
+   5B/20B and Nemotron shapes are not stated there), with their GBS, MBS, sequence length, TP, PP, CP
+   and VP (virtual stages); the distributed optimizer (`zero = 1`) with
    overlapped gradient reduction and TP communication as in the published H100 rows.
 
 Each row is printed twice: with the planner's own choices (its memory model decides recompute) and
@@ -49,6 +50,10 @@ LLAMA3_8B = {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 8, "ffn_hidd
 LLAMA2_70B = {"layers": 80, "hidden": 8192, "heads": 64, "kv_heads": 8, "ffn_hidden": 28672, "vocab": 32000}
 LLAMA2_13B = {"layers": 40, "hidden": 5120, "heads": 40, "kv_heads": 40, "ffn_hidden": 13824, "vocab": 32000}
 LLAMA2_7B = {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 32, "ffn_hidden": 11008, "vocab": 32000}
+# GPT-3 175B (Brown et al. 2020, Table 2.1), tied embeddings; the padded GPT-2 vocabulary is not stated (the
+# predictions move by < 0.1% between 50304 and 51200).
+GPT3_175B = {"layers": 96, "hidden": 12288, "heads": 96, "kv_heads": 96, "ffn_hidden": 49152, "vocab": 50304,
+             "mlp": "gelu", "tie_embeddings": True}
 META_TOKENS = 16 * 2**20  # "16M" tokens per batch
 
 # (source, model, shape, precision, gpus, global batch, micro-batch or None, seq, tp, pp, cp, vp or None,
@@ -63,6 +68,8 @@ ROWS = [
     ("NeMo", "Llama 2 7B", LLAMA2_7B, "fp8", 8, 128, 1, 4096, 1, 1, 1, 1, 1, 780.0),
     ("NeMo", "Llama 2 13B", LLAMA2_13B, "fp8", 16, 128, 1, 4096, 1, 4, 1, 10, 1, 760.0),
     ("NeMo", "Llama 2 70B", LLAMA2_70B, "fp8", 64, 128, 1, 4096, 4, 4, 1, 20, 1, 768.0),
+    ("NeMo", "GPT-3 175B", GPT3_175B, "fp8", 128, 256, 1, 2048, 4, 8, 1, 6, 1, 771.0),
+    ("NeMo", "GPT-3 175B", GPT3_175B, "fp8", 512, 2048, 2, 2048, 4, 8, 1, 6, 1, 888.0),
 ]
 
 

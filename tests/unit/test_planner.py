@@ -295,7 +295,7 @@ def test_heldout_published_runs(capsys):
     never skipped). Recorded figures (docs/planner.md, "Held out"), guarding against regressions. Meta's
     Llama 3 405B: given no recompute the time model is within 6% on the two 8K rows, but the planner's
     own choice there is full recompute (its memory model puts no recompute 2.4 GiB over), 28% low.
-    NeMo 24.12's FP8 Llama rows: every one within 10%, mean under 3%."""
+    NeMo 24.12's FP8 rows: the five Llama ones within 10%, mean under 3%; GPT-3 175B -3% and -12%."""
     spec = importlib.util.spec_from_file_location("planner_heldout", ROOT / "benchmarks" / "planner_heldout.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -303,13 +303,17 @@ def test_heldout_published_runs(capsys):
     rows = json.loads(capsys.readouterr().out)
     meta = [r for r in rows if r["source"] == "Meta"]
     nemo = [r for r in rows if r["source"] == "NeMo" and not r["recompute_pinned"]]
-    assert len(meta) == 6 and len(nemo) == 5 and all(r["layout"].startswith("tp8 pp16") for r in meta)
+    assert len(meta) == 6 and len(nemo) == 7 and all(r["layout"].startswith("tp8 pp16") for r in meta)
     chosen, no_recompute = meta[0::2], meta[1::2]
     assert all(abs(r["error_pct"]) <= 6.0 for r in no_recompute[:2])
     assert all("rc:full" in r["layout"] and r["fits"] for r in chosen)
     assert abs(chosen[2]["error_pct"]) <= 3.0  # 128K, cp16
-    assert all(r["fits"] and abs(r["error_pct"]) <= 10.0 for r in nemo)
-    assert sum(abs(r["error_pct"]) for r in nemo) / len(nemo) <= 3.0
+    llama, gpt3 = nemo[:5], nemo[5:]
+    assert all(r["fits"] and abs(r["error_pct"]) <= 10.0 for r in llama)
+    assert sum(abs(r["error_pct"]) for r in llama) / len(llama) <= 3.0
+    # GPT-3 175B: 128 GPUs (micro-batch 1) within 5%; 512 GPUs (micro-batch 2) 12% low, the GEMM-size
+    # effect the published H100 rows show too (docs/planner.md).
+    assert abs(gpt3[0]["error_pct"]) <= 5.0 and -15.0 <= gpt3[1]["error_pct"] < -10.0
 
 
 def test_published_rows_embedding_tying_matches_their_parameter_counts():
