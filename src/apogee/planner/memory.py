@@ -136,6 +136,11 @@ def engine_autocast(lay: Layout, precision: str) -> bool:
     return precision == "bf16" and lay.zero >= 3 and lay.dp * lay.cp == 1
 
 
+def _sp_shard(lay: Layout) -> int:
+    """How many ways sequence parallelism splits the h-wide activations (the norms, the residual)."""
+    return lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
+
+
 def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: float, act_bytes: float = 2.0,
                                autocast: bool = False) -> float:
     """Bytes of stored activations for one layer and one micro-batch of ``micro_tokens`` tokens (per CP
@@ -177,7 +182,7 @@ def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: floa
     if m.mlp == "gelu":
         return act_bytes / 2 * _korthikanti_gpt(m, lay, sbh, t, sp)
     a = act_bytes
-    norm_shard = t if sp else 1
+    norm_shard = _sp_shard(lay)
     block_input = 4.0 if autocast else a  # the residual stream: fp32 under autocast
     if lay.recompute == "full":
         return block_input * sbh / norm_shard  # the block input only
@@ -225,14 +230,10 @@ def megatron_llama_activation_bytes(m: ModelShape, lay: Layout, *, micro_tokens:
     return act_bytes / 2 * sbh * units
 
 
-def _sp_shard(lay: Layout) -> int:
-    return lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
-
-
 def norm_activation_units(m: ModelShape, lay: Layout, act_bytes: float, autocast_linears: int = 0) -> float:
     """Bytes per token per hidden unit one apogee RMSNorm keeps for backward (see above); under autocast
     (``autocast_linears`` > 0) its fp32 input and output, and one bf16 cast per Linear reading it."""
-    norm_shard = lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
+    norm_shard = _sp_shard(lay)
     if autocast_linears:
         return (4 + 4 + 4 / m.hidden) / norm_shard + 2 * autocast_linears
     return (4 + act_bytes + 4 / m.hidden) / norm_shard + act_bytes
@@ -350,7 +351,7 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
     if m.mlp == "gelu" and (lay.pp == 1 or stage == "first"):
         # Megatron keeps the embedding's dropout output (Korthikanti 2022 §4.3); apogee's embedding
         # output is the first block's input, counted there.
-        acts += act_bytes * micro_tokens * m.hidden / (lay.tp if lay.sequence_parallel else 1)
+        acts += act_bytes * micro_tokens * m.hidden / _sp_shard(lay)
     if megatron and m.mlp != "gelu":  # the fp32 log-softmax and the final RMSNorm's input
         head = 4 * micro_tokens * m.vocab / lay.tp + act_bytes * micro_tokens * m.hidden / _sp_shard(lay)
     else:
