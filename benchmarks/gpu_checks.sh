@@ -1,11 +1,14 @@
 #!/bin/bash
-# Every check that needs a GPU machine, in one run (a lent machine's minutes are few):
+# Every check that needs a GPU machine, in one run of about 6 minutes (a lent machine has 15 minutes in all):
 #   bash benchmarks/gpu_checks.sh OUT_DIR
-# GPU timing runs alone on the GPU (cores 0-3); the CPU pipeline bubble runs meanwhile on cores 8-15
-# (4 single-threaded gloo ranks); then the CUDA tests, the README's default `apogee train`, and the
-# step profile. Each part writes its own log under OUT_DIR and its failure does not stop the others.
+# GPU timing runs alone on the GPU (cores 0-3): one GPT layer per published H100 shape against the planner,
+# the engine's one-GPU runs against the planner, one step's kernel profile. Meanwhile the CPU pipeline
+# bubble runs on cores 4-15 (4 single-threaded gloo ranks, each with a core of its own and spare cores for
+# gloo's threads). Then the CUDA tests and the README's default `apogee train` side by side. Each part
+# writes its own log under OUT_DIR and its failure does not stop the others.
 # Run from the repository root; apogee is taken from src/ (its dependencies, tomli-w included, must be
-# importable: pip install -e . where the machine allows, else wheels on PYTHONPATH).
+# importable: pip install -e . where the machine allows, else wheels on PYTHONPATH). CSV= names the
+# published runs when ../shared is not beside the checkout.
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -14,14 +17,15 @@ export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" >> "$OUT/timeline.txt"; }
 CSV=${CSV:-../shared/planner/published-runs.csv}
-(taskset -c 8-15 timeout 300 python3 benchmarks/pipeline_bubble.py --pp 4 --dim 768 > "$OUT/bubble.txt" 2>&1; stamp "bubble rc $?") &
-taskset -c 0-3 timeout 150 python3 benchmarks/gemm_table.py --csv "$CSV" --engine-configs --reps 10 \
-    --out "$OUT/gemm.json" > "$OUT/gemm.log" 2>&1; stamp "gemm rc $?"
-taskset -c 0-3 timeout 240 python3 benchmarks/planner_vs_measured_gpu.py --out "$OUT/engine-runs.json" \
-    --gemm-table "$OUT/gemm.json" > "$OUT/engine-runs.log" 2>&1; stamp "engine runs rc $?"
-taskset -c 0-3 timeout 120 python3 benchmarks/gpu_step_profile.py --only "llama-1b mb4,llama3-8b" \
+(taskset -c 4-15 timeout 330 python3 benchmarks/pipeline_bubble.py --pp 4 --dim 768 --steps 6 \
+    --dump "$OUT/bubble" > "$OUT/bubble.txt" 2>&1; stamp "bubble rc $?") &
+taskset -c 0-3 timeout 75 python3 benchmarks/gpu_layer_shapes.py --csv "$CSV" --mb 1,2,4 \
+    --out "$OUT/layers.json" > "$OUT/layers.txt" 2>&1; stamp "layers rc $?"
+taskset -c 0-3 timeout 160 python3 benchmarks/planner_vs_measured_gpu.py --out "$OUT/engine-runs.json" \
+    --gemm-table benchmarks/results/gemm-h100.json > "$OUT/engine-runs.log" 2>&1; stamp "engine runs rc $?"
+taskset -c 0-3 timeout 75 python3 benchmarks/gpu_step_profile.py --only "llama-1b mb4" \
     --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1; stamp "profile rc $?"
-(taskset -c 0-1 timeout 200 python3 -m pytest tests/gpu -q -rs -p no:logging > "$OUT/gpu-tests.log" 2>&1; stamp "gpu tests rc $?") &
-(cd /tmp && taskset -c 2-3 timeout 200 python3 -m apogee.cli train --set train.steps=60 > "$OUT/train-default.log" 2>&1; stamp "train rc $?") &
+(taskset -c 0-1 timeout 120 python3 -m pytest tests/gpu -q -rs -p no:logging > "$OUT/gpu-tests.log" 2>&1; stamp "gpu tests rc $?") &
+(cd /tmp && taskset -c 2-3 timeout 120 python3 -m apogee.cli train --set train.steps=60 > "$OUT/train-default.log" 2>&1; stamp "train rc $?") &
 wait
 stamp "done"

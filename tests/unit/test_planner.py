@@ -110,7 +110,7 @@ def test_stack_and_compile_price_the_software_that_runs():
     mega_run = run_from_dict({"model": {"flavor": "llama-1b"}, "cluster": {"gpu": "h100-80gb", "gpus": 8},
                               "layout": lay, "train": {"global_batch": 16, "stack": "megatron"}})
     mega = estimate(mega_run, Layout(**lay))
-    # Both fused, but Megatron's in-stack GEMM efficiency (0.451) is below cuBLAS's measured 0.695.
+    # Both fused, but Megatron's in-stack GEMM efficiency (0.516) is below cuBLAS's measured 0.695.
     assert mega.step_time_s > compiled.step_time_s
     assert "compiled" in Layout(**lay, compile=True).short()
     assert layout_to_config(mega_run, Layout(**lay, compile=True))["train"]["compile"] is True
@@ -284,18 +284,18 @@ def test_published_runs_accuracy(capsys):
     summary = json.loads(capsys.readouterr().out)["summary"]
     assert summary["rows"] == 19
     assert summary["mae_pct_a100-80gb"] <= 5.0
-    # Recorded figures (see docs/planner.md: all 5.78% / 17.35%, H100 9.14%); guard against
-    # regressions, not the target.
-    assert summary["mae_pct"] <= 6.5 and summary["max_abs_pct"] <= 19.0
-    assert summary["mae_pct_h100-80gb"] <= 9.5
+    # The issue's target (MAE <= 5%, max <= 10%), met since the stack speed applies to every kernel
+    # (docs/planner.md: all 3.15% / 7.85%, H100 3.58%).
+    assert summary["mae_pct"] <= 5.0 and summary["max_abs_pct"] <= 10.0
+    assert summary["mae_pct_h100-80gb"] <= 5.0
 
 
 def test_heldout_published_runs(capsys):
     """Published H100 runs never used for calibration (benchmarks/planner_heldout.py; in-repo data, so
     never skipped). Recorded figures (docs/planner.md, "Held out"), guarding against regressions. Meta's
-    Llama 3 405B: given no recompute the time model is within 6% on the two 8K rows, but the planner's
-    own choice there is full recompute (its memory model puts no recompute 2.4 GiB over), 28% low.
-    NeMo 24.12's FP8 rows: the five Llama ones within 10%, mean under 3%; GPT-3 175B -3% and -12%."""
+    Llama 3 405B: given no recompute the time model is within 5% on the two 8K rows, but the planner's
+    own choice there is full recompute (its memory model puts no recompute 2.4 GiB over), 21% low; the
+    128K row -8%. NeMo 24.12's FP8 rows: all seven within 6%."""
     spec = importlib.util.spec_from_file_location("planner_heldout", ROOT / "benchmarks" / "planner_heldout.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -305,15 +305,38 @@ def test_heldout_published_runs(capsys):
     nemo = [r for r in rows if r["source"] == "NeMo" and not r["recompute_pinned"]]
     assert len(meta) == 6 and len(nemo) == 7 and all(r["layout"].startswith("tp8 pp16") for r in meta)
     chosen, no_recompute = meta[0::2], meta[1::2]
-    assert all(abs(r["error_pct"]) <= 6.0 for r in no_recompute[:2])
+    assert all(abs(r["error_pct"]) <= 5.0 for r in no_recompute[:2])
     assert all("rc:full" in r["layout"] and r["fits"] for r in chosen)
-    assert abs(chosen[2]["error_pct"]) <= 3.0  # 128K, cp16
-    llama, gpt3 = nemo[:5], nemo[5:]
-    assert all(r["fits"] and abs(r["error_pct"]) <= 10.0 for r in llama)
-    assert sum(abs(r["error_pct"]) for r in llama) / len(llama) <= 3.0
-    # GPT-3 175B: 128 GPUs (micro-batch 1) within 5%; 512 GPUs (micro-batch 2) 12% low, the GEMM-size
-    # effect the published H100 rows show too (docs/planner.md).
-    assert abs(gpt3[0]["error_pct"]) <= 5.0 and -15.0 <= gpt3[1]["error_pct"] < -10.0
+    assert all(-23.0 <= r["error_pct"] <= -19.0 for r in chosen[:2])  # 8K: full recompute chosen
+    assert abs(chosen[2]["error_pct"]) <= 10.0  # 128K, cp16
+    assert all(r["fits"] and abs(r["error_pct"]) <= 6.0 for r in nemo)
+    assert sum(abs(r["error_pct"]) for r in nemo) / len(nemo) <= 4.5
+    # GPT-3 175B: micro-batch 2 (512 GPUs) above micro-batch 1 (128 GPUs), as published (by 5% of the 15%).
+    gpt3 = nemo[5:]
+    assert gpt3[1]["predicted_tflops"] > 1.04 * gpt3[0]["predicted_tflops"]
+
+
+def test_gpu_layer_shapes_covers_each_h100_row_at_its_shard(tmp_path, capsys):
+    """benchmarks/gpu_layer_shapes.py: every published H100 row at its own tp, then NeMo's GPT-3 175B at
+    tp 4; its predictions are the planner's layer_parts (the --shrink dry run on CPU, no timing asserted)."""
+    from apogee.planner.compute import layer_parts
+
+    spec = importlib.util.spec_from_file_location("gpu_layer_shapes", ROOT / "benchmarks" / "gpu_layer_shapes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if mod.DEFAULT_CSV.exists():
+        got = [(name, m.hidden, tp) for name, m, tp in mod.shapes(mod.DEFAULT_CSV, "h100-80gb")]
+        assert got[0] == ("GPT 1.7B", 2048, 1) and got[-2] == ("GPT 462B", 18432, 8)
+        assert got[-1] == ("NeMo GPT-3 175B", 12288, 4) and len(got) == 10
+    out = tmp_path / "layers.json"
+    assert mod.main(["--shrink", "--reps", "1", "--mb", "1,2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["mb"] for r in rows] == [1, 2]
+    for r in rows:
+        parts = layer_parts(mod.SHRUNK, 2, 1, 1, r["mb"], True, "none", get_accelerator("h100-80gb"), "bf16")
+        assert r["pred_layer_s"] == pytest.approx(parts.forward + parts.backward)
+        assert r["pred_matmul_s"] == pytest.approx(parts.gemm_f + parts.gemm_b + parts.attn_f + parts.attn_b)
+        assert r["matmul_s"] > 0 and r["layer_s"] > 0
 
 
 def test_published_rows_embedding_tying_matches_their_parameter_counts():
@@ -511,6 +534,31 @@ def test_gpu_gemm_shape_table_keeps_the_level_and_takes_the_shape_ratios(tmp_pat
         load_gemm_shape_table(path, "h100-80gb")
     with pytest.raises(PlannerError, match="not readable"):
         load_gemm_shape_table(tmp_path / "missing.json", "h100-80gb")
+
+
+def test_the_stack_speed_slows_attention_and_memory_bound_work_as_gemm_eff_slows_gemms():
+    """One speed for every kernel of a stack: a Megatron-style run's attention and memory-bound ops cost
+    their isolated time / (gemm_eff / engine_gemm_eff), as its GEMMs do through gemm_eff; apogee's own
+    stack (gemm_eff = engine_gemm_eff) and accelerators without a kernel-level GEMM figure run at 1."""
+    import dataclasses
+
+    from apogee.planner.compute import layer_parts
+    from apogee.planner.estimate import _engine_accelerator
+
+    h100 = get_accelerator("h100-80gb")
+    speed = h100.gemm_eff / h100.engine_gemm_eff
+    assert h100.stack_speed == pytest.approx(speed) and 0.7 < speed < 0.8
+    alone = _engine_accelerator(h100)
+    assert alone.stack_speed == 1.0 and get_accelerator("a100-80gb").stack_speed == 1.0
+    m = ModelShape(layers=4, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=32000, seq_len=4096)
+    stack, kernels = (layer_parts(m, 2, 1, 1, 2, True, "none", acc, "bf16") for acc in (h100, alone))
+    for part in ("attn_f", "attn_b", "elem_f", "elem_b"):
+        assert getattr(stack, part) == pytest.approx(getattr(kernels, part) / speed, rel=1e-12)
+    assert stack.gemm_f > kernels.gemm_f and stack.recompute == kernels.recompute == 0.0
+    # Changing the kernel-level figure alone moves attention and memory-bound work, not the GEMMs.
+    faster = dataclasses.replace(h100, engine_gemm_eff=h100.gemm_eff)
+    other = layer_parts(m, 2, 1, 1, 2, True, "none", faster, "bf16")
+    assert other.gemm_f == stack.gemm_f and other.attn_f == pytest.approx(kernels.attn_f)
 
 
 def test_h100_engine_runs_memory_and_step(capsys):

@@ -90,6 +90,17 @@ class Accelerator:
     host_table: dict | None = None
 
     @property
+    def stack_speed(self) -> float:
+        """How fast the training stack runs each kernel, against the kernel timed alone: the calibrated
+        in-stack GEMM efficiency (gemm_eff) over cuBLAS's measured one (engine_gemm_eff). The cost model
+        applies it to attention and to memory-bound work as gemm_eff applies it to GEMMs: whatever the
+        stack loses beside its kernels (docs/planner.md, "One stack speed for every kernel") is not
+        GEMM-specific, and one GPT layer timed at the published rows' shards runs its attention and its
+        GEMMs at their isolated efficiencies (benchmarks/gpu_layer_shapes.py). 1 for apogee's own stack
+        (gemm_eff = engine_gemm_eff there) and where no kernel-level figure is measured."""
+        return self.gemm_eff / self.engine_gemm_eff if self.engine_gemm_eff else 1.0
+
+    @property
     def host_bound(self) -> bool:
         return self.cores > 0
 
@@ -107,7 +118,7 @@ class Accelerator:
 # The one calibration per accelerator type (see the table's comments): the fraction of peak an 8192^3
 # GEMM reaches inside each training stack, re-derived by `benchmarks/planner_accuracy.py --calibrate`.
 A100_STACK_GEMM_EFF = 0.671
-H100_STACK_GEMM_EFF = 0.451
+H100_STACK_GEMM_EFF = 0.516
 # Causal flash-style attention forward + backward on Hopper, measured (see the h100-80gb entry).
 H100_ATTN_EFF = 0.443
 H100_ATTN_EFF_HD64 = 0.257
@@ -140,12 +151,12 @@ ACCELERATORS: dict[str, Accelerator] = {
     # figures); 3.35 TB/s HBM3 (datasheet); NVLink4 900 GB/s bidirectional, NCCL all-reduce busbw
     # ~360 GB/s without NVLS (nccl-tests on DGX H100); ConnectX-7 400 Gb/s per GPU = 50 GB/s, ~45 GB/s
     # achieved (NVIDIA DGX H100 reference architecture); 132 SMs (H100 whitepaper); 700 W TDP.
-    # gemm_eff (the H100 calibration): 0.451, derived the same way from the Megatron-LM README's H100
-    # 1.7B run (tp=1, pp=1, dp=48: 408.8 TFLOP/s). An 8192^3 bf16 matmul alone measures 798 TFLOP/s =
-    # 0.807 on an H100 80GB with torch 2.11 (shared/planner/FORMULAS.md); calibrating on that instead
-    # over-predicts every H100 row by 36-59%. The memory-bound work is priced op by op (compute.py) and
-    # GEMM shape (waves, K prologue, roofline, backward shapes) is modelled; what still separates 0.451
-    # from 0.807 is not explained by the model (docs/planner.md, "Accuracy").
+    # gemm_eff (the H100 calibration): 0.516, derived the same way from the Megatron-LM README's H100
+    # 1.7B run (tp=1, pp=1, dp=48: 408.8 TFLOP/s), with attention and memory-bound work at the same
+    # stack speed, gemm_eff / engine_gemm_eff = 0.742 (Accelerator.stack_speed; docs/planner.md, "One
+    # stack speed for every kernel"). An 8192^3 bf16 matmul alone measures 798 TFLOP/s = 0.807 on an
+    # H100 80GB with torch 2.11 (shared/planner/FORMULAS.md); calibrating on that instead over-predicts
+    # every H100 row by 36-59%. What the stack loses against its kernels is not broken down by mechanism.
     # attn_eff: measured, PyTorch 2.11's causal scaled_dot_product_attention forward + backward in bf16
     # at head dim 128, seq 4096 (32 query / 8 kv heads, micro-batch 2) on an H100 80GB HBM3: 2.20 ms =
     # 438 TFLOP/s = 0.443 of peak (benchmarks/results/h100-engine-runs.json, planner_vs_measured_gpu.py);

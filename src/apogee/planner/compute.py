@@ -5,13 +5,15 @@ is cut into output tiles and the tiles run in waves over the SMs; a last partial
 SMs), and never faster than their memory traffic allows. Attention runs at ``attn_eff`` (flash) or as
 GEMMs plus a memory-bound softmax (eager). Everything else (norms, activations, residuals, dropout,
 softmax, the fp32 loss) is memory-bound: priced op by op (the byte table below) over the achievable
-HBM bandwidth (``mem_bw_gbs x hbm_eff``).
+HBM bandwidth (``mem_bw_gbs x hbm_eff``). Attention and memory-bound work run at the stack's speed
+relative to their kernels alone, as the GEMMs do through gemm_eff (``Accelerator.stack_speed``).
 """
 
 from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import NamedTuple
 
 from apogee.planner.cluster import Accelerator
 from apogee.planner.spec import ModelShape
@@ -26,8 +28,9 @@ ELEM_BYTES = {"bf16": 2, "fp8": 1, "fp32": 4}
 
 
 def hbm_bytes_per_s(acc: Accelerator) -> float:
-    """What a streaming kernel achieves: the datasheet HBM bandwidth times the accelerator's ``hbm_eff``."""
-    return acc.mem_bw_gbs * 1e9 * acc.hbm_eff
+    """What a streaming kernel achieves in the stack: the datasheet HBM bandwidth times the accelerator's
+    ``hbm_eff`` (a copy kernel alone) times the stack's speed (``Accelerator.stack_speed``)."""
+    return acc.mem_bw_gbs * 1e9 * acc.hbm_eff * acc.stack_speed
 
 
 # --- memory-bound work, op by op ---------------------------------------------------------------------
@@ -234,29 +237,57 @@ def gemm_efficiency(M: float, N: float, K: float, acc: Accelerator, precision: s
     return 2.0 * M * N * K / gemm_time(M, N, K, acc, peak, elem_bytes=ELEM_BYTES.get(precision, 2)) / peak
 
 
+class LayerParts(NamedTuple):
+    """Seconds of one transformer layer and micro-batch by kind of work; ``recompute`` is the backward's
+    re-run forward (full) or its memory-bound part (selective)."""
+    gemm_f: float
+    gemm_b: float
+    attn_f: float
+    attn_b: float
+    elem_f: float
+    elem_b: float
+    recompute: float
+
+    @property
+    def forward(self) -> float:
+        return self.gemm_f + self.attn_f + self.elem_f
+
+    @property
+    def backward(self) -> float:
+        return self.gemm_b + self.attn_b + self.elem_b + self.recompute
+
+
 @lru_cache(maxsize=65536)
+def layer_parts(m: ModelShape, tp: int, cp: int, ep: int, mb: int, sp: bool, recompute: str,
+                acc: Accelerator, precision: str, eager: str | None = None, *, moe: bool = False) -> LayerParts:
+    """One transformer layer's work for one micro-batch, by kind (GEMMs, attention, memory-bound ops).
+
+    ``moe``: the layer's MLP is the MoE MLP (the caller weights dense and MoE layers). ``eager``: the
+    memory-bound ops are apogee's eager block in that dtype regime (ENGINE_BLOCK_BYTES), else the fused count.
+    """
+    return _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, moe=moe, eager=eager)
+
+
 def layer_times(m: ModelShape, tp: int, cp: int, ep: int, mb: int, sp: bool, recompute: str,
                 acc: Accelerator, precision: str, eager: str | None = None) -> tuple[float, float]:
-    """(forward seconds, backward seconds incl. recompute) of one transformer layer, one micro-batch.
-
-    MoE layers use the MoE MLP; the caller weights dense and MoE layers. ``eager``: the memory-bound
-    ops are apogee's eager block in that dtype regime (ENGINE_BLOCK_BYTES), else the fused count.
-    """
-    return _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, moe=False, eager=eager)
+    """(forward seconds, backward seconds incl. recompute) of one dense transformer layer, one micro-batch."""
+    parts = layer_parts(m, tp, cp, ep, mb, sp, recompute, acc, precision, eager)
+    return parts.forward, parts.backward
 
 
-@lru_cache(maxsize=65536)
 def moe_layer_times(m: ModelShape, tp: int, cp: int, ep: int, mb: int, sp: bool, recompute: str,
                     acc: Accelerator, precision: str, eager: str | None = None) -> tuple[float, float]:
-    return _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, moe=True, eager=eager)
+    parts = layer_parts(m, tp, cp, ep, mb, sp, recompute, acc, precision, eager, moe=True)
+    return parts.forward, parts.backward
 
 
 def attn_efficiency(acc: Accelerator, head_dim: int) -> float:
-    """Flash attention's fraction of peak: the accelerator's head-dim-64 figure where it has one (the
-    kernels run small heads far below large ones), else ``attn_eff``."""
+    """Flash attention's fraction of peak in the stack: the kernel's measured figure (head-dim-64 where the
+    accelerator has one: the kernels run small heads far below large ones; else ``attn_eff``) times the
+    stack's speed (``Accelerator.stack_speed``)."""
     if head_dim <= 64 and acc.attn_eff_hd64 is not None:
-        return acc.attn_eff_hd64
-    return acc.attn_eff
+        return acc.attn_eff_hd64 * acc.stack_speed
+    return acc.attn_eff * acc.stack_speed
 
 
 def _attn_gemms(m: ModelShape, tokens: float, tp: int) -> list[tuple[float, float, float]]:
@@ -358,17 +389,17 @@ def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe, eager):
         # Forward one part, backward two (each op's backward reads and writes about twice its forward's bytes).
         t_elem_f, t_elem_b = measured / 3, 2 * measured / 3
 
-    fwd = t_gemm + attn_f + t_elem_f
-    bwd = t_gemm_b + attn_b + t_elem_b
     # The memory-bound part of a recompute pass. apogee's eager block re-runs its whole elementwise forward
     # but the last residual add, under full and selective recompute alike.
     re_elem = scale * selective_recompute_bytes(m, tp, cp, mb, sp, eager) / bw
     if recompute == "full":
-        bwd += t_gemm + attn_f + (re_elem if eager is not None and measured is None else t_elem_f)
+        re = t_gemm + attn_f + (re_elem if eager is not None and measured is None else t_elem_f)
     elif recompute == "selective":
         # GPT/eager: recompute the attention core (scores, softmax, dropout); Llama: norms and SwiGLU.
-        bwd += re_elem + (attn_f if m.attention == "eager" else 0.0)
-    return fwd, bwd
+        re = re_elem + (attn_f if m.attention == "eager" else 0.0)
+    else:
+        re = 0.0
+    return LayerParts(t_gemm, t_gemm_b, attn_f, attn_b, t_elem_f, t_elem_b, re)
 
 
 def logits_times(m: ModelShape, tp: int, cp: int, mb: int, acc: Accelerator, precision: str,
