@@ -3,8 +3,8 @@
 #   bash benchmarks/gpu_checks.sh OUT_DIR
 # GPU timing runs alone on the GPU (cores 0-3): one GPT layer per published H100 shape against the planner,
 # the engine's one-GPU runs against the planner, one step's kernel profile. Meanwhile the CPU pipeline
-# bubble runs on cores 4-15 (4 single-threaded gloo ranks, each with a core of its own and spare cores for
-# gloo's threads). Then the CUDA tests and the README's default `apogee train` side by side. Each part
+# bubble runs on cores 4-11 (4 single-threaded gloo ranks, each with a core of its own and spare cores for
+# gloo's threads) and, on equal devices (--fixed-ms), on cores 12-15. Then the CUDA tests and the README's default `apogee train` side by side. Each part
 # writes its own log under OUT_DIR and its failure does not stop the others.
 # Run from the repository root; apogee is taken from src/ (its dependencies, tomli-w included, must be
 # importable: pip install -e . where the machine allows, else wheels on PYTHONPATH). CSV= names the
@@ -17,8 +17,10 @@ export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" >> "$OUT/timeline.txt"; }
 CSV=${CSV:-../shared/planner/published-runs.csv}
-(taskset -c 4-15 timeout 330 python3 benchmarks/pipeline_bubble.py --pp 4 --dim 768 --steps 6 \
+(taskset -c 4-11 timeout 330 python3 benchmarks/pipeline_bubble.py --pp 4 --dim 768 --steps 6 \
     --dump "$OUT/bubble" > "$OUT/bubble.txt" 2>&1; stamp "bubble rc $?") &
+(taskset -c 12-15 timeout 360 python3 benchmarks/pipeline_bubble.py --pp 4 --dim 32 --seq 32 --steps 3 \
+    --fixed-ms 200 --port 29700 > "$OUT/bubble-fixed.txt" 2>&1; stamp "bubble fixed rc $?") &
 taskset -c 0-3 timeout 75 python3 benchmarks/gpu_layer_shapes.py --csv "$CSV" --mb 1,2,4 \
     --out "$OUT/layers.json" > "$OUT/layers.txt" 2>&1; stamp "layers rc $?"
 taskset -c 0-3 timeout 160 python3 benchmarks/planner_vs_measured_gpu.py --out "$OUT/engine-runs.json" \

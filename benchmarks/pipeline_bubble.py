@@ -2,7 +2,8 @@
 
     python benchmarks/pipeline_bubble.py [--pp 4] [--microbatches 8] [--steps 5] [--schedules gpipe,1f1b,...]
                                          [--dim 256] [--seq 128] [--cpu-quota auto|CORES]
-                                         [--cpu-period-ms 10]
+                                         [--cpu-period-ms 10] [--fixed-ms MS] [--dump PREFIX]
+    python benchmarks/pipeline_bubble.py --dim 32 --seq 32 --steps 3 --fixed-ms 200   # equal devices: the verdict
 
 Runs apogee's own pipeline (``apogee.parallel.pipeline``: split, stages, torch schedules) on ``pp``
 gloo ranks on this host (one process each, one intra-op thread each), over a small Llama (8 layers,
@@ -37,7 +38,9 @@ while most land before the receiver asks for them (``recv/send ms``, the median 
 
 Theory (``theor``): the bubble of the schedule's own action order (the order each rank executed, which
 torch's schedule fixes in advance) replayed with every stage's forward (F), backward-input (I) and
-backward-weight (W) equal (a full backward B = I + W), the loss free and communication free. For
+backward-weight (W) equal (a full backward B = I + W), the loss free and communication free. Actions
+torch issues as one (DualPipeV's OVERLAP_F_B pairs a forward and a backward of two chunks, and its
+lowering receives both inputs before either runs) start together in the replay (_joint_actions). For
 the four schedules with a closed form it equals the formula (``formula``), with m micro-batches, p
 ranks and v stages per rank:
 
@@ -46,7 +49,8 @@ ranks and v stages per rank:
     zero bubble (ZB1P)   (p - 1) / 3 / (v m + (p - 1) / 3)   (a third of the interleaved bubble)
     ZB-V                 0 in the paper's limit; torch's order at p = 4, m = 8 leaves (p - 1) / 3 /
                          (v m + (p - 1) / 3) = 0.059, as ZB1P, which is what ``theor`` gives
-    DualPipeV            no closed form here; ``theor`` from its order (0.059 at p = 4, m = 8)
+    DualPipeV            no closed form here; ``theor`` from torch's order with its joint pairs: 0.111
+                         at p = 4, m = 8 (0.059 if the pairs started independently)
 
 The 1F1B-family formulas do not depend on the F : B ratio as long as all stages cost the same
 (their bubble is (p - 1)(F + B) against m(F + B) of work). The zero-bubble ones do: ZB1P's bubble
@@ -76,6 +80,24 @@ measured idle is within 4-14% of noisy + comm for every schedule, the zero-bubbl
 it is 50-85% from theory + comm. Other jobs on the host stall ranks at random: those stalls land in
 ``comm`` (and in compute), and the figures move by a few points between runs. ``--dump PREFIX`` keeps
 the raw timestamps for such analysis.
+
+Equal devices (``--fixed-ms MS``): the CPU cannot make four ranks equally fast (on the H100 machine's
+16 idle cores too, with a core per rank: the same block's forward varied with a 15-40% coefficient of
+variation, and every schedule missed theory + comm, by 13-209%), so the verdict needs devices whose work
+takes a fixed time, as a GPU kernel's nearly does. With ``--fixed-ms`` every transformer block's
+forward, input-gradient and weight-gradient work each take MS milliseconds more than the block's real
+compute (a sleep in an autograd function on the block's input, and in one on a weight of its own for
+the weight gradient: each runs in the pass where torch's schedules put that work). Everything else is
+the real run: apogee's split and stages, torch's schedules and their action orders, gloo's p2p,
+the loss, the host work between actions. A small model (``--dim 32 --seq 32``) keeps the real compute
+near 1% of MS. What is then measured is whether the pipeline adds idle beyond its schedule's bubble and
+its communication. At MS = 200 on 6 spare cores of the H100 machine every schedule is within 0.1-6.0%
+of theory + comm (gpipe 0.3, 1f1b 0.1, interleaved 0.5, zero-bubble 6.0, zbv 3.2, dualpipev 0.7%). On
+2 shared cores the 1F1B family and DualPipeV stay within 1%, while the zero-bubble pair moves between
+5% and 11% from run to run: each pipeline hop costs ~3 ms of host latency (a rank wakes, posts its
+receive, starts), ~0.5 points of idle against a 5.9% bubble; at MS = 400 they are within 2-3%. Torch's
+first stage has no input gradient to compute: its I is empty and its W does the whole backward (the
+replay of such orders gives the same bubble).
 """
 
 from __future__ import annotations
@@ -224,12 +246,68 @@ def _pingpong(rank: int, world: int, nbytes: int, iters: int = 30, warm: int = 3
     return {k: v for g in gathered for k, v in g.items()}
 
 
-def _run_schedule(rank: int, world: int, schedule: str, m: int, steps: int) -> list:
+class _Hold(torch.autograd.Function):
+    """Identity on a block's input whose forward and backward each take ``cost`` seconds more: the
+    block's input-gradient work (I, or its part of a full backward B) on an ideal device."""
+
+    @staticmethod
+    def forward(ctx, x, cost):
+        time.sleep(cost)
+        ctx.cost = cost
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.cost)
+        return grad, None
+
+
+class _WeightHold(torch.autograd.Function):
+    """A zero that depends on a weight of its own: its backward, which runs with the weight gradients
+    (W, or their part of a full backward B), takes ``cost`` seconds."""
+
+    @staticmethod
+    def forward(ctx, weight, cost):
+        ctx.cost, ctx.shape = cost, weight.shape
+        return weight.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.cost)
+        return grad.new_zeros(ctx.shape), None
+
+
+def _fix_block_costs(model, cost: float) -> None:
+    """``--fixed-ms``: every transformer block's forward, input-gradient and weight-gradient work take
+    ``cost`` seconds more than its (small) real compute, each in the pass where torch's schedules run
+    it: the equal stages with F = I = W that the theory assumes, free of the CPU's timing noise. The
+    schedule, the stages, their p2p and every other cost stay real."""
+    for block in model.layers.values():
+        # A weight of its own: one shared with the real compute merges the two in torch's weight-gradient
+        # grouping (stage_backward_weight), which then runs a freed part of the graph twice.
+        block.hold_weight = torch.nn.Parameter(torch.zeros(()))
+        block.register_forward_pre_hook(lambda mod, args: (_Hold.apply(args[0], cost), *args[1:]))
+        block.register_forward_hook(lambda mod, args, out: out + _WeightHold.apply(mod.hold_weight, cost))
+
+
+def _joint_actions(pipe: Pipeline, rank: int) -> list:
+    """The compute actions torch's schedule issues together (DualPipeV's OVERLAP_F_B: a forward and a
+    backward of two chunks; its lowering receives both inputs before either runs), as lists of
+    (kind, stage, micro-batch) in execution order."""
+    order = (getattr(pipe.schedule, "pipeline_order", None) or {}).get(rank) or []
+    return [[(sub.computation_type.value, sub.stage_index, sub.microbatch_index) for sub in a.sub_actions]
+            for a in order if a is not None and getattr(a, "sub_actions", None)]
+
+
+def _run_schedule(rank: int, world: int, schedule: str, m: int, steps: int, fixed_s: float = 0.0
+                  ) -> tuple[list, list]:
     v = stages_per_rank(schedule, 0)
     with torch.device("meta"):
         model = Transformer(ARGS)
     model, stages = split_model(model, pp_rank=rank, pp=world, schedule=schedule, per_rank=v, seq_len=SEQ)
     init_weights(model, seed=0, device=torch.device("cpu"))
+    if fixed_s:
+        _fix_block_costs(model, fixed_s)
 
     def loss_fn(logits, y):
         start = now()
@@ -252,9 +330,10 @@ def _run_schedule(rank: int, world: int, schedule: str, m: int, steps: int) -> l
             p.grad = None
         if step:
             logs.append((list(COMPUTE), [tuple(r) for r in P2P]))
-    gathered = [None] * world
+    gathered, joint = [None] * world, [None] * world
     dist.all_gather_object(gathered, logs)
-    return gathered  # [rank][step] -> (compute, p2p)
+    dist.all_gather_object(joint, _joint_actions(pipe, rank))
+    return gathered, [group for rank_groups in joint for group in rank_groups]  # [rank][step] -> (compute, p2p)
 
 
 # --- analysis (rank 0) -----------------------------------------------------------------------
@@ -320,9 +399,19 @@ def _kind_costs(logs: list) -> dict:
     return {k: statistics.median(x) for k, x in by_kind.items()}
 
 
-def _simulate(orders: list, cost, n_stages: int) -> list[float]:
+def _simulate(orders: list, cost, n_stages: int, joint: list = ()) -> list[float]:
     """Replay each rank's action order with ``cost(kind, stage, micro-batch)`` seconds per action and
-    free communication: idle per rank."""
+    free communication: idle per rank. ``joint``: groups of actions issued together (_joint_actions):
+    the first starts only once every member's input is there."""
+    first_of = {tuple(group[0]): [tuple(a) for a in group] for group in joint}
+
+    def ready(done, kind, stage, mb):
+        if kind == "F" and stage > 0:
+            return done.get(("F", stage - 1, mb))
+        if kind in ("B", "I") and stage < n_stages - 1:
+            return done.get(("B", stage + 1, mb), done.get(("I", stage + 1, mb)))
+        return 0.0  # same-rank dependencies hold by the order
+
     done: dict = {}
     pos = [0] * len(orders)
     free = [0.0] * len(orders)
@@ -333,14 +422,10 @@ def _simulate(orders: list, cost, n_stages: int) -> list[float]:
         for r, order in enumerate(orders):
             while pos[r] < len(order):
                 kind, stage, mb = order[pos[r]]
-                if kind == "F" and stage > 0:
-                    dep = done.get(("F", stage - 1, mb))
-                elif kind in ("B", "I") and stage < n_stages - 1:
-                    dep = done.get(("B", stage + 1, mb), done.get(("I", stage + 1, mb)))
-                else:
-                    dep = 0.0  # same-rank dependencies hold by the order
-                if dep is None:
+                deps = [ready(done, *a) for a in first_of.get((kind, stage, mb), [(kind, stage, mb)])]
+                if None in deps:
                     break
+                dep = max(deps)
                 start = max(free[r], dep)
                 c = cost(kind, stage, mb)
                 free[r] = start + c
@@ -354,7 +439,8 @@ def _simulate(orders: list, cost, n_stages: int) -> list[float]:
     return [1 - b / span for b in busy]
 
 
-def _noisy_equal_devices(logs: list, orders: list, n_stages: int, trials: int = 200, seed: int = 0) -> float:
+def _noisy_equal_devices(logs: list, orders: list, n_stages: int, joint: list = (), trials: int = 200,
+                         seed: int = 0) -> float:
     """Expected bubble of the executed orders on equal devices whose action times vary as measured.
 
     Each action's measured duration is divided by its rank's mean for that kind (removing which rank
@@ -375,7 +461,7 @@ def _noisy_equal_devices(logs: list, orders: list, n_stages: int, trials: int = 
         mean_r, mean_all = statistics.mean(xs), statistics.mean(overall[kind, first])
         pool[kind, first].extend(x / mean_r * mean_all if mean_r else x for x in xs)
     rng = random.Random(seed)
-    idle = [statistics.mean(_simulate(orders, lambda k, st, mb: rng.choice(pool[k, st == 0]), n_stages))
+    idle = [statistics.mean(_simulate(orders, lambda k, st, mb: rng.choice(pool[k, st == 0]), n_stages, joint))
             for _ in range(trials)]
     return statistics.mean(idle)
 
@@ -448,7 +534,8 @@ def _cgroups_writable() -> bool:
 
 
 def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int, dim: int, seq: int,
-          cpu_quota: float = 0.0, cpu_period_ms: float = DEFAULT_CPU_PERIOD_MS, dump: str = "") -> None:
+          cpu_quota: float = 0.0, cpu_period_ms: float = DEFAULT_CPU_PERIOD_MS, dump: str = "",
+          fixed_s: float = 0.0) -> None:
     if cpu_quota:
         _limit_cpu(cpu_quota, f"{os.getppid()}-{rank}", cpu_period_ms)
     _configure(dim, seq)
@@ -459,7 +546,8 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
     pingpong = _pingpong(rank, world, 4 * _ACT_ELEMS)
     out = print if rank == 0 else (lambda *a, **k: None)
     out(f"pp={world}, m={m} micro-batches of {MICRO_BATCH}x{SEQ} tokens, {ARGS.n_layers} layers, dim {ARGS.dim}; "
-        f"{len(os.sched_getaffinity(0))} CPU cores, gloo, torch {torch.__version__}, {steps} timed steps (median)")
+        f"{len(os.sched_getaffinity(0))} CPU cores, gloo, torch {torch.__version__}, {steps} timed steps (median)"
+        + (f"; fixed block costs: F = I = W = {fixed_s * 1e3:g} ms + the real compute (--fixed-ms)" if fixed_s else ""))
     out("ping-pong one-way, median (min), 4 B / " + f"{4 * _ACT_ELEMS // 1024} KiB (an activation or its gradient): "
         + ", ".join(f"{a}<->{b} {t[0] * 1e6:.0f} ({t[2] * 1e6:.0f}) / {t[1] * 1e6:.0f} ({t[3] * 1e6:.0f}) us"
                     for (a, b), t in sorted(pingpong.items())), flush=True)
@@ -472,7 +560,7 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
         if ARGS.n_layers < world * v:
             rows.append(f"{schedule:17} (needs {world * v} layers)")
             continue
-        logs = _run_schedule(rank, world, schedule, m, steps)
+        logs, joint = _run_schedule(rank, world, schedule, m, steps, fixed_s)
         if rank:
             continue
         if dump:
@@ -493,9 +581,9 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
         sim = []  # per step: the executed orders replayed with that step's own action durations
         for s in range(steps):
             took = {(c[0], c[1], c[2]): c[4] - c[3] for r in range(world) for c in logs[r][s][0]}
-            sim.append(statistics.mean(_simulate(orders, lambda k, st, mb: took[k, st, mb], world * v)))
-        th = statistics.mean(_simulate(orders, unit_cost, world * v))  # the schedule's own bubble
-        noisy = _noisy_equal_devices(logs, orders, world * v)
+            sim.append(statistics.mean(_simulate(orders, lambda k, st, mb: took[k, st, mb], world * v, joint)))
+        th = statistics.mean(_simulate(orders, unit_cost, world * v, joint))  # the schedule's own bubble
+        noisy = _noisy_equal_devices(logs, orders, world * v, joint)
         comm_mean = statistics.mean(comm) if comm is not None else None
         cells = [f"{schedule:17}", f"{v:>1}", " ".join(f"{x:5.3f}" for x in idle).rjust(6 * world), f"{mean:5.3f}",
                  " n/a " if formula is None else f"{formula:5.3f}"]
@@ -560,13 +648,20 @@ def main() -> None:
     parser.add_argument("--cpu-period-ms", type=float, default=DEFAULT_CPU_PERIOD_MS,
                         help="CFS period of the quota: a capped rank runs quota x period, then waits (default "
                         f"{DEFAULT_CPU_PERIOD_MS:g}; 1-2 ms periods leave the ranks unequally slow)")
+    parser.add_argument("--fixed-ms", type=float, default=0.0, metavar="MS",
+                        help="give every block's forward, input-gradient and weight-gradient work MS milliseconds "
+                        "of fixed cost on top of its real compute (equal, noise-free stages; use a small --dim); "
+                        "0 (default): real compute only")
     parser.add_argument("--dump", default="", metavar="PREFIX",
                         help="also write each schedule's raw timestamps to PREFIX.<schedule>.json: per rank, per "
                         "timed step, (compute actions [kind, stage, micro-batch, start, end], p2p ops)")
     a = parser.parse_args()
     cores = len(os.sched_getaffinity(0))  # the cores this process may use (taskset, cgroup cpusets)
+    if a.fixed_ms < 0:
+        raise SystemExit(f"--fixed-ms must be >= 0 (got {a.fixed_ms:g})")
     if a.cpu_quota == "auto":
-        quota = cores / a.pp if cores < a.pp else 0.0
+        # Fixed costs are sleeps: the ranks leave the cores free meanwhile and need no cap.
+        quota = cores / a.pp if cores < a.pp and not a.fixed_ms else 0.0
         if quota and not _cgroups_writable():
             print(f"note: {a.pp} ranks on {cores} cores and no writable cgroup to cap them (--cpu-quota): "
                   "ranks compete for cores, which shrinks the measured bubble", flush=True)
@@ -583,7 +678,8 @@ def main() -> None:
               f"ranks on {cores} cores never compete", flush=True)
     try:
         mp.start_processes(_rank, args=(a.pp, a.port, a.schedules.split(","), a.microbatches, a.steps, a.dim,
-                                        a.seq, quota, a.cpu_period_ms, a.dump), nprocs=a.pp, start_method="spawn")
+                                        a.seq, quota, a.cpu_period_ms, a.dump, a.fixed_ms / 1e3), nprocs=a.pp,
+                       start_method="spawn")
     finally:
         for root in CGROUP_ROOTS:  # the ranks' groups, empty now that they have exited
             for rank in range(a.pp):
