@@ -619,9 +619,10 @@ def _rank(rank: int, world: int, port: int, schedules: list, m: int, steps: int,
                          "step s"]))
         print("\n".join(diag))
         print("idle = 1 - compute / span; comm = measured transfer part of p2p (timestamps, see the docstring); "
-              "formula = the paper's bubble;\ntheor = the bubble of the schedule's own action order with every "
-              "stage's F = I = W (B = I + W) and free communication;\np2p = time in p2p calls, nbr w = of which waiting for the "
-              "neighbour, other = idle - p2p (schedule overhead); pp est = min ping-pong time x messages / span;\n"
+              "formula = the paper's bubble;\ntheor = the bubble of the schedule's own action order (joint actions "
+              "start together) with every stage's F = I = W (B = I + W) and free communication;\n"
+              "p2p = time in p2p calls, nbr w = of which waiting for the neighbour, other = idle - p2p (schedule "
+              "overhead); pp est = min ping-pong time x messages / span;\n"
               "recv/send ms = median measured transfer part of one received / sent message; "
               "sim = bubble of the executed orders replayed with each action's measured duration and free "
               "communication (median over steps); noisy = the expected bubble of these orders on equal devices "
