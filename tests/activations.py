@@ -81,3 +81,38 @@ def held_after_forward(layers: int, *, dtype: torch.dtype = torch.float32, recom
             held = mode.bytes
         loss.backward()  # what was held is what backward needs: it runs
     return held
+
+
+def saved_by_blocks(layers: int, *, compiled: bool, autocast: bool) -> int:
+    """Bytes the transformer blocks of a ``layers``-block model save for backward (autograd's saved-tensor
+    hooks, parameters excluded, each storage once), fp32 weights, under bf16 autocast or in fp32;
+    ``compiled``: each block compiled as the engine does (``block.compile()``). A dispatch mode does not
+    see inside compiled code; the hooks see what its autograd function saves. The second forward is
+    counted (the first compiles)."""
+    args = ModelArgs(dim=DIM, n_layers=layers, n_heads=HEADS, n_kv_heads=KV, ffn_hidden=FFN, vocab_size=VOCAB,
+                     max_seq_len=SEQ)
+    with torch.device("meta"):
+        model = Transformer(args)
+    init_weights(model, 0, torch.device("cpu"))
+    if compiled:
+        for block in model.layers.values():
+            block.compile()
+    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    tokens = torch.randint(0, VOCAB, (MB, SEQ), generator=torch.Generator().manual_seed(0))
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    for _ in range(2):
+        saved.clear()
+        h = model.tok_embeddings(tokens).detach().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                for block in model.layers.values():
+                    h = block(h, model.rope)
+        h.float().sum().backward()
+    return sum(saved.values())

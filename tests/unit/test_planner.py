@@ -563,22 +563,19 @@ def test_the_stack_speed_slows_attention_and_memory_bound_work_as_gemm_eff_slows
 
 def test_h100_engine_runs_memory_and_step(capsys):
     """The H100 measurements of the engine kept in benchmarks/results (planner_vs_measured_gpu.py):
-    the predicted allocations (total less the 2.5 GiB reserve) equal each eager run's peak allocated
-    memory within 1%; every run's step time, compiled included, is within issue 5's 10% (docs/planner.md:
-    -6.9..-0.2% since the eager block's traffic is counted; -2.1..+23.1% before)."""
+    the predicted allocations (total less the 2.5 GiB reserve) equal each run's peak allocated memory
+    within 1%, the compiled one included since its blocks' saved tensors are counted (+19.9% before);
+    every run's step time is within issue 5's 10% (docs/planner.md: -6.9..-0.2% since the eager block's
+    traffic is counted; -2.1..+23.1% before)."""
     spec = importlib.util.spec_from_file_location("pvm_gpu", ROOT / "benchmarks" / "planner_vs_measured_gpu.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     data = json.loads((ROOT / "benchmarks" / "results" / "h100-engine-runs.json").read_text())
-    eager = [r for r in data["runs"] if not r["compile"]]
-    assert len(eager) == 4
-    for rec in eager:
+    assert len(data["runs"]) == 5 and sum(r["compile"] for r in data["runs"]) == 1
+    for rec in data["runs"]:
         p = mod.predict(rec, "h100-80gb", None, engine=False)
         reserve = p["pred_breakdown_gib"]["buffers"]
         assert p["pred_mem_gib"] - reserve == pytest.approx(rec["mem_allocated_gib"], rel=0.01), rec["config"]
         assert abs(p["step_err_pct"]) <= 10.0, rec["config"]
-    compiled = [r for r in data["runs"] if r["compile"]]
-    assert len(compiled) == 1
-    assert abs(mod.predict(compiled[0], "h100-80gb", None, engine=False)["step_err_pct"]) <= 10.0
     assert mod.main(["--measured", str(ROOT / "benchmarks" / "results" / "h100-engine-runs.json")]) == 0
     assert "llama3-8b x4 layers mb2" in capsys.readouterr().out

@@ -142,7 +142,7 @@ def _sp_shard(lay: Layout) -> int:
 
 
 def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: float, act_bytes: float = 2.0,
-                               autocast: bool = False) -> float:
+                               autocast: bool = False, compiled: bool = False) -> float:
     """Bytes of stored activations for one layer and one micro-batch of ``micro_tokens`` tokens (per CP
     rank), with activations of ``act_bytes`` bytes (2: bf16, 4: fp32).
 
@@ -170,6 +170,14 @@ def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: floa
     micro-batch in flight: autocast re-casts in every forward). Recompute keeps the fp32 block input
     and no weight casts (they are recomputed).
 
+    ``compiled`` (``layout.compile``: the engine's per-block torch.compile; what its autograd graph saves,
+    counted by saved-tensor hooks on CPU and on an H100, tests/unit/test_planner_activations.py): the
+    block input, the two reciprocal RMS, each norm's output once (in the activation dtype, shared by the
+    Linears that read it: no fp32 normalised copy, no per-Linear cast), q/k/v, the attention output and
+    its [tokens, h] copy that wo reads, the logsumexp, and three of SwiGLU's four ffn-wide tensors (the
+    partitioner recomputes one); weight casts as eager. Counted for tp = 1, no recompute, dense blocks;
+    otherwise the eager count stands (not measured compiled).
+
     Recompute ``full`` keeps the block input. ``selective`` (apogee.parallel.recompute: save the
     outputs of matmuls, attention and collectives, recompute the elementwise rest) keeps the block
     input, q/k/v, the attention output and logsumexp, every matmul output (wo and w2 included: under
@@ -194,6 +202,8 @@ def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: floa
         collective = a / t if sp else (a if t > 1 else 0.0)  # reduce-scatter (SP) or all-reduce output
         per = (block_input / norm_shard + qkv + a / t + lse + 2 * (a + collective) + 2 * a * f / t
                + (2 * a if sp else 0.0))
+    elif compiled and t == 1 and not m.moe_layers:
+        per = block_input + 8 / m.hidden + 2 * a + qkv + 2 * a + lse + 3 * a * f
     elif autocast:
         per = (norm_activation_units(m, lay, a, autocast_linears=3) + norm_activation_units(m, lay, a, autocast_linears=2)
                + qkv + a / t + lse + 4 * a * f / t)
@@ -335,7 +345,7 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
         if megatron and m.mlp != "gelu":
             return megatron_llama_activation_bytes(m, layout, micro_tokens=micro_tokens, act_bytes=act_bytes)
         return activation_bytes_per_layer(m, layout, micro_tokens=micro_tokens, act_bytes=act_bytes,
-                                          autocast=autocast)
+                                          autocast=autocast, compiled=layout.compile)
 
     per_layer = layer_bytes(lay)
     layers_here = sum(len(r) for r in rank_layer_ranges(m, lay, stage))
