@@ -142,7 +142,7 @@ def _host_replica(parallel: dict, nproc: int, heads: int, kv_heads: int, mb: int
             model = Transformer(args)
         model = parallelize(model, mesh, param_dtype=torch.float32, compile=False)
         init_weights(model, 0, torch.device("cpu"))
-        optimizer = build_optimizer(model, cfg.train, torch.device("cpu"))
+        optimizer = build_optimizer(model, cfg.train)
         tokens = torch.randint(0, args.vocab_size, (mb, seq + 1), generator=torch.Generator().manual_seed(0))
 
         def micro_batch(sync: bool):

@@ -32,14 +32,17 @@ def _full_init(name: str, shape: torch.Size, model: Transformer, seed: int) -> t
 
 
 @torch.no_grad()
-def init_weights(model: Transformer, seed: int, device: torch.device) -> None:
-    """Materialise a meta-device (possibly sharded) model on ``device`` and fill it from ``seed``."""
-    model.to_empty(device=device)
+def init_weights(model: Transformer, seed: int, device: torch.device, param_device: torch.device | None = None
+                 ) -> None:
+    """Materialise a meta-device (possibly sharded) model on ``device`` and fill it from ``seed``;
+    ``param_device``: the parameters' home where it differs (the host under FSDP2's CPU offload, whose
+    sharded parameters must live there; the buffers stay on ``device``, where the compute runs)."""
+    model.to_empty(device=param_device or device)
     # to_empty gives each module a fresh plain Parameter, which unties a tied weight (DTensor
     # parameters are swapped in place and stay tied): tie again before filling.
     model.tie_weights()
     for name, param in model.named_parameters():  # a tied weight is visited once, by its first name
-        full = _full_init(name, param.shape, model, seed).to(device=device, dtype=param.dtype)
+        full = _full_init(name, param.shape, model, seed).to(device=param.device, dtype=param.dtype)
         if isinstance(param, DTensor):
             # src_data_rank=None: every rank slices its own shard from the same full tensor, no traffic.
             shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)

@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from apogee.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     # Weight decay applies to matrices only; norm gains (1-D) are not decayed.
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -21,7 +21,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # The parameters' device decides (the host under CPU offload, whatever the compute device).
+    on_gpu = all(p.device.type == "cuda" for p in model.parameters())
+    fast = {"fused": True} if on_gpu else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fast)
 
 

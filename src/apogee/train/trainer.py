@@ -129,7 +129,7 @@ class Trainer:
 
         self.build_data()
         self.build_model()
-        self.optimizer = build_optimizer(self.model, cfg.train, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.train)
         ck = cfg.checkpoint
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints", keep=ck.keep, keep_every=ck.keep_every, async_save=ck.async_save,
@@ -171,7 +171,9 @@ class Trainer:
             model, self.mesh, param_dtype=param_dtype, compile=self.cfg.train.compile, seq_len=self.cfg.train.seq_len
         )
         self.model = done.model  # under pp: this rank's stages, under the full model's parameter names
-        init_weights(self.model, self.cfg.train.seed, self.device)
+        # FSDP2's CPU offload keeps the sharded parameters (and so gradients and optimizer state) on the host.
+        param_device = torch.device("cpu") if self.cfg.parallel.cpu_offload else self.device
+        init_weights(self.model, self.cfg.train.seed, self.device, param_device)
         self.cp_positions = None
         if self.mesh.cp is not None:
             # A cp rank holds two mirrored chunks of every sequence (the load-balanced causal split):
