@@ -8,6 +8,11 @@ backward of the all-gather is a reduce-scatter, so gradients of K/V reach the ra
 
 Causal attention gives late tokens more work than early ones, so sequences are split into 2 x cp
 chunks and rank i takes chunks i and 2cp-1-i: every rank then holds the same amount of work.
+
+Each local chunk attends to the keys up to its own end, causally aligned to the bottom right (the
+chunk's last query sees the last key): one SDPA call per chunk with torch's lower-right causal bias,
+which the fused kernels (flash, memory-efficient) accept, so no [local, seq] mask is ever built and a
+GPU keeps its flash kernel at long sequence lengths.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.attention.bias import causal_lower_right
 
 
 def load_balanced_positions(seq_len: int, cp: int, rank: int, device: torch.device | None = None) -> torch.Tensor:
@@ -31,9 +37,10 @@ def load_balanced_positions(seq_len: int, cp: int, rank: int, device: torch.devi
 class ContextParallelAttention(nn.Module):
     """Causal attention of local queries against keys and values gathered from the whole cp axis.
 
-    Inputs are [batch, heads, local_seq, head_dim] in the load-balanced order; the mask is built
-    from global positions, so the result equals full-sequence causal attention restricted to the
-    local queries.
+    Inputs are [batch, heads, local_seq, head_dim] in the load-balanced order (chunks ``rank`` and
+    ``2 cp - 1 - rank``); the gathered keys are put back in sequence order, and each local chunk
+    attends to the prefix ending with it, so the result equals full-sequence causal attention
+    restricted to the local queries.
     """
 
     def __init__(self, cp_mesh: DeviceMesh):
@@ -44,14 +51,19 @@ class ContextParallelAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         local = q.shape[2]
-        seq = local * self.cp
-        # [cp * batch, heads, local, dim] -> [batch, heads, seq, dim] in rank-major order.
-        k_all = _gather_seq(k, self.cp_mesh, self.cp)
-        v_all = _gather_seq(v, self.cp_mesh, self.cp)
+        chunk, seq = local // 2, local * self.cp
+        # [batch, heads, seq, dim] in rank-major order, then in sequence order.
         key_pos = torch.cat([load_balanced_positions(seq, self.cp, r, q.device) for r in range(self.cp)])
-        query_pos = load_balanced_positions(seq, self.cp, self.rank, q.device)
-        mask = query_pos[:, None] >= key_pos[None, :]  # [local, seq]
-        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        order = torch.argsort(key_pos)
+        k_all = _gather_seq(k, self.cp_mesh, self.cp).index_select(2, order)
+        v_all = _gather_seq(v, self.cp_mesh, self.cp).index_select(2, order)
+        out = []
+        for half, global_chunk in enumerate((self.rank, 2 * self.cp - 1 - self.rank)):
+            end = (global_chunk + 1) * chunk  # keys up to this chunk's last token
+            out.append(F.scaled_dot_product_attention(
+                q[:, :, half * chunk:(half + 1) * chunk], k_all[:, :, :end], v_all[:, :, :end],
+                attn_mask=causal_lower_right(chunk, end), enable_gqa=q.shape[1] != k.shape[1]))
+        return torch.cat(out, dim=2)
 
 
 # torch 2.13 renamed the differentiable all-gather; 2.11 has only the old name.
