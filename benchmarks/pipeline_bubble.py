@@ -402,8 +402,12 @@ def _kind_costs(logs: list) -> dict:
 def _simulate(orders: list, cost, n_stages: int, joint: list = ()) -> list[float]:
     """Replay each rank's action order with ``cost(kind, stage, micro-batch)`` seconds per action and
     free communication: idle per rank. ``joint``: groups of actions issued together (_joint_actions):
-    the first starts only once every member's input is there."""
-    first_of = {tuple(group[0]): [tuple(a) for a in group] for group in joint}
+    whichever runs first starts only once every member's input is there."""
+    index = {tuple(a): i for order in orders for i, a in enumerate(order)}
+    first_of = {}
+    for group in joint:
+        members = [tuple(a) for a in group]
+        first_of[min(members, key=lambda a: index.get(a, 0))] = members
 
     def ready(done, kind, stage, mb):
         if kind == "F" and stage > 0:

@@ -59,6 +59,7 @@ def test_joint_actions_start_when_every_member_can():
 
     apart, together = span(), span([[("F", 1, 1), ("B", 1, 0)]])
     assert together > apart
+    assert span([[("B", 1, 0), ("F", 1, 1)]]) == together  # listed in either order: the executed one counts
     # Apart: F1.1 runs 2-3 while stage 2 works on micro-batch 0; together it waits until 4.
     assert together - apart == pytest.approx(1.0)
 
