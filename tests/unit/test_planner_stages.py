@@ -181,6 +181,26 @@ def test_step_time_takes_each_ranks_blocks_from_the_engines_split():
     assert _timed("llama3-70b", "megatron", **lay)[0] == [20] * 4
 
 
+def test_memory_holds_the_blocks_the_stacks_split_gives_each_stage():
+    """Memory and step time read one split per stack: Megatron's even one leaves the last stage its
+    20 blocks plus the output layer, where apogee's balance moves blocks off it."""
+    lay = Layout(tp=8, pp=4, dp=4, microbatch=1, virtual_stages=2, pp_schedule="interleaved-1f1b",
+                 sequence_parallel=True, zero=1)
+    m = shape_from_flavor("llama3-70b")
+    assert stage_layer_counts(m, lay, "megatron") == [10] * 8
+    cluster = dataclasses.replace(H100, gpus=128)
+    last = {stack: stage_memory(m, lay, cluster, global_batch=64, stage="last", stack=stack)
+            for stack in ("apogee", "megatron")}
+    apogee_blocks = sum(stage_layer_counts(m, lay)[3::4])
+    assert apogee_blocks < 20
+    # The last stage's parameters: the same output layer, 20 - apogee_blocks more blocks under megatron.
+    per_block = (m.attn_params() + m.norm_params() + m.dense_mlp_params()) / lay.tp
+    extra = stage_params(m, lay, "last", "megatron")[0] - stage_params(m, lay, "last")[0]
+    assert extra == pytest.approx((20 - apogee_blocks) * per_block, rel=1e-9)
+    assert last["megatron"].params > last["apogee"].params
+    assert _timed("llama3-70b", "megatron", **dataclasses.asdict(lay))[0] == [20] * 4
+
+
 def test_a_pipeline_that_does_not_divide_the_layers_is_priced_between_its_neighbours():
     # Llama 3 405B's 126 layers on 16 stages (Dubey et al. 2024): no longer rejected.
     lay = dict(tp=8, pp=16, dp=1, microbatch=1, pp_schedule="1f1b", sequence_parallel=True, zero=1)

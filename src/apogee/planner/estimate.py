@@ -189,7 +189,7 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
         t_pipe += slots * (sum(work) - work[slow]) / (p - 1)
 
     # --- data parallel ---------------------------------------------------------------------------
-    nonexpert, experts = stage_params(m, lay)
+    nonexpert, experts = stage_params(m, lay, stack=run.stack)
     params_rank = nonexpert + experts
     shard = lay.dp * lay.cp
     dp_link = comms.axis_link(lay, "dp", cl, size=shard, stride=t)
@@ -264,18 +264,10 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
 
 
 def rank_layer_counts(run: RunSpec, lay: Layout) -> list[int]:
-    """Transformer blocks each pp rank holds (all its virtual stages together).
-
-    Megatron-LM splits evenly when the stages divide the layers (its default, what the published runs
-    used); otherwise, as with its uneven-split flags, and always for apogee, the engine's balance
-    (memory.stage_layer_counts: the output layer counts against the last stage)."""
-    m, p, v = run.model, lay.pp, lay.virtual_stages
-    if p == 1:
-        return [m.layers]
-    if run.stack == "megatron" and m.layers % (p * v) == 0:
-        return [m.layers // p] * p
-    counts = stage_layer_counts(m, lay)
-    return [sum(counts[r::p]) for r in range(p)]
+    """Transformer blocks each pp rank holds (all its virtual stages together), as the run's stack
+    splits them (memory.stage_layer_counts, which the memory model uses too)."""
+    counts = stage_layer_counts(run.model, lay, run.stack)
+    return [sum(counts[r::lay.pp]) for r in range(lay.pp)]
 
 
 @dataclass(frozen=True)

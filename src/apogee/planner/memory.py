@@ -62,8 +62,11 @@ class MemoryBreakdown:
         return d
 
 
-def stage_layer_counts(m: ModelShape, lay: Layout) -> list[int]:
-    """Layers of each of the ``pp x virtual_stages`` pipeline stages, as the engine assigns them.
+def stage_layer_counts(m: ModelShape, lay: Layout, stack: str = "apogee") -> list[int]:
+    """Layers of each of the ``pp x virtual_stages`` pipeline stages, as ``stack`` assigns them.
+
+    Megatron-LM (``stack = "megatron"``) splits evenly where the stages divide the layers (its default,
+    what the published runs used); otherwise, as with its uneven-split flags, and always for apogee:
 
     The engine's balance (``apogee.parallel.balance``, which ``apogee.parallel.pipeline.split_layers``
     uses too; tests/unit/test_planner_stages.py checks they agree): a layer costs its
@@ -72,7 +75,10 @@ def stage_layer_counts(m: ModelShape, lay: Layout) -> list[int]:
     latest stages first. So a large vocabulary moves layers off the last stage onto the others, and
     no stage holds more layers than the first.
     """
-    return list(_split_layers(m, lay.pp * lay.virtual_stages))
+    n_stages = lay.pp * lay.virtual_stages
+    if stack == "megatron" and n_stages > 1 and m.layers % n_stages == 0:
+        return [m.layers // n_stages] * n_stages
+    return list(_split_layers(m, n_stages))
 
 
 @lru_cache(maxsize=4096)
@@ -88,19 +94,19 @@ def _split_layers(m: ModelShape, n_stages: int) -> tuple[int, ...]:
     return tuple(caps)
 
 
-def rank_layer_ranges(m: ModelShape, lay: Layout, stage: str = "first") -> list[range]:
+def rank_layer_ranges(m: ModelShape, lay: Layout, stage: str = "first", stack: str = "apogee") -> list[range]:
     """Global layer indices held by the pp rank running the ``stage`` ("first" or "last") pipeline stage.
 
     With virtual stages (interleaved 1F1B, torch's "loop" placement) pp rank r runs stages r, r + pp, ...:
     the first rank also holds stages pp, 2 pp, ..., the last rank stages 2 pp - 1, ..., the last one.
     """
-    counts = stage_layer_counts(m, lay)
+    counts = stage_layer_counts(m, lay, stack)
     starts = [sum(counts[:i]) for i in range(len(counts))]
     r = 0 if stage == "first" else lay.pp - 1
     return [range(starts[s], starts[s] + counts[s]) for s in range(r, len(counts), lay.pp)]
 
 
-def stage_params(m: ModelShape, lay: Layout, stage: str = "first") -> tuple[float, float]:
+def stage_params(m: ModelShape, lay: Layout, stage: str = "first", stack: str = "apogee") -> tuple[float, float]:
     """(non-expert params, routed-expert params) held by one rank of the ``stage`` ("first" or "last")
     pipeline stage. With ``pp == 1`` the one stage holds the whole model (the final norm, ``hidden``
     parameters, is left out there as it always was)."""
@@ -111,7 +117,7 @@ def stage_params(m: ModelShape, lay: Layout, stage: str = "first") -> tuple[floa
     per_moe_nonexpert = m.attn_params() + m.norm_params() + shared
     dense_end = m.layers - m.moe_layers  # dense layers come first (ModelShape.dense_layers)
     dense_here = moe_here = 0
-    for r in rank_layer_ranges(m, lay, stage):
+    for r in rank_layer_ranges(m, lay, stage, stack):
         d = max(0, min(r.stop, dense_end) - r.start)
         dense_here += d
         moe_here += len(r) - d
@@ -322,7 +328,7 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
                  stage: str = "first", stack: str = "apogee") -> MemoryBreakdown:
     """Bytes on one rank of the ``stage`` ("first" or "last") pipeline stage, for ``stack``'s blocks
     (apogee's own, or Megatron-LM's: ``megatron_llama_activation_bytes`` for its Llama blocks)."""
-    nonexpert, experts = stage_params(m, lay, stage)
+    nonexpert, experts = stage_params(m, lay, stage, stack)
     shard_dp = lay.dp * lay.cp  # FSDP/ZeRO shard over the data and context axes (torchtitan's dp_shard x cp)
     ex_dp = max(1, shard_dp // lay.ep)
     w1, g1, o1 = zero_split(nonexpert, shard_dp, lay.zero)
@@ -348,7 +354,7 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
                                           autocast=autocast, compiled=layout.compile)
 
     per_layer = layer_bytes(lay)
-    layers_here = sum(len(r) for r in rank_layer_ranges(m, lay, stage))
+    layers_here = sum(len(r) for r in rank_layer_ranges(m, lay, stage, stack))
     acts = per_layer * layers_here * in_flight_microbatches(lay, n_micro, stage)
     has_output = lay.pp == 1 or stage == "last"
     # Transient peaks on top of what is kept: the loss' backward starts on the output stage, and under
