@@ -50,13 +50,9 @@ class ContextParallelAttention(nn.Module):
         self.rank = cp_mesh.get_local_rank()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        local = q.shape[2]
-        chunk, seq = local // 2, local * self.cp
-        # [batch, heads, seq, dim] in rank-major order, then in sequence order.
-        key_pos = torch.cat([load_balanced_positions(seq, self.cp, r, q.device) for r in range(self.cp)])
-        order = torch.argsort(key_pos)
-        k_all = _gather_seq(k, self.cp_mesh, self.cp).index_select(2, order)
-        v_all = _gather_seq(v, self.cp_mesh, self.cp).index_select(2, order)
+        chunk = q.shape[2] // 2
+        k_all = _gather_seq(k, self.cp_mesh, self.cp)  # [batch, heads, seq, dim] in sequence order
+        v_all = _gather_seq(v, self.cp_mesh, self.cp)
         out = []
         for half, global_chunk in enumerate((self.rank, 2 * self.cp - 1 - self.rank)):
             end = (global_chunk + 1) * chunk  # keys up to this chunk's last token
@@ -71,9 +67,12 @@ _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or fu
 
 
 def _gather_seq(x: torch.Tensor, mesh: DeviceMesh, cp: int) -> torch.Tensor:
-    """All-gather along the sequence dim (2) of [batch, heads, local, dim], differentiably."""
-    gathered = _all_gather_autograd(x.contiguous(), gather_dim=0, group=mesh)  # [cp*batch, ...]
-    return torch.cat(gathered.chunk(cp, dim=0), dim=2)
+    """All-gather the load-balanced [batch, heads, local, dim] slices along the sequence dim (2), back in
+    sequence order, differentiably: rank r holds chunks r and 2cp-1-r, so the first halves in rank order
+    are chunks 0..cp-1 and the second halves in reverse rank order chunks cp..2cp-1."""
+    gathered = _all_gather_autograd(x.contiguous(), gather_dim=0, group=mesh)  # [cp*batch, ...], rank-major
+    halves = [part.chunk(2, dim=2) for part in gathered.chunk(cp, dim=0)]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in reversed(halves)], dim=2)
 
 
 def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh) -> None:
