@@ -269,15 +269,10 @@ def layer_parts(m: ModelShape, tp: int, cp: int, ep: int, mb: int, sp: bool, rec
 
 
 def layer_times(m: ModelShape, tp: int, cp: int, ep: int, mb: int, sp: bool, recompute: str,
-                acc: Accelerator, precision: str, eager: str | None = None) -> tuple[float, float]:
-    """(forward seconds, backward seconds incl. recompute) of one dense transformer layer, one micro-batch."""
-    parts = layer_parts(m, tp, cp, ep, mb, sp, recompute, acc, precision, eager)
-    return parts.forward, parts.backward
-
-
-def moe_layer_times(m: ModelShape, tp: int, cp: int, ep: int, mb: int, sp: bool, recompute: str,
-                    acc: Accelerator, precision: str, eager: str | None = None) -> tuple[float, float]:
-    parts = layer_parts(m, tp, cp, ep, mb, sp, recompute, acc, precision, eager, moe=True)
+                acc: Accelerator, precision: str, eager: str | None = None, *, moe: bool = False
+                ) -> tuple[float, float]:
+    """(forward seconds, backward seconds incl. recompute) of one transformer layer, one micro-batch."""
+    parts = layer_parts(m, tp, cp, ep, mb, sp, recompute, acc, precision, eager, moe=moe)
     return parts.forward, parts.backward
 
 

@@ -9,7 +9,7 @@ from functools import lru_cache
 
 from apogee.planner import comms
 from apogee.planner.cluster import GIB, Accelerator, Cluster
-from apogee.planner.compute import AUTOCAST_CAST_BYTES, hbm_bytes_per_s, layer_times, logits_times, moe_layer_times
+from apogee.planner.compute import AUTOCAST_CAST_BYTES, hbm_bytes_per_s, layer_times, logits_times
 from apogee.planner.errors import PlannerError
 from apogee.planner.host import host_microbatch_s, host_step_s, measured_host_s, oversubscription
 from apogee.planner.memory import MemoryBreakdown, engine_autocast, memory_per_gpu, stage_layer_counts, stage_params
@@ -294,7 +294,7 @@ def _micro_batch(run: RunSpec, lay: Layout, acc: Accelerator, eager: str | None,
     key = (m, t, lay.cp, lay.ep, mb, lay.sequence_parallel, lay.recompute, acc, run.precision, eager)
     n_moe = round(Ls * m.moe_layers / m.layers)
     fd, bd = layer_times(*key)
-    fm, bm = moe_layer_times(*key) if n_moe else (0.0, 0.0)
+    fm, bm = layer_times(*key, moe=True) if n_moe else (0.0, 0.0)
     f_stage = (Ls - n_moe) * fd + n_moe * fm
     b_stage = (Ls - n_moe) * bd + n_moe * bm
     if eager == "autocast":

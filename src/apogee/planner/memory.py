@@ -256,14 +256,17 @@ def norm_activation_units(m: ModelShape, lay: Layout, act_bytes: float, autocast
 
 
 def head_activation_bytes(m: ModelShape, lay: Layout, *, micro_tokens: float, act_bytes: float = 2.0,
-                          autocast: bool = False) -> float:
+                          autocast: bool = False, megatron: bool = False) -> float:
     """Bytes the stage holding the output layer keeps per micro-batch beyond its blocks: the final
     norm (llama) and the cross-entropy's fp32 log-softmax over the vocabulary shard (Korthikanti 2022
     §4.3: 4sbv/t); the 16-bit logits themselves are not kept. Under autocast also the output
-    weight's bf16 cast (the output layer is never recomputed)."""
+    weight's bf16 cast (the output layer is never recomputed). ``megatron``: Megatron-LM's final
+    RMSNorm keeps only its input (split by tp under sequence parallelism)."""
     logits = 4 * micro_tokens * m.vocab / lay.tp
     if m.mlp == "gelu":
         return logits
+    if megatron:
+        return logits + act_bytes * micro_tokens * m.hidden / _sp_shard(lay)
     norm = micro_tokens * m.hidden * norm_activation_units(m, lay, act_bytes, autocast_linears=1 if autocast else 0)
     return logits + norm + (2.0 * m.vocab * m.hidden / lay.tp if autocast else 0.0)
 
@@ -335,6 +338,7 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
     w2, g2, o2 = zero_split(experts, ex_dp, lay.zero)
     params, grads, opt = w1 + w2, g1 + g2, o1 + o2
     megatron = stack == "megatron"
+    megatron_llama = megatron and m.mlp != "gelu"  # GPT blocks are Korthikanti's count in either stack
     autocast = engine_autocast(lay, precision) and not megatron
     if precision == "fp32" or autocast:
         # fp32 weights (the engine on CPU, or under autocast without FSDP): 4-byte weights and grads, 8 bytes
@@ -348,7 +352,7 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
     act_bytes = 4.0 if precision == "fp32" else 2.0
 
     def layer_bytes(layout: Layout) -> float:
-        if megatron and m.mlp != "gelu":
+        if megatron_llama:
             return megatron_llama_activation_bytes(m, layout, micro_tokens=micro_tokens, act_bytes=act_bytes)
         return activation_bytes_per_layer(m, layout, micro_tokens=micro_tokens, act_bytes=act_bytes,
                                           autocast=autocast, compiled=layout.compile)
@@ -360,7 +364,7 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
     # Transient peaks on top of what is kept: the loss' backward starts on the output stage, and under
     # full recompute the layer being recomputed holds its full activations during its backward; the
     # larger of the two (they do not overlap).
-    transient = loss_backward_bytes(m, lay, micro_tokens=micro_tokens) if has_output and not megatron else 0.0
+    transient = loss_backward_bytes(m, lay, micro_tokens=micro_tokens) if has_output and not megatron_llama else 0.0
     if lay.recompute == "full":
         transient = max(transient, layer_bytes(dataclasses.replace(lay, recompute="none")))
     acts += transient
@@ -368,10 +372,8 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
         # Megatron keeps the embedding's dropout output (Korthikanti 2022 §4.3); apogee's embedding
         # output is the first block's input, counted there.
         acts += act_bytes * micro_tokens * m.hidden / _sp_shard(lay)
-    if megatron and m.mlp != "gelu":  # the fp32 log-softmax and the final RMSNorm's input
-        head = 4 * micro_tokens * m.vocab / lay.tp + act_bytes * micro_tokens * m.hidden / _sp_shard(lay)
-    else:
-        head = head_activation_bytes(m, lay, micro_tokens=micro_tokens, act_bytes=act_bytes, autocast=autocast)
+    head = head_activation_bytes(m, lay, micro_tokens=micro_tokens, act_bytes=act_bytes, autocast=autocast,
+                                 megatron=megatron_llama)
     if lay.pp == 1:
         acts += head  # one micro-batch's (accumulation runs them in turn)
     elif stage == "last":
