@@ -308,7 +308,7 @@ def test_heldout_published_runs(capsys):
     assert all(abs(r["error_pct"]) <= 5.0 for r in no_recompute[:2])
     assert all("rc:full" in r["layout"] and r["fits"] for r in chosen)
     assert all(-23.0 <= r["error_pct"] <= -19.0 for r in chosen[:2])  # 8K: full recompute chosen
-    assert abs(chosen[2]["error_pct"]) <= 10.0  # 128K, cp16
+    assert -9.5 <= chosen[2]["error_pct"] <= -7.5  # 128K, cp16: -8.4% (attention at the stack speed too)
     assert all(r["fits"] and abs(r["error_pct"]) <= 6.0 for r in nemo)
     assert sum(abs(r["error_pct"]) for r in nemo) / len(nemo) <= 4.5
     # GPT-3 175B: micro-batch 2 (512 GPUs) above micro-batch 1 (128 GPUs), as published (by 5% of the 15%).
@@ -318,7 +318,8 @@ def test_heldout_published_runs(capsys):
 
 def test_gpu_layer_shapes_covers_each_h100_row_at_its_shard(tmp_path, capsys):
     """benchmarks/gpu_layer_shapes.py: every published H100 row at its own tp, then NeMo's GPT-3 175B at
-    tp 4; its predictions are the planner's layer_parts (the --shrink dry run on CPU, no timing asserted)."""
+    tp 4; its predictions are the planner's layer_parts and its FLOPs Megatron's per-layer count (the
+    --shrink dry run on CPU, no timing asserted)."""
     from apogee.planner.compute import layer_parts
 
     spec = importlib.util.spec_from_file_location("gpu_layer_shapes", ROOT / "benchmarks" / "gpu_layer_shapes.py")
@@ -336,7 +337,9 @@ def test_gpu_layer_shapes_covers_each_h100_row_at_its_shard(tmp_path, capsys):
         parts = layer_parts(mod.SHRUNK, 2, 1, 1, r["mb"], True, "none", get_accelerator("h100-80gb"), "bf16")
         assert r["pred_layer_s"] == pytest.approx(parts.forward + parts.backward)
         assert r["pred_matmul_s"] == pytest.approx(parts.gemm_f + parts.gemm_b + parts.attn_f + parts.attn_b)
-        assert r["matmul_s"] > 0 and r["layer_s"] > 0
+    # Megatron's model FLOPs of one layer, forward + backward, at f = 4h: 72 b s h^2 (1 + s / 6h) / tp.
+    h, s_, tokens = mod.GPT3_175B.hidden, mod.GPT3_175B.seq_len, 2 * mod.GPT3_175B.seq_len
+    assert mod.model_flops(mod.GPT3_175B, 4, 2) == pytest.approx(72 * tokens * h * h * (1 + s_ / (6 * h)) / 4)
 
 
 def test_published_rows_embedding_tying_matches_their_parameter_counts():
