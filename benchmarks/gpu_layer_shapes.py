@@ -37,6 +37,7 @@ import csv
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -135,7 +136,6 @@ def time_layer(m: ModelShape, tp: int, mb: int, device: str, reps: int, *, matmu
             end.synchronize()
             lap = start.elapsed_time(end) / 1e3
         else:
-            import time
             t0 = time.perf_counter()
             step()
             lap = time.perf_counter() - t0
