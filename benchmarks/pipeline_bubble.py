@@ -82,7 +82,7 @@ it is 50-85% from theory + comm. Other jobs on the host stall ranks at random: t
 the raw timestamps for such analysis.
 
 Equal devices (``--fixed-ms MS``): the CPU cannot make four ranks equally fast (on the H100 machine's
-16 idle cores too, with a core per rank: the same block's forward varied with a 15-40% coefficient of
+16 idle cores too, with a core per rank: the same block's forward varied with a 12-40% coefficient of
 variation, and every schedule missed theory + comm, by 13-209%), so the verdict needs devices whose work
 takes a fixed time, as a GPU kernel's nearly does. With ``--fixed-ms`` every transformer block's
 forward, input-gradient and weight-gradient work each take MS milliseconds more than the block's real
@@ -409,14 +409,15 @@ def _simulate(orders: list, cost, n_stages: int, joint: list = ()) -> list[float
         members = [tuple(a) for a in group]
         first_of[min(members, key=lambda a: index.get(a, 0))] = members
 
-    def ready(done, kind, stage, mb):
+    done: dict = {}
+
+    def ready(kind, stage, mb):
         if kind == "F" and stage > 0:
             return done.get(("F", stage - 1, mb))
         if kind in ("B", "I") and stage < n_stages - 1:
             return done.get(("B", stage + 1, mb), done.get(("I", stage + 1, mb)))
         return 0.0  # same-rank dependencies hold by the order
 
-    done: dict = {}
     pos = [0] * len(orders)
     free = [0.0] * len(orders)
     busy = [0.0] * len(orders)
@@ -426,7 +427,7 @@ def _simulate(orders: list, cost, n_stages: int, joint: list = ()) -> list[float
         for r, order in enumerate(orders):
             while pos[r] < len(order):
                 kind, stage, mb = order[pos[r]]
-                deps = [ready(done, *a) for a in first_of.get((kind, stage, mb), [(kind, stage, mb)])]
+                deps = [ready(*a) for a in first_of.get((kind, stage, mb), [(kind, stage, mb)])]
                 if None in deps:
                     break
                 dep = max(deps)
