@@ -42,12 +42,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from apogee.planner.search import complete_layout  # noqa: E402
-from apogee.planner.spec import run_from_dict  # noqa: E402
+from apogee.planner.spec import run_from_dict, shape_from_flavor  # noqa: E402
 
-LLAMA3_405B = {"layers": 126, "hidden": 16384, "heads": 128, "kv_heads": 8, "ffn_hidden": 53248, "vocab": 128256}
-LLAMA3_70B = {"layers": 80, "hidden": 8192, "heads": 64, "kv_heads": 8, "ffn_hidden": 28672, "vocab": 128256}
-LLAMA3_8B = {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 8, "ffn_hidden": 14336, "vocab": 128256}
-LLAMA2_70B = {"layers": 80, "hidden": 8192, "heads": 64, "kv_heads": 8, "ffn_hidden": 28672, "vocab": 32000}
+
+def _flavor_shape(flavor: str, **override) -> dict:
+    """A flavor's shape as explicit model keys (so its plans are not filtered by apogee's validation)."""
+    shape = shape_from_flavor(flavor)
+    return {**{k: getattr(shape, k) for k in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab")},
+            **override}
+
+
+LLAMA3_405B = _flavor_shape("llama3-405b")
+LLAMA3_70B = _flavor_shape("llama3-70b")
+LLAMA3_8B = _flavor_shape("llama3-8b")
+LLAMA2_70B = _flavor_shape("llama3-70b", vocab=32000)  # the same block; Llama 2's 32000-token vocabulary
 LLAMA2_13B = {"layers": 40, "hidden": 5120, "heads": 40, "kv_heads": 40, "ffn_hidden": 13824, "vocab": 32000}
 LLAMA2_7B = {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 32, "ffn_hidden": 11008, "vocab": 32000}
 # GPT-3 175B (Brown et al. 2020, Table 2.1), tied embeddings; the padded GPT-2 vocabulary is not stated (the
