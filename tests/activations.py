@@ -57,14 +57,19 @@ class LiveStorages(TorchDispatchMode):
         return out
 
 
+def _meta_model(layers: int) -> Transformer:
+    """The test shape with ``layers`` blocks, on the meta device (to be parallelised, then materialised)."""
+    args = ModelArgs(dim=DIM, n_layers=layers, n_heads=HEADS, n_kv_heads=KV, ffn_hidden=FFN, vocab_size=VOCAB,
+                     max_seq_len=SEQ)
+    with torch.device("meta"):
+        return Transformer(args)
+
+
 def held_after_forward(layers: int, *, dtype: torch.dtype = torch.float32, recompute: str = "none",
                        tp_mesh=None, sequence_parallel: bool = False, autocast: bool = False) -> int:
     """Bytes held for backward by a ``layers``-block model after forward + loss, on this rank.
     ``autocast``: fp32 weights, forward under bf16 autocast (the engine without FSDP on a GPU)."""
-    args = ModelArgs(dim=DIM, n_layers=layers, n_heads=HEADS, n_kv_heads=KV, ffn_hidden=FFN, vocab_size=VOCAB,
-                     max_seq_len=SEQ)
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = _meta_model(layers)
     if tp_mesh is not None:
         apply_tensor_parallel(model, tp_mesh, sequence_parallel=sequence_parallel, loss_parallel=True)
     init_weights(model, 0, torch.device("cpu"))
@@ -89,10 +94,7 @@ def saved_by_blocks(layers: int, *, compiled: bool, autocast: bool) -> int:
     ``compiled``: each block compiled as the engine does (``block.compile()``). A dispatch mode does not
     see inside compiled code; the hooks see what its autograd function saves. The second forward is
     counted (the first compiles)."""
-    args = ModelArgs(dim=DIM, n_layers=layers, n_heads=HEADS, n_kv_heads=KV, ffn_hidden=FFN, vocab_size=VOCAB,
-                     max_seq_len=SEQ)
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = _meta_model(layers)
     init_weights(model, 0, torch.device("cpu"))
     if compiled:
         for block in model.layers.values():
