@@ -103,16 +103,20 @@ def _elem_block(key: tuple, reps: int) -> float:
     return _best(run, reps)
 
 
-def _host_replica(parallel: dict, nproc: int, heads: int, kv_heads: int, mb: int, reps: int) -> dict:
-    """Host seconds on a structural replica of the run: the engine's model, parallel plans
-    (apogee.parallel.apply on this run's layout and mesh), loss, clipping and optimizer at near-zero
-    size (head_dim 2, a few tokens and vocabulary entries), so every torch call, autograd node,
-    DTensor dispatch, FSDP2 unit and collective of the real step runs with no compute or bytes to
-    speak of. All ranks at once, median of ``reps`` (the contention and the gloo latency the run
-    sees). Models of 1 and 3 blocks give per-block times and the rest (embedding, output, loss, the
-    root unit): {"micro_batch": (per block, rest), "step": (per block, rest)}, where micro_batch is one
-    micro-batch's forward + backward with gradient sync off (the engine reduce-scatters once per
-    step) and step is clipping + AdamW + zero_grad."""
+def _host_replica(parallel: dict, nproc: int, args, m, reps: int) -> dict:
+    """Seconds of the run's step work that scales with its parameters, not its tokens, on a replica of
+    the layout: the engine's model (the run's ModelArgs ``args``: its hidden size, heads, ffn width and
+    vocabulary), parallel plans (apogee.parallel.apply on this run's layout and mesh), loss, clipping
+    and optimizer on one sequence of 2 x tp tokens, so every torch call, autograd node, DTensor
+    dispatch, collective and FSDP2 unit of the real step runs, with FSDP2's gathers, copies and
+    reduce-scatters, the gradient accumulation, clipping and AdamW at the real parameter bytes, and
+    almost no token work. All ranks at once, median of ``reps`` (the contention and the gloo latency
+    the run sees). Models of 1 and 3 blocks give per-block times and the rest (embedding, output,
+    loss, the root unit): {"micro_batch": (per block, rest), "sync": ..., "step": ...}, where
+    micro_batch is one micro-batch's forward + backward with gradient sync off (the engine reduces
+    gradients once per step) less the replica's own few-token GEMMs (the GEMM table prices those
+    products at the run's tokens; ``m``, the run's ModelShape, gives them; None keeps them), sync what a
+    micro-batch with gradient sync on adds, and step is clipping + AdamW + zero_grad."""
     import contextlib
 
     import torch
@@ -121,7 +125,6 @@ def _host_replica(parallel: dict, nproc: int, heads: int, kv_heads: int, mb: int
     from torch.distributed.tensor.parallel import loss_parallel
 
     from apogee.config import load_config, validate
-    from apogee.models.flavors import ModelArgs
     from apogee.models.init import init_weights
     from apogee.models.llama import Transformer
     from apogee.parallel.apply import parallelize
@@ -133,17 +136,16 @@ def _host_replica(parallel: dict, nproc: int, heads: int, kv_heads: int, mb: int
     mesh = Mesh.build(resolved, "cpu")
     tp = resolved.tp
     seq = 2 * tp
-    medians = {"micro_batch": [], "step": []}
+    medians = {"micro_batch": [], "sync": [], "step": []}
     depths = (1, 3)
     for layers in depths:
-        args = ModelArgs(dim=2 * heads, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads, ffn_hidden=4 * tp,
-                         vocab_size=8 * tp, max_seq_len=seq)
+        small = dataclasses.replace(args, n_layers=layers, max_seq_len=seq)
         with torch.device("meta"):
-            model = Transformer(args)
+            model = Transformer(small)
         model = parallelize(model, mesh, param_dtype=torch.float32, compile=False)
         init_weights(model, 0, torch.device("cpu"))
         optimizer = build_optimizer(model, cfg.train)
-        tokens = torch.randint(0, args.vocab_size, (mb, seq + 1), generator=torch.Generator().manual_seed(0))
+        tokens = torch.randint(0, small.vocab_size, (1, seq + 1), generator=torch.Generator().manual_seed(0))
 
         def micro_batch(sync: bool):
             if hasattr(model, "set_requires_gradient_sync"):
@@ -160,21 +162,52 @@ def _host_replica(parallel: dict, nproc: int, heads: int, kv_heads: int, mb: int
         for _ in range(3):
             micro_batch(True)
             step()
-        if dist.is_initialized():
-            dist.barrier()
-        laps = [_timed(lambda: micro_batch(False)) for _ in range(reps)]
-        medians["micro_batch"].append(statistics.median(laps))
-        optimizer.zero_grad(set_to_none=True)
-        laps = []
-        for _ in range(reps):
-            micro_batch(True)
-            laps.append(_timed(step))
-        medians["step"].append(statistics.median(laps))
+        laps = {"off": [], "on": [], "step": []}
+        for _ in range(reps):  # a step's sequence: micro-batches without, then with, gradient sync
+            if dist.is_initialized():
+                dist.barrier()
+            laps["off"].append(_timed(lambda: micro_batch(False)))
+            laps["on"].append(_timed(lambda: micro_batch(True)))
+            laps["step"].append(_timed(step))
+        off = statistics.median(laps["off"])
+        medians["micro_batch"].append(off)
+        medians["sync"].append(statistics.median(laps["on"]) - off)
+        medians["step"].append(statistics.median(laps["step"]))
     out = {}
     for key, (one, deep) in medians.items():
         per_block = max(0.0, (deep - one) / (depths[1] - depths[0]))
         out[key] = (per_block, max(0.0, one - per_block))
+    if m is None:
+        return out
+    gemm_block, gemm_rest = _replica_gemms_s(m, tp, seq, reps)
+    per_block, rest = out["micro_batch"]
+    out["micro_batch"] = (max(0.0, per_block - gemm_block), max(0.0, rest - gemm_rest))
     return out
+
+
+def _replica_gemms_s(m, tp: int, tokens: int, reps: int) -> tuple[float, float]:
+    """Seconds of the replica's own GEMMs at its ``tokens``, per block and for the output layer: each
+    weight's forward, input-gradient and weight-gradient product as F.linear's autograd runs them
+    (x @ W^T, g @ W, g^T @ x), over three blocks' worth of distinct weights (out of cache, as in the
+    model)."""
+    import torch
+
+    from apogee.planner.compute import dense_layer_gemms
+
+    def products(shapes, copies: int = 3) -> float:
+        ops = []
+        for _ in range(copies):
+            for M, N, K in shapes:
+                M, N, K = round(M), round(N), round(K)
+                ops.append((torch.randn(M, K), torch.randn(N, K), torch.randn(M, N)))
+
+        def run():
+            for x, w, g in ops:
+                x @ w.t(), g @ w, g.t() @ x
+
+        return _best(run, reps) / copies
+
+    return products(dense_layer_gemms(m, tokens, tp)), products([(tokens, m.vocab / tp, m.hidden)])
 
 
 def _timed(fn) -> float:
@@ -189,7 +222,7 @@ def _vmhwm() -> int:
 
 
 def _worker(rank: int, args: tuple, out) -> None:
-    nproc, dp, tp, shapes, mb, heads, kv_heads, seq, head_dim, elem, reps, port, parallel, model_heads = args
+    nproc, dp, tp, shapes, mb, heads, kv_heads, seq, head_dim, elem, reps, port, parallel, model_args, m = args
     import torch
     import torch.distributed as dist
     from torch import nn
@@ -278,12 +311,17 @@ def _worker(rank: int, args: tuple, out) -> None:
                 alone.append(min(_timed(work) for _ in range(3)))
         dist.barrier()
         res["contention"] = min(t_all) / alone[0]
-    # 6. The host work of the layout's step, on a near-zero-size replica of it; then the resident size:
-    # the runtime a rank carries before its model (imports, torch._dynamo, which building any model on
-    # the meta device loads, gloo, the code pages of the ops above; the replica's tensors are a few KiB).
-    if parallel.get("pp", 1) == 1:  # the replica runs the model whole; pipeline layouts keep the count model
-        res["host"] = _host_replica(parallel, nproc, *model_heads, mb, reps * 2)
+    # 6. The resident size: the runtime a rank carries before its model (imports, torch._dynamo, which
+    # building any model on the meta device loads, gloo, the code pages of the step's ops), read after one
+    # pass of the replica at near-zero size (head_dim 2, its tensors a few KiB); then the replica at the
+    # run's parameter sizes. The replica runs the model whole; pipeline layouts keep the count model.
+    whole = parallel.get("pp", 1) == 1
+    if whole:
+        near_zero = dataclasses.replace(model_args, dim=2 * model_args.n_heads, ffn_hidden=4 * tp, vocab_size=8 * tp)
+        _host_replica(parallel, nproc, near_zero, None, 1)
     res["base_rss"] = _vmhwm()
+    if whole:
+        res["host"] = _host_replica(parallel, nproc, model_args, m, reps * 2)
     # 7. Every GEMM shape the cost model prices for this layout, at the rank's thread count.
     table = {}
     for M, N, K in shapes:
@@ -313,18 +351,19 @@ def _worker(rank: int, args: tuple, out) -> None:
 
 
 def measure_cpu(nproc: int, dp: int, tp: int, shapes, mb: int, seq: int, heads: tuple[int, int, int],
-                elem: tuple, parallel: dict, model_heads: tuple[int, int], reps: int = 7) -> dict:
+                elem: tuple, parallel: dict, model_args, m, reps: int = 7) -> dict:
     """The primitives' costs with ``nproc`` ranks on this machine at once, each with the engine's thread
     count. ``heads``: (query heads, kv heads, head dim) per rank. Per primitive: the median over ranks
     of each rank's minimum over repeats. ``elem``: compute.elem_key of the run's block. ``parallel``:
-    the run's [parallel] section, ``model_heads``: the model's (heads, kv heads), for the host replica."""
+    the run's [parallel] section; ``model_args`` (apogee ModelArgs, vocabulary set) and ``m`` (its planner
+    ModelShape): the model, for the host replica."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     args = (nproc, dp, tp, sorted(shapes), mb, heads[0], heads[1], seq, heads[2], tuple(elem), reps, port, parallel,
-            model_heads)
+            model_args, m)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, args, q)) for r in range(nproc)]
@@ -420,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         lay = Layout(tp=tp, dp=dp, pp=pp, microbatch=mbs, zero=3, sequence_parallel=tp > 1, dp_overlap=False,
                      pp_schedule=par.get("pp_schedule", "1f1b"))
         # The micro-benchmarks' collectives run over the ranks beside tp (pipeline ranks included).
-        meas = measure_cpu(nproc, dp * pp, tp, shapes, mbs, seq, heads, elem, par, (m.heads, m.kv_heads))
-        acc = cpu_from_measurement(meas, m, mbs, elem, host_key(lay, fsdp=dp > 1))
+        meas = measure_cpu(nproc, dp * pp, tp, shapes, mbs, seq, heads, elem, par,
+                           dataclasses.replace(fa, vocab_size=m.vocab), m)
+        acc = cpu_from_measurement(meas, m, mbs, elem, host_key(m, lay, fsdp=dp > 1))
         run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=nproc, gpus_per_node=nproc), fixed={},
                       global_batch=gb, precision="fp32")
         est = estimate(run, lay)

@@ -461,10 +461,11 @@ def test_cpu_measured_block_elementwise_and_contention_replace_the_formulas():
 
 
 def test_cpu_measured_host_replica_replaces_the_count_model():
-    """A measured host table entry (benchmarks/planner_vs_measured.py's near-zero-size replica of the
-    layout) replaces the count model for its layout only: each micro-batch pays layers x per-block +
-    rest on top of the shared compute, each step the measured clipping/optimizer host time, and the
-    TP and FSDP collectives keep only their bandwidth term (their latency is in the measurement)."""
+    """A measured host table entry (benchmarks/planner_vs_measured.py's replica of the layout at the
+    run's parameter sizes and a few tokens) replaces the count model for its layout and model only: each
+    micro-batch pays layers x per-block + rest on top of the shared compute, the step's gradient
+    reduction is the measured sync part, the optimizer step the measured clipping/AdamW time (no byte
+    model beside it), and TP traffic keeps only its bandwidth term (its latency is in the measurement)."""
     import dataclasses
 
     from apogee.models.flavors import FLAVORS
@@ -477,30 +478,41 @@ def test_cpu_measured_host_replica_replaces_the_count_model():
     lay = Layout(tp=2, dp=2, microbatch=4, zero=3, sequence_parallel=True, dp_overlap=False)
     n_micro, layers = 16 // (2 * 4), m.layers
 
-    def est(table):
+    def est(table, model=m):
         acc = dataclasses.replace(cpu, host_table=table)
-        run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=4, gpus_per_node=4), fixed={}, global_batch=16,
+        run = RunSpec(model=model, cluster=Cluster(accel=acc, gpus=4, gpus_per_node=4), fixed={}, global_batch=16,
                       precision="fp32")
         return estimate(run, lay)
 
-    key = host_key(lay, fsdp=True)
-    a = est({key: {"micro_batch": (0.010, 0.004), "step": (0.001, 0.002)}})
-    b = est({key: {"micro_batch": (0.012, 0.004), "step": (0.001, 0.002)}})
-    c = est({key: {"micro_batch": (0.010, 0.004), "step": (0.003, 0.002)}})
+    key = host_key(m, lay, fsdp=True)
+    base = {"micro_batch": (0.010, 0.004), "sync": (0.005, 0.001), "step": (0.001, 0.002)}
+    a = est({key: base})
+    b = est({key: {**base, "micro_batch": (0.012, 0.004)}})
+    c = est({key: {**base, "step": (0.003, 0.002)}})
+    d = est({key: {**base, "sync": (0.006, 0.003)}})
     assert b.step_time_s - a.step_time_s == pytest.approx(n_micro * layers * 0.002)
     assert c.step_time_s - a.step_time_s == pytest.approx(layers * 0.002)
+    assert d.step_time_s - a.step_time_s == pytest.approx(layers * 0.001 + 0.002)
+    assert a.comm_exposed_s["dp"] == pytest.approx(layers * 0.005 + 0.001)
+    # The optimizer step is the measurement (plus the loss-mean all-reduce), with no byte model beside it.
+    zero_step = est({key: {**base, "step": (0.0, 0.0)}})
+    assert a.step_time_s - zero_step.step_time_s == pytest.approx(layers * 0.001 + 0.002)
     # The collectives' latency is in the measurement: TP traffic is bytes over bandwidth only.
     counted = est(None)
     assert a.comm_s["tp"] < counted.comm_s["tp"]
     tokens_bytes = 4 * 128 * m.hidden * 4  # one micro-batch's fp32 activations
     per_all_reduce = 2 * (2 - 1) / 2 * tokens_bytes / (cpu.nvlink_busbw_gbs * 1e9)
     assert a.comm_s["tp"] == pytest.approx(n_micro * (layers * 4 + 2) * per_all_reduce)
-    # Another layout (no sequence parallelism) is not in the table: the count model, as without one.
+    # Another layout (no sequence parallelism) or another model (wider) is not in the table: the count
+    # model, as without one.
     other = Layout(tp=2, dp=2, microbatch=4, zero=3, sequence_parallel=False, dp_overlap=False)
-    run = lambda acc: RunSpec(model=m, cluster=Cluster(accel=acc, gpus=4, gpus_per_node=4), fixed={},  # noqa: E731
-                              global_batch=16, precision="fp32")
-    with_table = dataclasses.replace(cpu, host_table={key: {"micro_batch": (1.0, 1.0), "step": (1.0, 1.0)}})
+    run = lambda acc, model=m: RunSpec(model=model, cluster=Cluster(accel=acc, gpus=4, gpus_per_node=4),  # noqa: E731
+                                       fixed={}, global_batch=16, precision="fp32")
+    with_table = dataclasses.replace(cpu, host_table={key: {part: (1.0, 1.0) for part in base}})
     assert estimate(run(with_table), other).step_time_s == pytest.approx(estimate(run(cpu), other).step_time_s)
+    wider = dataclasses.replace(m, hidden=2 * m.hidden)
+    assert (estimate(run(with_table, wider), lay).step_time_s
+            == pytest.approx(estimate(run(cpu, wider), lay).step_time_s))
 
 
 def test_gpu_gemm_shape_table_keeps_the_level_and_takes_the_shape_ratios(tmp_path):

@@ -305,12 +305,16 @@ def _mlp_gemms(m: ModelShape, tokens: float, f: float, tp: int) -> list[tuple[fl
     return up + [(tokens, m.hidden, f / tp)]
 
 
+def dense_layer_gemms(m: ModelShape, tokens: float, tp: int) -> list[tuple[float, float, float]]:
+    """A dense layer's forward GEMMs [M, N, K] on one TP rank, one per weight (the same shape repeats)."""
+    return _attn_gemms(m, tokens, tp) + _mlp_gemms(m, tokens, m.ffn_hidden, tp)
+
+
 def gemm_shapes(m: ModelShape, tp: int, cp: int, mb: int) -> set[tuple[int, int, int]]:
     """Every (M, N, K) the cost model prices for a dense layer and the output layer at this layout:
     forward, input-gradient and weight-gradient shapes (what a measured gemm_table must hold)."""
     tokens = mb * m.seq_len / cp
-    f = m.ffn_hidden
-    fwd = _attn_gemms(m, tokens, tp) + _mlp_gemms(m, tokens, f, tp)
+    fwd = dense_layer_gemms(m, tokens, tp)
     out = set()
     for M, N, K in fwd:
         out |= {(M, N, K), (M, K, N), (K, N, M)}

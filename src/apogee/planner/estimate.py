@@ -150,7 +150,7 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     share = oversubscription(acc, ranks_node)
     counts = rank_layer_counts(run, lay)
     # A device's measured host table holds the layout or not, whatever a rank's block count.
-    host_measured = acc.host_bound and measured_host_s("micro_batch", lay, acc, counts[0], fsdp) is not None
+    host_measured = acc.host_bound and measured_host_s("micro_batch", m, lay, acc, counts[0], fsdp) is not None
     lf, lb = logits_times(m, t, lay.cp, mb, acc, run.precision, eager)
     if acc.host_bound:
         lf, lb = lf * share, lb * share
@@ -204,11 +204,9 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
             # neighbouring blocks' compute on GPUs; on a host-bound device gloo's copies and socket
             # I/O run on the rank's own cores and the latency is paid per unit.
             units = Ls + 1
-            # The per-unit gathers' latency is in a measured host time (the replica gathers every unit).
-            ag_link = dataclasses.replace(dp_link, latency=0.0) if host_measured else dp_link
-            param_ag = comms.all_gather(2 * params_rank * (2 if run.precision == "fp32" else 1), shard, ag_link)
+            param_ag = comms.all_gather(2 * params_rank * (2 if run.precision == "fp32" else 1), shard, dp_link)
             if acc.host_bound:
-                param_ag += (units - 1) * (shard - 1) * ag_link.latency
+                param_ag += (units - 1) * (shard - 1) * dp_link.latency
                 grad_rs += (units - 1) * (shard - 1) * dp_link.latency
             dp_comm = n_micro * 2 * param_ag + grad_rs
             if acc.host_bound:
@@ -223,6 +221,10 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
                 dp_exposed = max(0.0, grad_rs - b_stage) + max(0.0, param_ag - f_stage) + grad_rs / max(1, Ls)
             else:
                 dp_exposed = dp_comm
+    if host_measured:
+        # The replica ran the data-parallel traffic at the real parameter bytes: the gathers are in its
+        # micro-batch time, the gradient reduction is what its micro-batch with gradient sync adds.
+        dp_exposed = measured_host_s("sync", m, lay, acc, Ls, fsdp)
     local_params = params_rank / (shard if lay.zero >= 1 else 1)
     # apogee under autocast drops its gradients after each step (set_to_none) instead of zeroing a buffer:
     # the first micro-batch's fp32 gradients become .grad, each later one is added in place.
@@ -230,14 +232,14 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
                    else GRAD_ZERO_BYTES_PER_PARAM) * params_rank
     t_opt = (ADAM_BYTES_PER_PARAM * local_params + grad_buffer) / hbm_bytes_per_s(acc)
     if acc.host_bound:
-        measured_step = measured_host_s("step", lay, acc, Ls, fsdp)
+        measured_step = measured_host_s("step", m, lay, acc, Ls, fsdp)
         # Small latency-bound collectives every step: the loss mean over data ranks and the global
         # gradient norm, plus (sequence parallel) one all-reduce per norm gain's partial gradient.
         small = (1 if shard > 1 else 0) + (1 if cl.gpus > 1 else 0) + ((2 * Ls + 1) if sp and t > 1 else 0)
         if measured_step is None:
             t_opt = (t_opt + host_step_s(m, lay, acc, Ls)) * share
         else:
-            t_opt = t_opt * share + measured_step
+            t_opt = measured_step  # clipping and AdamW over the real parameters, all ranks at once
             small = 1 if shard > 1 else 0  # the replica's clipping ran the others
         t_opt += small * comms.all_reduce(8, max(2, min(cl.gpus, ranks_node)), comms.axis_link(lay, "tp", cl, size=2, stride=1))
 
@@ -310,7 +312,7 @@ def _micro_batch(run: RunSpec, lay: Layout, acc: Accelerator, eager: str | None,
     # it slows down when the node's ranks x threads exceed its cores.
     if acc.host_bound:
         if host_measured:
-            f_stage = f_stage * share + measured_host_s("micro_batch", lay, acc, Ls, fsdp)  # already shared
+            f_stage = f_stage * share + measured_host_s("micro_batch", m, lay, acc, Ls, fsdp)  # already shared
         else:
             f_stage = (f_stage + host_microbatch_s(m, lay, acc, Ls, fsdp)) * share
         b_stage *= share

@@ -3,8 +3,10 @@
 On a GPU the host enqueues kernels ahead of the device and this work hides behind it (its accelerators
 carry zero costs). On CPU ranks every Python-level torch call, autograd node, DTensor sharding
 propagation and FSDP2 hook runs on the same cores as the math, and for small models it is most of
-the step. Where the device carries a measured host table (``measured_host_s``: a near-zero-size replica
-of the layout timed by benchmarks/planner_vs_measured.py) that is the cost. Otherwise it is count x
+the step. Where the device carries a measured host table (``measured_host_s``: a replica of the layout at
+the run's parameter sizes and a few tokens, timed by benchmarks/planner_vs_measured.py) that is the cost,
+and it also holds the work that scales with the parameters rather than the tokens (FSDP2's gathers,
+copies and reduce-scatters, clipping and AdamW over the real parameters). Otherwise it is count x
 unit cost: the counts below are the engine's own (apogee's Llama block, torchtitan-style TP plan,
 FSDP2 per block), the unit costs come from micro-benchmarks of one primitive each (a chain of tiny
 ops forward + backward, a chain of DTensor ops, one FSDP2 unit around a tiny Linear).
@@ -50,18 +52,24 @@ def host_microbatch_s(m: ModelShape, lay: Layout, acc: Accelerator, layers: int,
     return t
 
 
-def host_key(lay: Layout, fsdp: bool) -> tuple:
-    """What a block's host work depends on: tensor parallelism and sequence parallelism (DTensor ops
-    and their collectives), FSDP2 units, recomputation (a replayed forward), and whether a pipeline
-    schedule runs the stage (the replica runs whole models: pipeline layouts keep the count model)."""
-    return (lay.tp, lay.sequence_parallel and lay.tp > 1, fsdp, lay.recompute, lay.pp > 1)
+def host_key(m: ModelShape, lay: Layout, fsdp: bool) -> tuple:
+    """What a measured host entry depends on: the parameter shapes of a block and of the embedding and
+    output (the replica runs the real ones; its entry is per block and the rest, so not the depth),
+    tensor parallelism and sequence parallelism (DTensor ops and their collectives), FSDP2 units,
+    recomputation (a replayed forward), and whether a pipeline schedule runs the stage (the replica runs
+    whole models: pipeline layouts keep the count model)."""
+    shapes = (m.hidden, m.ffn_hidden, m.heads, m.kv_heads, m.vocab)
+    return shapes + (lay.tp, lay.sequence_parallel and lay.tp > 1, fsdp, lay.recompute, lay.pp > 1)
 
 
-def measured_host_s(part: str, lay: Layout, acc: Accelerator, layers: int, fsdp: bool) -> float | None:
-    """Host seconds of one micro-batch (``part`` = "micro_batch") or of the per-step clipping and
-    optimizer (``part`` = "step") on a rank holding ``layers`` blocks, from the device's measured host
-    table (contention and collective latency included), or None where it holds no such layout."""
-    got = (acc.host_table or {}).get(host_key(lay, fsdp))
+def measured_host_s(part: str, m: ModelShape, lay: Layout, acc: Accelerator, layers: int, fsdp: bool
+                    ) -> float | None:
+    """Seconds of a rank holding ``layers`` blocks, from the device's measured host table (contention
+    and the collectives' latency included), or None where it holds no such layout. ``part``:
+    "micro_batch" (one micro-batch's forward + backward with gradient sync off), "sync" (what the last
+    micro-batch adds with gradient sync on: the gradient reduce-scatter) or "step" (clipping, AdamW and
+    zero_grad)."""
+    got = (acc.host_table or {}).get(host_key(m, lay, fsdp))
     if got is None:
         return None
     per_block, rest = got[part]
