@@ -127,8 +127,9 @@ def _host_replica(parallel: dict, nproc: int, args, m, reps: int) -> dict:
     from apogee.config import load_config, validate
     from apogee.models.init import init_weights
     from apogee.models.llama import Transformer
-    from apogee.parallel.apply import parallelize
+    from apogee.parallel.apply import parallelize_stages
     from apogee.parallel.mesh import Mesh
+    from apogee.parallel.pipeline import stages_per_rank
     from apogee.train.optim import build_optimizer, clip_grad_norm
 
     cfg = load_config(None, {"parallel": parallel})
@@ -136,26 +137,43 @@ def _host_replica(parallel: dict, nproc: int, args, m, reps: int) -> dict:
     mesh = Mesh.build(resolved, "cpu")
     tp = resolved.tp
     seq = 2 * tp
+    # Under a pipeline each rank builds its own stages of a model of 1 and 3 blocks per stage and runs
+    # each stage alone (no schedule: its input a random hidden state, its output's gradient random),
+    # which is the parameter work the schedule's actions do; the schedule's own host work is not in it.
+    n_stages = resolved.pp * stages_per_rank(resolved.pp_schedule, resolved.pp_stages_per_rank)
     medians = {"micro_batch": [], "sync": [], "step": []}
-    depths = (1, 3)
-    for layers in depths:
-        small = dataclasses.replace(args, n_layers=layers, max_seq_len=seq)
+    held = []
+    for per_stage in (1, 3):
+        small = dataclasses.replace(args, n_layers=per_stage * n_stages, max_seq_len=seq)
         with torch.device("meta"):
             model = Transformer(small)
-        model = parallelize(model, mesh, param_dtype=torch.float32, compile=False)
+        done = parallelize_stages(model, mesh, param_dtype=torch.float32, compile=False, seq_len=seq)
+        model = done.model
         init_weights(model, 0, torch.device("cpu"))
+        parts = [stage for _, stage in done.stages] or [model]
+        for stage in parts:
+            stage.rope = model.rope  # initialised on the union after the split (apogee.parallel.pipeline)
+        held.append(len(model.layers))
         optimizer = build_optimizer(model, cfg.train)
-        tokens = torch.randint(0, small.vocab_size, (1, seq + 1), generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, small.vocab_size, (1, seq + 1), generator=gen)
+        hidden = torch.randn(1, seq, small.dim, generator=gen)
 
         def micro_batch(sync: bool):
-            if hasattr(model, "set_requires_gradient_sync"):
-                model.set_requires_gradient_sync(sync)
+            for stage in parts:
+                if hasattr(stage, "set_requires_gradient_sync"):
+                    stage.set_requires_gradient_sync(sync)
             with loss_parallel() if tp > 1 and resolved.loss_parallel else contextlib.nullcontext():
-                logits = model(tokens[:, :-1])
-                F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(0, 1)).backward()
+                for stage in parts:
+                    first = stage.tok_embeddings is not None
+                    out = stage(tokens[:, :-1] if first else hidden.clone().requires_grad_())
+                    if stage.output is not None:
+                        F.cross_entropy(out.flatten(0, 1).float(), tokens[:, 1:].flatten(0, 1)).backward()
+                    else:
+                        out.backward(torch.ones_like(out))
 
         def step():
-            clip_grad_norm(model, cfg.train.grad_clip)
+            clip_grad_norm(model, cfg.train.grad_clip, pp=resolved.pp)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -175,11 +193,12 @@ def _host_replica(parallel: dict, nproc: int, args, m, reps: int) -> dict:
         medians["step"].append(statistics.median(laps["step"]))
     out = {}
     for key, (one, deep) in medians.items():
-        per_block = max(0.0, (deep - one) / (depths[1] - depths[0]))
-        out[key] = (per_block, max(0.0, one - per_block))
+        per_block = max(0.0, (deep - one) / (held[1] - held[0]))
+        out[key] = (per_block, max(0.0, one - held[0] * per_block))
     if m is None:
         return out
     gemm_block, gemm_rest = _replica_gemms_s(m, tp, seq, reps)
+    gemm_rest = gemm_rest if model.output is not None else 0.0  # the output layer is on the last stage
     per_block, rest = out["micro_batch"]
     out["micro_batch"] = (max(0.0, per_block - gemm_block), max(0.0, rest - gemm_rest))
     return out
@@ -314,14 +333,11 @@ def _worker(rank: int, args: tuple, out) -> None:
     # 6. The resident size: the runtime a rank carries before its model (imports, torch._dynamo, which
     # building any model on the meta device loads, gloo, the code pages of the step's ops), read after one
     # pass of the replica at near-zero size (head_dim 2, its tensors a few KiB); then the replica at the
-    # run's parameter sizes. The replica runs the model whole; pipeline layouts keep the count model.
-    whole = parallel.get("pp", 1) == 1
-    if whole:
-        near_zero = dataclasses.replace(model_args, dim=2 * model_args.n_heads, ffn_hidden=4 * tp, vocab_size=8 * tp)
-        _host_replica(parallel, nproc, near_zero, None, 1)
+    # run's parameter sizes.
+    near_zero = dataclasses.replace(model_args, dim=2 * model_args.n_heads, ffn_hidden=4 * tp, vocab_size=8 * tp)
+    _host_replica(parallel, nproc, near_zero, None, 1)
     res["base_rss"] = _vmhwm()
-    if whole:
-        res["host"] = _host_replica(parallel, nproc, model_args, m, reps * 2)
+    res["host"] = _host_replica(parallel, nproc, model_args, m, reps * 2)
     # 7. Every GEMM shape the cost model prices for this layout, at the rank's thread count.
     table = {}
     for M, N, K in shapes:

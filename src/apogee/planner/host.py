@@ -56,8 +56,10 @@ def host_key(m: ModelShape, lay: Layout, fsdp: bool) -> tuple:
     """What a measured host entry depends on: the parameter shapes of a block and of the embedding and
     output (the replica runs the real ones; its entry is per block and the rest, so not the depth),
     tensor parallelism and sequence parallelism (DTensor ops and their collectives), FSDP2 units,
-    recomputation (a replayed forward), and whether a pipeline schedule runs the stage (the replica runs
-    whole models: pipeline layouts keep the count model)."""
+    recomputation (a replayed forward), and whether the rank runs pipeline stages (the replica then
+    runs each of its stages alone, without the schedule: the per-block part is the same work, the rest
+    is the median over ranks of the embedding / output stages' extra, and the schedule's own host work
+    is not in it)."""
     shapes = (m.hidden, m.ffn_hidden, m.heads, m.kv_heads, m.vocab)
     return shapes + (lay.tp, lay.sequence_parallel and lay.tp > 1, fsdp, lay.recompute, lay.pp > 1)
 
