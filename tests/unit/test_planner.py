@@ -40,6 +40,30 @@ def test_zero_paper_7_5b_on_64(stage, gb):
     assert round(zero_model_state_bytes(7.5e9, 64, stage) / 1e9, 1) == gb
 
 
+def test_fsdp_gradient_accumulation_holds_whole_fp32_gradients_until_the_reduce_scatter():
+    """apogee turns FSDP2's gradient sync off for all but the last micro-batch, and FSDP2 then keeps every
+    unit's gradient unsharded in its fp32 reduce dtype: with more than one micro-batch the rank holds 4
+    bytes per parameter of its stages, whole; with one, the sharded gradient. Megatron's distributed
+    optimizer keeps its own count. The two unsharded layers in flight are in FSDP2's param_dtype."""
+    from apogee.planner.cluster import Cluster
+    from apogee.planner.memory import memory_per_gpu, stage_params
+    from apogee.planner.spec import shape_from_flavor
+
+    m = shape_from_flavor("llama3-8b")
+    cl = Cluster(accel=get_accelerator("h100-80gb"), gpus=8, gpus_per_node=8)
+    lay = Layout(tp=1, dp=8, microbatch=1, zero=3, dp_overlap=False)
+    params = sum(stage_params(m, lay))
+    one = memory_per_gpu(m, lay, cl, global_batch=8, precision="bf16")
+    four = memory_per_gpu(m, lay, cl, global_batch=32, precision="bf16")
+    assert four.grads == pytest.approx(4 * params)  # whole and fp32: 32 GB for Llama 3 8B on each rank
+    assert one.grads == pytest.approx(2 * params / 8)  # sharded, bf16
+    megatron = memory_per_gpu(m, lay, cl, global_batch=32, precision="bf16", stack="megatron")
+    assert megatron.grads == pytest.approx(one.grads)
+    fp32 = memory_per_gpu(m, lay, cl, global_batch=8, precision="fp32")
+    per_layer = params / m.layers
+    assert fp32.buffers - one.buffers == pytest.approx(2 * (4 - 2) * per_layer)
+
+
 def test_gpt_param_count_is_narayanan_eq2():
     m = gpt(128, 25600, 160)
     L, h, v, s = 128, 25600, 51200, 2048

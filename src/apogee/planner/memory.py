@@ -350,6 +350,13 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
     n_micro = max(1, global_batch // (lay.dp * lay.microbatch))
     micro_tokens = lay.microbatch * m.seq_len / lay.cp
     act_bytes = 4.0 if precision == "fp32" else 2.0
+    fsdp = lay.zero >= 3 and shard_dp > 1
+    if fsdp and n_micro > 1 and not megatron:
+        # apogee turns FSDP2's gradient sync off for all but the last micro-batch (one reduce-scatter
+        # per step), and FSDP2 then keeps each unit's gradient unsharded, in its fp32 reduce dtype, until
+        # that reduce-scatter: every gradient of the rank's stages is whole when the last micro-batch's
+        # backward starts (torch fsdp _fsdp_param.to_accumulated_grad_if_needed).
+        grads = 4.0 * (nonexpert + experts)
 
     def layer_bytes(layout: Layout) -> float:
         if megatron_llama:
@@ -382,10 +389,11 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
         acts += head * (n_micro if lay.pp_schedule == "gpipe" else 1)
 
     buffers = cluster.accel.reserved_gib * GIB
-    if lay.zero >= 3 and shard_dp > 1:
-        # Two unsharded layers in flight (the one computing and the one prefetched).
+    if fsdp:
+        # Two unsharded layers in flight (the one computing and the one prefetched), in FSDP2's
+        # param_dtype: bf16, or fp32 where the engine trains in fp32 (CPU).
         per_layer_params = (nonexpert + experts) / max(1, layers_here)
-        buffers += 2 * W_BYTES * per_layer_params
+        buffers += 2 * (4 if precision == "fp32" else W_BYTES) * per_layer_params
     elif lay.dp > 1:
         buffers += DP_BUCKET_BYTES
     if lay.tp > 1:
