@@ -11,12 +11,15 @@
    - four FSDP2 units around tiny Linears vs the same unsharded -> fsdp_unit_s,
    - gloo all-gather on the run's TP (else DP) group, 1 KiB and 4 MiB -> link latency, bus bandwidth,
    - 60 GEMMs on every rank at once vs each rank alone (others in a barrier) -> contention,
-   - a structural replica of the run (the engine's model, parallel plans, loss, clipping and AdamW at
-     head_dim 2 and a few tokens: every call, DTensor dispatch, FSDP2 unit and collective of the real
-     step, with ~no compute or bytes), 1 and 3 blocks, all ranks at once, median -> host_table
-     (per block and rest, of a micro-batch and of the optimizer step; replaces the host_* count model),
-   - the resident size after all of the above (imports incl. torch._dynamo, gloo, op code pages; no
-     model) -> reserved_gib,
+   - the resident size after all of the above and one pass of the replica below at head_dim 2 (imports
+     incl. torch._dynamo, gloo, op code pages; no model) -> reserved_gib,
+   - a replica of the run at its parameter sizes and one sequence of 2 x tp tokens (the engine's model,
+     parallel plans, loss, clipping and AdamW: every call, DTensor dispatch, FSDP2 unit and collective
+     of the real step, FSDP2's gathers, copies and reduce-scatters and AdamW at the real parameter bytes,
+     almost no token work; pipeline layouts: each rank's stages alone), 1 and 3 blocks per stage, all
+     ranks at once, median -> host_table (per block and rest: a micro-batch with gradient sync off, less
+     the replica's own few-token GEMMs; what gradient sync adds; the optimizer step). It replaces the
+     host_* count model, the FSDP bandwidth terms and the optimizer's byte model,
    - every GEMM shape the cost model prices (compute.gemm_shapes)  -> gemm_table,
    - causal scaled_dot_product_attention forward + backward at the run's shape -> attn_eff,
    - one block's norms, rotary, SwiGLU product and residual adds (the engine's modules) forward +
@@ -28,7 +31,12 @@
    metrics.jsonl gives tokens/s per step (log_interval 1) and rank 0's peak RSS (mem_gib = VmHWM). The
    first 3 steps (warm-up) and the last (it evaluates and checkpoints) are skipped. The error is taken
    against the minimum step time (the step least disturbed by other work on a shared machine, which is
-   what the planner predicts); the median and maximum are printed too, with the load average.
+   what the planner predicts); the median and maximum are printed too, with the load average. A second,
+   shorter run of each config samples rank 0's resident size and glibc's free heap bytes (HeapSampler):
+   its peak live memory = resident size less the freed chunks glibc keeps for reuse, the counterpart of
+   the peak allocated memory the GPU comparison uses (planner_vs_measured_gpu.py). The peak RSS is
+   printed beside it; the gap between the two is the allocator's fragmentation, which the planner does
+   not model.
 3. The planner predicts the same layout (tp, dp = dp_shard with FSDP = ZeRO 3, micro-batch, fp32).
 
 Target (issue 5): within 10% on step time and memory per rank.
@@ -57,6 +65,7 @@ CONFIGS = [
     ("debug 1 rank", "debug", 1, {"dp_shard": 1, "tp": 1}, 256, 16, 4),
 ]
 WARMUP_STEPS = 3
+LIVE_STEPS = 6  # the heap-sampled run: past the first optimizer step, whose state the peak holds
 
 
 def _threads(nproc: int) -> int:
@@ -420,11 +429,75 @@ def cpu_from_measurement(meas: dict, m, mb: int, elem: tuple | None = None, host
     return acc
 
 
-def run_engine(flavor: str, nproc: int, parallel: dict, seq: int, gb: int, mbs: int, steps: int, d: Path) -> dict:
-    from apogee.config import load_config
-    from apogee.launch import launch_local
+class HeapSampler:
+    """Samples this process's resident size (VmRSS) and glibc's free heap bytes (mallinfo2's fordblks: freed
+    chunks the allocator keeps resident for reuse) every ``interval_s`` on a thread; ``live_peak`` is the
+    highest resident size less those free bytes, the CPU counterpart of a GPU's peak allocated memory
+    (what the caching allocator holds beyond it is not counted there either). Without glibc's mallinfo2
+    (musl, glibc < 2.33) the free bytes read 0 and live_peak is the peak RSS."""
 
-    cfg = load_config(None, {
+    def __init__(self, interval_s: float = 0.002):
+        import ctypes
+        import threading
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in
+                        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+        try:
+            self._mallinfo2 = ctypes.CDLL(None).mallinfo2
+            self._mallinfo2.restype = MallInfo2
+        except AttributeError:
+            self._mallinfo2 = None
+        self.interval_s, self.rss_peak, self.live_peak = interval_s, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        rss = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+        free = self._mallinfo2().fordblks if self._mallinfo2 is not None else 0
+        self.rss_peak, self.live_peak = max(self.rss_peak, rss), max(self.live_peak, rss - free)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> "HeapSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def sampled_rank(cfg, out: str) -> None:
+    """apogee's rank entry under a HeapSampler; writes {"rss_peak", "live_peak"} (bytes) to out/heap-RANK.json."""
+    from apogee.launch import run_rank
+
+    with HeapSampler() as heap:
+        run_rank(cfg)
+    rank = os.environ.get("RANK", "0")
+    Path(out, f"heap-{rank}.json").write_text(json.dumps({"rss_peak": heap.rss_peak, "live_peak": heap.live_peak}))
+
+
+def engine_live_gib(flavor: str, nproc: int, parallel: dict, seq: int, gb: int, mbs: int, steps: int, d: Path) -> float:
+    """Rank 0's peak resident size less glibc's free heap bytes (HeapSampler), in a run of its own so that
+    the sampling thread does not disturb the timed one."""
+    from apogee.launch import launch_ranks
+
+    cfg = engine_config(flavor, parallel, seq, gb, mbs, steps, d)
+    if nproc == 1:
+        sampled_rank(cfg, str(d.parent))
+    else:
+        launch_ranks(sampled_rank, cfg, str(d.parent), nproc=nproc)
+    return json.loads((d.parent / "heap-0.json").read_text())["live_peak"] / 2**30
+
+
+def engine_config(flavor: str, parallel: dict, seq: int, gb: int, mbs: int, steps: int, d: Path):
+    from apogee.config import load_config
+
+    return load_config(None, {
         "run": {"dir": str(d), "log_interval": 1},
         "model": {"flavor": flavor},
         "train": {"steps": steps, "seq_len": seq, "global_batch": gb, "micro_batch": mbs},
@@ -432,6 +505,12 @@ def run_engine(flavor: str, nproc: int, parallel: dict, seq: int, gb: int, mbs: 
         "checkpoint": {"interval": 0, "resume": "never"},
         "eval": {"interval": 0},
     })
+
+
+def run_engine(flavor: str, nproc: int, parallel: dict, seq: int, gb: int, mbs: int, steps: int, d: Path) -> dict:
+    from apogee.launch import launch_local
+
+    cfg = engine_config(flavor, parallel, seq, gb, mbs, steps, d)
     t0 = time.perf_counter()
     launch_local(cfg, nproc)
     wall = time.perf_counter() - t0
@@ -483,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         est = estimate(run, lay)
         with tempfile.TemporaryDirectory() as td:
             got = run_engine(flavor, nproc, par, seq, gb, mbs, args.steps, Path(td) / "run")
+        with tempfile.TemporaryDirectory() as td:
+            live_gib = engine_live_gib(flavor, nproc, par, seq, gb, mbs, LIVE_STEPS, Path(td) / "run")
         pred_mem = est.memory.total / 2**30
         gemm_s = sum(meas["gemm_table"].values())
         gemm_flops = sum(2 * a * b * c for a, b, c in meas["gemm_table"])
@@ -505,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
             "pred_compute_s": round(est.compute_s, 4), "pred_comm_exposed_s": {k: round(v, 4) for k, v in est.comm_exposed_s.items()},
             "pred_mem_gib": round(pred_mem, 3), "meas_mem_gib": round(got["mem_gib"], 3),
             "mem_err_pct": round(100 * (pred_mem / got["mem_gib"] - 1), 1),
+            "meas_live_gib": round(live_gib, 3), "live_err_pct": round(100 * (pred_mem / live_gib - 1), 1),
             "pred_breakdown_gib": {k: round(v, 3) for k, v in est.memory.gib().items()},
             "engine_wall_s": round(got["wall_s"], 1), "loadavg_1min": os.getloadavg()[0],
         })
@@ -513,8 +595,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<24} {r['layout']:<28} calib: {json.dumps(r['calibration'])}")
             print(f"{'':<24} step: predicted {r['pred_step_s']:.3f} s, measured min {r['meas_step_min_s']:.3f} s "
                   f"(median {r['meas_step_median_s']:.3f}, max {r['meas_step_max_s']:.3f}) -> {r['step_err_pct']:+.1f}% "
-                  f"({r['step_err_vs_median_pct']:+.1f}% vs median)   memory/rank: predicted {r['pred_mem_gib']:.3f} GiB, "
-                  f"measured {r['meas_mem_gib']:.3f} GiB -> {r['mem_err_pct']:+.1f}%   load {r['loadavg_1min']:.1f}", flush=True)
+                  f"({r['step_err_vs_median_pct']:+.1f}% vs median)   load {r['loadavg_1min']:.1f}")
+            print(f"{'':<24} memory/rank: predicted {r['pred_mem_gib']:.3f} GiB; measured live (peak RSS less "
+                  f"glibc's free heap) {r['meas_live_gib']:.3f} GiB -> {r['live_err_pct']:+.1f}%; peak RSS "
+                  f"{r['meas_mem_gib']:.3f} GiB -> {r['mem_err_pct']:+.1f}%", flush=True)
     if args.json:
         json.dump(out, sys.stdout, indent=1)
         print()
