@@ -20,8 +20,11 @@
      ranks at once, median -> host_table (per block and rest: a micro-batch with gradient sync off, less
      the replica's own few-token GEMMs; what gradient sync adds; the optimizer step). It replaces the
      host_* count model, the FSDP bandwidth terms and the optimizer's byte model,
-   - every GEMM shape the cost model prices (compute.gemm_shapes)  -> gemm_table,
-   - causal scaled_dot_product_attention forward + backward at the run's shape -> attn_eff,
+   - every GEMM shape the cost model prices (compute.gemm_shapes), each product in the operand layout
+     nn.Linear's autograd gives it (x @ W^T, g @ W, x^T @ g; gemm_roles) on copies of its operands that
+     span twice the last-level cache, as in the model  -> gemm_table,
+   - causal scaled_dot_product_attention forward + backward at the run's shape, on q, k, v and the
+     output gradient in the model's transposed [batch, seq, heads, head_dim] layout -> attn_eff,
    - one block's norms, rotary, SwiGLU product and residual adds (the engine's modules) forward +
      backward, less the same on 2-token tensors (dispatch, priced by host_*) -> elem_table,
    - a 64 MiB copy -> mem_bw_gbs.
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -84,6 +88,61 @@ def _best(fn, n: int) -> float:
     return min(ts)
 
 
+CACHE_SPAN_BYTES = 64 * 2**20  # twice this machine's last-level cache (32 MiB L3): past it, all of it is evicted
+
+
+def _best_cold(make, reps: int, span: float) -> float:
+    """_best over calls that each take the next of enough copies of the operands (``make()`` -> (fn,
+    operands)) to span ``span`` bytes: between two runs of one of the model's GEMMs, the rest of its
+    micro-batch passes through the cache (its parameters and activations), which evicts the operands
+    when that is more than the cache holds and leaves them warm in a model smaller than it."""
+    fn, first = make()
+    size = sum(t.numel() * t.element_size() for t in first)
+    n = max(1, -(-round(min(span, CACHE_SPAN_BYTES)) // max(1, size)))
+    copies = itertools.cycle([first] + [make()[1] for _ in range(n - 1)])
+    return _best(lambda: fn(*next(copies)), reps)
+
+
+def _gemm_role(role: str, key: tuple[int, int, int]):
+    """A maker for _best_cold: the product at table key (M, N, K) = [M,K] x [K,N] in the operand layout
+    its role has under apogee's nn.Linear (y = x W^T with W [out, in]): "fwd" x @ W.t(), "dgrad"
+    g @ W (both contiguous), "wgrad" x.t() @ g (the weight gradient, a transposed first operand)."""
+    import torch
+
+    M, N, K = key
+
+    def make():
+        if role == "fwd":
+            return (lambda a, w: a @ w.t()), (torch.randn(M, K), torch.randn(N, K))
+        if role == "dgrad":
+            return (lambda g, w: g @ w), (torch.randn(M, K), torch.randn(K, N))
+        return (lambda x, g: x.t() @ g), (torch.randn(K, M), torch.randn(K, N))
+
+    return make
+
+
+def _linear_products(M: float, N: float, K: float) -> list[tuple[tuple[int, int, int], str]]:
+    """The three products autograd runs for one nn.Linear forward [M,K] x [K,N], as (table key, role): the
+    forward at (M, N, K), the input gradient at (M, K, N), the weight gradient at (K, N, M)."""
+    keys = ((M, N, K), "fwd"), ((M, K, N), "dgrad"), ((K, N, M), "wgrad")
+    return [(tuple(round(x) for x in key), role) for key, role in keys]
+
+
+def gemm_roles(m, tp: int, cp: int, mb: int) -> dict[tuple[int, int, int], list[str]]:
+    """Every (M, N, K) the cost model prices (compute.gemm_shapes) with the role of each product it prices
+    there (a shape can price several: the mean is its table entry): the three products of each block
+    weight, and the output layer's forward (its backward is priced as twice it)."""
+    from apogee.planner.compute import dense_layer_gemms
+
+    tokens = mb * m.seq_len / cp
+    priced = [p for shape in dense_layer_gemms(m, tokens, tp) for p in _linear_products(*shape)]
+    priced.append(_linear_products(tokens, m.vocab / tp, m.hidden)[0])
+    roles: dict[tuple[int, int, int], list[str]] = {}
+    for key, role in priced:
+        roles.setdefault(key, []).append(role)
+    return roles
+
+
 def _elem_block(key: tuple, reps: int) -> float:
     """Seconds of one dense block's non-GEMM, non-attention ops, forward + backward, at compute.elem_key's
     shape (micro-batch, norm tokens, rotary tokens, hidden, heads, kv heads, ffn hidden) on one rank."""
@@ -112,7 +171,7 @@ def _elem_block(key: tuple, reps: int) -> float:
     return _best(run, reps)
 
 
-def _host_replica(parallel: dict, nproc: int, args, m, reps: int) -> dict:
+def _host_replica(parallel: dict, nproc: int, args, m, reps: int, span: float = 0.0) -> dict:
     """Seconds of the run's step work that scales with its parameters, not its tokens, on a replica of
     the layout: the engine's model (the run's ModelArgs ``args``: its hidden size, heads, ffn width and
     vocabulary), parallel plans (apogee.parallel.apply on this run's layout and mesh), loss, clipping
@@ -206,34 +265,21 @@ def _host_replica(parallel: dict, nproc: int, args, m, reps: int) -> dict:
         out[key] = (per_block, max(0.0, one - held[0] * per_block))
     if m is None:
         return out
-    gemm_block, gemm_rest = _replica_gemms_s(m, tp, seq, reps)
+    gemm_block, gemm_rest = _replica_gemms_s(m, tp, seq, reps, span)
     gemm_rest = gemm_rest if model.output is not None else 0.0  # the output layer is on the last stage
     per_block, rest = out["micro_batch"]
     out["micro_batch"] = (max(0.0, per_block - gemm_block), max(0.0, rest - gemm_rest))
     return out
 
 
-def _replica_gemms_s(m, tp: int, tokens: int, reps: int) -> tuple[float, float]:
-    """Seconds of the replica's own GEMMs at its ``tokens``, per block and for the output layer: each
-    weight's forward, input-gradient and weight-gradient product as F.linear's autograd runs them
-    (x @ W^T, g @ W, g^T @ x), over three blocks' worth of distinct weights (out of cache, as in the
-    model)."""
-    import torch
-
+def _replica_gemms_s(m, tp: int, tokens: int, reps: int, span: float) -> tuple[float, float]:
+    """Seconds of the replica's own GEMMs at its ``tokens``, per block and for the output layer: the
+    three products of each weight (_linear_products), each timed as _best_cold over ``span`` bytes."""
     from apogee.planner.compute import dense_layer_gemms
 
-    def products(shapes, copies: int = 3) -> float:
-        ops = []
-        for _ in range(copies):
-            for M, N, K in shapes:
-                M, N, K = round(M), round(N), round(K)
-                ops.append((torch.randn(M, K), torch.randn(N, K), torch.randn(M, N)))
-
-        def run():
-            for x, w, g in ops:
-                x @ w.t(), g @ w, g.t() @ x
-
-        return _best(run, reps) / copies
+    def products(shapes) -> float:
+        return sum(_best_cold(_gemm_role(role, key), reps, span) for shape in shapes
+                   for key, role in _linear_products(*shape))
 
     return products(dense_layer_gemms(m, tokens, tp)), products([(tokens, m.vocab / tp, m.hidden)])
 
@@ -250,7 +296,7 @@ def _vmhwm() -> int:
 
 
 def _worker(rank: int, args: tuple, out) -> None:
-    nproc, dp, tp, shapes, mb, heads, kv_heads, seq, head_dim, elem, reps, port, parallel, model_args, m = args
+    nproc, dp, tp, roles, mb, heads, kv_heads, seq, head_dim, elem, reps, port, parallel, model_args, m, span = args
     import torch
     import torch.distributed as dist
     from torch import nn
@@ -346,20 +392,22 @@ def _worker(rank: int, args: tuple, out) -> None:
     near_zero = dataclasses.replace(model_args, dim=2 * model_args.n_heads, ffn_hidden=4 * tp, vocab_size=8 * tp)
     _host_replica(parallel, nproc, near_zero, None, 1)
     res["base_rss"] = _vmhwm()
-    res["host"] = _host_replica(parallel, nproc, model_args, m, reps * 2)
-    # 7. Every GEMM shape the cost model prices for this layout, at the rank's thread count.
-    table = {}
-    for M, N, K in shapes:
-        a, b = torch.randn(M, K), torch.randn(K, N)
-        table[(M, N, K)] = _best(lambda: a @ b, reps)
-    res["gemm_table"] = table
-    q = torch.randn(mb, heads, seq, head_dim, requires_grad=True)
-    k = torch.randn(mb, kv_heads, seq, head_dim, requires_grad=True)
-    v = torch.randn(mb, kv_heads, seq, head_dim, requires_grad=True)
+    res["host"] = _host_replica(parallel, nproc, model_args, m, reps * 2, span)
+    # 7. Every GEMM shape the cost model prices for this layout, at the rank's thread count, as the
+    # engine's autograd runs it (gemm_roles: the operand layouts), its operands rotated through ``span``
+    # bytes (_best_cold: the rank's parameters, gradients and one micro-batch's activations).
+    res["gemm_table"] = {key: statistics.mean(_best_cold(_gemm_role(role, key), reps, span) for role in key_roles)
+                         for key, key_roles in roles.items()}
+    # Causal attention as apogee.models.llama calls it: q, k, v are [batch, seq, heads, head_dim] tensors
+    # seen through transpose(1, 2), and the output's gradient comes back the same way from wo.
+    leaf = lambda h: torch.randn(mb, seq, h, head_dim).requires_grad_()  # noqa: E731
+    q, k, v = leaf(heads), leaf(kv_heads), leaf(kv_heads)
+    grad_out = torch.randn(mb, seq, heads, head_dim).transpose(1, 2)
 
     def attn():
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
-        o.sum().backward()
+        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                             is_causal=True, enable_gqa=heads != kv_heads)
+        o.backward(grad_out)
 
     res["t_attn"] = _best(attn, reps)
     # 8. One block's memory-bound ops with the engine's own modules, forward + backward, at the rank's
@@ -375,20 +423,21 @@ def _worker(rank: int, args: tuple, out) -> None:
         dist.destroy_process_group()
 
 
-def measure_cpu(nproc: int, dp: int, tp: int, shapes, mb: int, seq: int, heads: tuple[int, int, int],
-                elem: tuple, parallel: dict, model_args, m, reps: int = 7) -> dict:
+def measure_cpu(nproc: int, dp: int, tp: int, roles: dict, mb: int, seq: int, heads: tuple[int, int, int],
+                elem: tuple, parallel: dict, model_args, m, span: float, reps: int = 7) -> dict:
     """The primitives' costs with ``nproc`` ranks on this machine at once, each with the engine's thread
     count. ``heads``: (query heads, kv heads, head dim) per rank. Per primitive: the median over ranks
     of each rank's minimum over repeats. ``elem``: compute.elem_key of the run's block. ``parallel``:
     the run's [parallel] section; ``model_args`` (apogee ModelArgs, vocabulary set) and ``m`` (its planner
-    ModelShape): the model, for the host replica."""
+    ModelShape): the model, for the host replica; ``span``: the bytes a GEMM's operands rotate through
+    (_best_cold)."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    args = (nproc, dp, tp, sorted(shapes), mb, heads[0], heads[1], seq, heads[2], tuple(elem), reps, port, parallel,
-            model_args, m)
+    args = (nproc, dp, tp, roles, mb, heads[0], heads[1], seq, heads[2], tuple(elem), reps, port, parallel,
+            model_args, m, span)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, args, q)) for r in range(nproc)]
@@ -535,10 +584,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from apogee.models.flavors import FLAVORS
-    from apogee.planner.cluster import Cluster
-    from apogee.planner.compute import elem_key, gemm_shapes
+    from apogee.planner.cluster import ACCELERATORS, Cluster
+    from apogee.planner.compute import elem_key
     from apogee.planner.estimate import estimate
     from apogee.planner.host import host_key
+    from apogee.planner.memory import memory_per_gpu
     from apogee.planner.spec import Layout, RunSpec, shape_from_args
 
     out = []
@@ -548,14 +598,19 @@ def main(argv: list[str] | None = None) -> int:
         fa = FLAVORS[flavor]
         m = shape_from_args(fa, flavor=flavor, seq_len=seq, vocab=256)  # byte tokenizer: 256 tokens
         tp, dp, pp = par["tp"], par["dp_shard"], par.get("pp", 1)
-        shapes = gemm_shapes(m, tp, 1, mbs)
+        roles = gemm_roles(m, tp, 1, mbs)
         heads = (m.heads // tp, max(1, m.kv_heads // tp), m.head_dim)
         elem = elem_key(m, tp, 1, mbs, tp > 1)
         lay = Layout(tp=tp, dp=dp, pp=pp, microbatch=mbs, zero=3, sequence_parallel=tp > 1, dp_overlap=False,
                      pp_schedule=par.get("pp_schedule", "1f1b"))
+        # What passes through a rank's caches between two runs of one GEMM: its parameters, gradients and
+        # activations (the planner's count; the calibration does not change it).
+        nominal = memory_per_gpu(m, lay, Cluster(accel=ACCELERATORS["cpu"], gpus=nproc, gpus_per_node=nproc),
+                                 global_batch=gb, precision="fp32")
+        span = nominal.params + nominal.grads + nominal.activations
         # The micro-benchmarks' collectives run over the ranks beside tp (pipeline ranks included).
-        meas = measure_cpu(nproc, dp * pp, tp, shapes, mbs, seq, heads, elem, par,
-                           dataclasses.replace(fa, vocab_size=m.vocab), m)
+        meas = measure_cpu(nproc, dp * pp, tp, roles, mbs, seq, heads, elem, par,
+                           dataclasses.replace(fa, vocab_size=m.vocab), m, span)
         acc = cpu_from_measurement(meas, m, mbs, elem, host_key(m, lay, fsdp=dp > 1))
         run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=nproc, gpus_per_node=nproc), fixed={},
                       global_batch=gb, precision="fp32")
@@ -569,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         gemm_flops = sum(2 * a * b * c for a, b, c in meas["gemm_table"])
         out.append({
             "config": name, "ranks": nproc, "threads_per_rank": _threads(nproc), "layout": lay.short(),
-            "calibration": {"gemm_shapes": len(shapes), "gemm_gflops_mean": round(gemm_flops / gemm_s / 1e9, 1),
+            "calibration": {"gemm_shapes": len(roles), "gemm_gflops_mean": round(gemm_flops / gemm_s / 1e9, 1),
                             "attn_eff": round(acc.attn_eff, 4), "block_elem_ms": round(meas["t_elem"] * 1e3, 2), "mem_bw_gbs": round(acc.mem_bw_gbs, 2),
                             "host_call_us": round(acc.host_call_s * 1e6, 2), "host_node_us": round(acc.host_node_s * 1e6, 2),
                             "dtensor_call_us": round(acc.dtensor_call_s * 1e6, 1) if "dtensor_call_s" in meas else None,

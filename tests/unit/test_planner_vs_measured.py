@@ -1,0 +1,77 @@
+"""benchmarks/planner_vs_measured.py's measurement helpers: HeapSampler (the CPU counterpart of a GPU's peak
+allocated memory is the peak resident size less the heap chunks glibc has freed but keeps for reuse) and
+the GEMM roles its calibration times."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MiB = 2**20
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("pvm", ROOT / "benchmarks" / "planner_vs_measured.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# Run in a fresh interpreter: a long-lived process (the test session) brings a heap already full of
+# holes of every size, which the blocks below would land in instead of making their own.
+FRAGMENT = """
+import importlib.util, json, sys, time
+spec = importlib.util.spec_from_file_location("pvm", sys.argv[1])
+pvm = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pvm)
+MiB = 2**20
+warm = bytearray(2 * MiB)  # freeing a block above glibc's mmap threshold raises it: later blocks use the heap
+del warm
+with pvm.HeapSampler(interval_s=0.001) as heap:
+    time.sleep(0.05)
+    base_rss, base_live = heap.rss_peak, heap.live_peak
+    small = [bytearray(512 * 1024) for _ in range(64)]  # 32 MiB, touched (zero-filled)
+    time.sleep(0.05)
+    del small[::2]  # 16 MiB of 512 KiB holes between live blocks
+    time.sleep(0.05)
+    large = [bytearray(MiB) for _ in range(16)]  # 16 MiB that cannot reuse the holes
+    time.sleep(0.05)
+print(json.dumps({"rss": heap.rss_peak - base_rss, "live": heap.live_peak - base_live}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc's mallinfo2")
+def test_heap_sampler_leaves_out_freed_heap_chunks_that_stay_resident():
+    """Interleaved 512 KiB blocks, every other one freed: the holes stay resident (their neighbours are
+    live) and 1 MiB blocks do not fit them, so 16 MiB more of those raise the resident size by 16 MiB
+    while the live bytes stay at 32 MiB. Peak RSS - peak live = the 16 MiB of holes."""
+    out = subprocess.run([sys.executable, "-c", FRAGMENT, str(ROOT / "benchmarks" / "planner_vs_measured.py")],
+                         capture_output=True, text=True, check=True)
+    grew = json.loads(out.stdout)
+    assert grew["rss"] == pytest.approx(48 * MiB, abs=6 * MiB)
+    assert grew["live"] == pytest.approx(32 * MiB, abs=6 * MiB)
+
+
+@pytest.mark.parametrize("flavor,tp,mb", [("debug", 1, 4), ("tiny", 2, 4), ("debug", 2, 1)])
+def test_gemm_roles_time_exactly_the_shapes_the_cost_model_prices(flavor, tp, mb):
+    """The CPU calibration's GEMM table holds every shape compute.gemm_shapes lists and nothing else, each
+    with the products priced there: three per block weight (forward, input and weight gradient), plus the
+    output layer's forward."""
+    from apogee.models.flavors import FLAVORS
+    from apogee.planner.compute import dense_layer_gemms, gemm_shapes
+    from apogee.planner.spec import shape_from_args
+
+    pvm = _load()
+    m = shape_from_args(FLAVORS[flavor], flavor=flavor, seq_len=128, vocab=256)
+    roles = pvm.gemm_roles(m, tp, 1, mb)
+    assert set(roles) == gemm_shapes(m, tp, 1, mb)
+    assert sum(len(r) for r in roles.values()) == 3 * len(dense_layer_gemms(m, mb * 128, tp)) + 1
+    tokens = mb * 128
+    assert "wgrad" in roles[(m.hidden, m.ffn_hidden // tp, tokens)]  # w1's weight gradient: [h, tokens] x [tokens, f]
