@@ -10,7 +10,8 @@
    - a chain of DTensor multiplies (no communication)          -> dtensor_call_s,
    - four FSDP2 units around tiny Linears vs the same unsharded -> fsdp_unit_s,
    - gloo all-gather on the run's TP (else DP) group, 1 KiB and 4 MiB -> link latency, bus bandwidth,
-   - 60 GEMMs on every rank at once vs each rank alone (others in a barrier) -> contention,
+   - each rank's GEMM rate with every rank running GEMMs vs alone (others in a barrier), counted in a
+     window inside a 0.6 s run so that ranks starting apart do not count -> contention,
    - the resident size after all of the above and one pass of the replica below at head_dim 2 (imports
      incl. torch._dynamo, gloo, op code pages; no model) -> reserved_gib,
    - a replica of the run at its parameter sizes and one sequence of 2 x tp tokens (the engine's model,
@@ -66,6 +67,7 @@ CONFIGS = [
     ("tiny dp_shard=2 x tp=2", "tiny", 4, {"dp_shard": 2, "tp": 2}, 128, 16, 4),
     ("debug dp_shard=2", "debug", 2, {"dp_shard": 2, "tp": 1}, 128, 16, 4),
     ("debug pp=2 1f1b", "debug", 2, {"pp": 2, "dp_shard": 1, "tp": 1, "pp_schedule": "1f1b"}, 256, 16, 2),
+    ("debug pp=2 x dp_shard=2", "debug", 4, {"pp": 2, "dp_shard": 2, "tp": 1, "pp_schedule": "1f1b"}, 256, 16, 2),
     ("debug 1 rank", "debug", 1, {"dp_shard": 1, "tp": 1}, 256, 16, 4),
 ]
 WARMUP_STEPS = 3
@@ -171,9 +173,10 @@ def _elem_block(key: tuple, reps: int) -> float:
     return _best(run, reps)
 
 
-def _host_replica(parallel: dict, nproc: int, args, m, reps: int, span: float = 0.0) -> dict:
+def _host_replica(sections: dict, nproc: int, args, m, reps: int, span: float = 0.0) -> dict:
     """Seconds of the run's step work that scales with its parameters, not its tokens, on a replica of
-    the layout: the engine's model (the run's ModelArgs ``args``: its hidden size, heads, ffn width and
+    the layout (``sections``: the run's [parallel] section and batch, as apogee.config validates them):
+    the engine's model (the run's ModelArgs ``args``: its hidden size, heads, ffn width and
     vocabulary), parallel plans (apogee.parallel.apply on this run's layout and mesh), loss, clipping
     and optimizer on one sequence of 2 x tp tokens, so every torch call, autograd node, DTensor
     dispatch, collective and FSDP2 unit of the real step runs, with FSDP2's gathers, copies and
@@ -200,7 +203,7 @@ def _host_replica(parallel: dict, nproc: int, args, m, reps: int, span: float = 
     from apogee.parallel.pipeline import stages_per_rank
     from apogee.train.optim import build_optimizer, clip_grad_norm
 
-    cfg = load_config(None, {"parallel": parallel})
+    cfg = load_config(None, sections)
     resolved = validate(cfg, nproc)
     mesh = Mesh.build(resolved, "cpu")
     tp = resolved.tp
@@ -231,6 +234,9 @@ def _host_replica(parallel: dict, nproc: int, args, m, reps: int, span: float = 
             for stage in parts:
                 if hasattr(stage, "set_requires_gradient_sync"):
                     stage.set_requires_gradient_sync(sync)
+                    if done.stages:  # as torch's pipeline stage runs an FSDP stage's backward
+                        stage.set_is_last_backward(sync)
+                        stage.set_reshard_after_backward(sync)
             with loss_parallel() if tp > 1 and resolved.loss_parallel else contextlib.nullcontext():
                 for stage in parts:
                     first = stage.tok_embeddings is not None
@@ -284,6 +290,18 @@ def _replica_gemms_s(m, tp: int, tokens: int, reps: int, span: float) -> tuple[f
     return products(dense_layer_gemms(m, tokens, tp)), products([(tokens, m.vocab / tp, m.hidden)])
 
 
+def _gemm_rate(a, b, run_s: float = 0.6, window: tuple[float, float] = (0.1, 0.5)) -> float:
+    """GEMMs per second while ``a @ b`` runs back to back for ``run_s``, from the completions inside
+    ``window`` (seconds after the start): first to last completion there, over the count between."""
+    done = []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < run_s:
+        a @ b
+        done.append(time.perf_counter() - t0)
+    inside = [t for t in done if window[0] <= t < window[1]]
+    return (len(inside) - 1) / (inside[-1] - inside[0])
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -296,7 +314,7 @@ def _vmhwm() -> int:
 
 
 def _worker(rank: int, args: tuple, out) -> None:
-    nproc, dp, tp, roles, mb, heads, kv_heads, seq, head_dim, elem, reps, port, parallel, model_args, m, span = args
+    nproc, dp, tp, roles, mb, heads, kv_heads, seq, head_dim, elem, reps, port, sections, model_args, m, span = args
     import torch
     import torch.distributed as dist
     from torch import nn
@@ -365,34 +383,27 @@ def _worker(rank: int, args: tuple, out) -> None:
         t_big, big = ag(4 * 2**20)
         res["lat_s"] = t_small / (n - 1)
         res["busbw_gbs"] = (n - 1) / n * big / max(1e-9, t_big - t_small) / 1e9
-        # 5. Contention: the same GEMM work on every rank at once, against each rank running it alone
-        # while the others wait in a barrier (median over ranks of the wall-clock ratio).
+        # 5. Contention: each rank's GEMM rate while every rank runs GEMMs, against its rate alone while the
+        # others wait in a barrier (median over ranks of the ratio). Each rate is counted inside a window
+        # well within the run, so that ranks leaving the barrier or finishing apart do not count as overlap.
         ca, cb = torch.randn(512, 256), torch.randn(256, 768)
-
-        def work():
-            for _ in range(60):
-                ca @ cb
-
-        work()
-        t_all = []
-        for _ in range(3):
-            dist.barrier()
-            t_all.append(_timed(work))
-        alone = []
+        ca @ cb
+        dist.barrier()
+        together = _gemm_rate(ca, cb)
         for r in range(nproc):
             dist.barrier()
             if r == rank:
-                alone.append(min(_timed(work) for _ in range(3)))
+                alone = _gemm_rate(ca, cb)
         dist.barrier()
-        res["contention"] = min(t_all) / alone[0]
+        res["contention"] = alone / together
     # 6. The resident size: the runtime a rank carries before its model (imports, torch._dynamo, which
     # building any model on the meta device loads, gloo, the code pages of the step's ops), read after one
     # pass of the replica at near-zero size (head_dim 2, its tensors a few KiB); then the replica at the
     # run's parameter sizes.
     near_zero = dataclasses.replace(model_args, dim=2 * model_args.n_heads, ffn_hidden=4 * tp, vocab_size=8 * tp)
-    _host_replica(parallel, nproc, near_zero, None, 1)
+    _host_replica(sections, nproc, near_zero, None, 1)
     res["base_rss"] = _vmhwm()
-    res["host"] = _host_replica(parallel, nproc, model_args, m, reps * 2, span)
+    res["host"] = _host_replica(sections, nproc, model_args, m, reps * 2, span)
     # 7. Every GEMM shape the cost model prices for this layout, at the rank's thread count, as the
     # engine's autograd runs it (gemm_roles: the operand layouts), its operands rotated through ``span``
     # bytes (_best_cold: the rank's parameters, gradients and one micro-batch's activations).
@@ -424,11 +435,11 @@ def _worker(rank: int, args: tuple, out) -> None:
 
 
 def measure_cpu(nproc: int, dp: int, tp: int, roles: dict, mb: int, seq: int, heads: tuple[int, int, int],
-                elem: tuple, parallel: dict, model_args, m, span: float, reps: int = 7) -> dict:
+                elem: tuple, sections: dict, model_args, m, span: float, reps: int = 7) -> dict:
     """The primitives' costs with ``nproc`` ranks on this machine at once, each with the engine's thread
     count. ``heads``: (query heads, kv heads, head dim) per rank. Per primitive: the median over ranks
-    of each rank's minimum over repeats. ``elem``: compute.elem_key of the run's block. ``parallel``:
-    the run's [parallel] section; ``model_args`` (apogee ModelArgs, vocabulary set) and ``m`` (its planner
+    of each rank's minimum over repeats. ``elem``: compute.elem_key of the run's block. ``sections``:
+    the run's [parallel] section and its batch ([train] global_batch, micro_batch); ``model_args`` (apogee ModelArgs, vocabulary set) and ``m`` (its planner
     ModelShape): the model, for the host replica; ``span``: the bytes a GEMM's operands rotate through
     (_best_cold)."""
     import socket
@@ -436,7 +447,7 @@ def measure_cpu(nproc: int, dp: int, tp: int, roles: dict, mb: int, seq: int, he
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    args = (nproc, dp, tp, roles, mb, heads[0], heads[1], seq, heads[2], tuple(elem), reps, port, parallel,
+    args = (nproc, dp, tp, roles, mb, heads[0], heads[1], seq, heads[2], tuple(elem), reps, port, sections,
             model_args, m, span)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -609,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
                                  global_batch=gb, precision="fp32")
         span = nominal.params + nominal.grads + nominal.activations
         # The micro-benchmarks' collectives run over the ranks beside tp (pipeline ranks included).
-        meas = measure_cpu(nproc, dp * pp, tp, roles, mbs, seq, heads, elem, par,
+        sections = {"parallel": par, "train": {"global_batch": gb, "micro_batch": mbs}}
+        meas = measure_cpu(nproc, dp * pp, tp, roles, mbs, seq, heads, elem, sections,
                            dataclasses.replace(fa, vocab_size=m.vocab), m, span)
         acc = cpu_from_measurement(meas, m, mbs, elem, host_key(m, lay, fsdp=dp > 1))
         run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=nproc, gpus_per_node=nproc), fixed={},

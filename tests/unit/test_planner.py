@@ -484,6 +484,33 @@ def test_cpu_measured_block_elementwise_and_contention_replace_the_formulas():
     assert oversubscription(contended, 2) == 1.6 and oversubscription(contended, 1) == 1.0
 
 
+def test_ranks_sharing_cores_charge_contention_to_the_pipelines_work_not_its_bubble():
+    """On a host-bound node whose ranks share the cores (measured contention 2), a pipeline rank waiting
+    in the bubble leaves its core to the others: the step is the larger of the schedule at the
+    uncontended rate and the node's whole work at the contended rate over its ranks. pp=2 with two
+    micro-batches: 3 units of work uncontended, 2 x 2 contended per rank -> 4/3 of the uncontended
+    step, not 2x; without a pipeline every rank computes all the time and contention stays 2x."""
+    import dataclasses
+
+    from apogee.models.flavors import FLAVORS
+    from apogee.planner.cluster import Cluster
+    from apogee.planner.spec import shape_from_args
+
+    m = shape_from_args(FLAVORS["debug"], flavor="debug", seq_len=2048, vocab=256)
+    cpu = get_accelerator("cpu")
+
+    def step(contention, lay, gpus):
+        acc = dataclasses.replace(cpu, contention=contention)
+        run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=gpus, gpus_per_node=gpus), fixed={},
+                      global_batch=2, precision="fp32")
+        return estimate(run, lay).step_time_s
+
+    pipe = Layout(pp=2, microbatch=1, zero=0, dp_overlap=False, pp_schedule="1f1b")
+    assert step(2.0, pipe, 2) / step(1.0, pipe, 2) == pytest.approx(4 / 3, rel=0.03)
+    flat = Layout(dp=2, microbatch=1, zero=0, dp_overlap=False)
+    assert step(2.0, flat, 2) / step(1.0, flat, 2) == pytest.approx(2.0, rel=0.03)
+
+
 def test_cpu_measured_host_replica_replaces_the_count_model():
     """A measured host table entry (benchmarks/planner_vs_measured.py's replica of the layout at the
     run's parameter sizes and a few tokens) replaces the count model for its layout and model only: each

@@ -184,9 +184,16 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     # Steady state moves at the slowest rank's pace. The fill and drain pass every other rank once:
     # with equal ranks the bubble is `slots` micro-batches of one rank; with unequal ones (uneven layer
     # counts, the output layer on the last) the other ranks' mean work stands for that one rank's.
-    t_pipe = n_micro * work[slow] + pp_exposed
+    t_pipe = n_micro * work[slow]
     if p > 1:
         t_pipe += slots * (sum(work) - work[slow]) / (p - 1)
+    if acc.host_bound and share > 1 and p > 1:
+        # Ranks sharing a node's cores: ``work`` is each rank's at the contended rate (all ranks computing
+        # at once), but a rank waiting in the bubble leaves its core to the others. The schedule at the
+        # uncontended rate is one bound, the node's whole work at the contended rate over its ranks
+        # (work conservation) the other.
+        t_pipe = max(t_pipe / share, n_micro * sum(work) / p)
+    t_pipe += pp_exposed
 
     # --- data parallel ---------------------------------------------------------------------------
     nonexpert, experts = stage_params(m, lay, stack=run.stack)
