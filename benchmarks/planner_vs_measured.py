@@ -182,8 +182,8 @@ def _host_replica(sections: dict, nproc: int, args, m, reps: int, span: float = 
     dispatch, collective and FSDP2 unit of the real step runs, with FSDP2's gathers, copies and
     reduce-scatters, the gradient accumulation, clipping and AdamW at the real parameter bytes, and
     almost no token work. All ranks at once, median of ``reps`` (the contention and the gloo latency
-    the run sees). Models of 1 and 3 blocks give per-block times and the rest (embedding, output,
-    loss, the root unit): {"micro_batch": (per block, rest), "sync": ..., "step": ...}, where
+    the run sees). Models of 1 and 3 blocks (per pipeline stage) give per-block times and the rest
+    (embedding, output, loss, the root unit): {"micro_batch": (per block, rest), "sync": ..., "step": ...}, where
     micro_batch is one micro-batch's forward + backward with gradient sync off (the engine reduces
     gradients once per step) less the replica's own few-token GEMMs (the GEMM table prices those
     products at the run's tokens; ``m``, the run's ModelShape, gives them; None keeps them), sync what a
