@@ -123,24 +123,13 @@ def _gemm_role(role: str, key: tuple[int, int, int]):
     return make
 
 
-def _linear_products(M: float, N: float, K: float) -> list[tuple[tuple[int, int, int], str]]:
-    """The three products autograd runs for one nn.Linear forward [M,K] x [K,N], as (table key, role): the
-    forward at (M, N, K), the input gradient at (M, K, N), the weight gradient at (K, N, M)."""
-    keys = ((M, N, K), "fwd"), ((M, K, N), "dgrad"), ((K, N, M), "wgrad")
-    return [(tuple(round(x) for x in key), role) for key, role in keys]
-
-
 def gemm_roles(m, tp: int, cp: int, mb: int) -> dict[tuple[int, int, int], list[str]]:
-    """Every (M, N, K) the cost model prices (compute.gemm_shapes) with the role of each product it prices
-    there (a shape can price several: the mean is its table entry): the three products of each block
-    weight, and the output layer's forward (its backward is priced as twice it)."""
-    from apogee.planner.compute import dense_layer_gemms
+    """compute.gemm_products grouped by shape: the roles priced at each (M, N, K) (a shape can price
+    several: the mean of their times is its table entry)."""
+    from apogee.planner.compute import gemm_products
 
-    tokens = mb * m.seq_len / cp
-    priced = [p for shape in dense_layer_gemms(m, tokens, tp) for p in _linear_products(*shape)]
-    priced.append(_linear_products(tokens, m.vocab / tp, m.hidden)[0])
     roles: dict[tuple[int, int, int], list[str]] = {}
-    for key, role in priced:
+    for key, role in gemm_products(m, tp, cp, mb):
         roles.setdefault(key, []).append(role)
     return roles
 
@@ -280,12 +269,12 @@ def _host_replica(sections: dict, nproc: int, args, m, reps: int, span: float = 
 
 def _replica_gemms_s(m, tp: int, tokens: int, reps: int, span: float) -> tuple[float, float]:
     """Seconds of the replica's own GEMMs at its ``tokens``, per block and for the output layer: the
-    three products of each weight (_linear_products), each timed as _best_cold over ``span`` bytes."""
-    from apogee.planner.compute import dense_layer_gemms
+    three products of each weight (compute.linear_products), each timed as _best_cold over ``span`` bytes."""
+    from apogee.planner.compute import dense_layer_gemms, linear_products
 
     def products(shapes) -> float:
         return sum(_best_cold(_gemm_role(role, key), reps, span) for shape in shapes
-                   for key, role in _linear_products(*shape))
+                   for key, role in linear_products(*shape))
 
     return products(dense_layer_gemms(m, tokens, tp)), products([(tokens, m.vocab / tp, m.hidden)])
 
@@ -308,11 +297,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _vmhwm() -> int:
-    # VmHWM, not ru_maxrss: the latter carries the parent's peak across fork + exec.
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
-
-
 def _worker(rank: int, args: tuple, out) -> None:
     nproc, dp, tp, roles, mb, heads, kv_heads, seq, head_dim, elem, reps, port, sections, model_args, m, span = args
     import torch
@@ -320,6 +304,7 @@ def _worker(rank: int, args: tuple, out) -> None:
     from torch import nn
 
     import apogee.train.trainer  # noqa: F401  (the rank's imports: its resident baseline)
+    from apogee.telemetry.metrics import memory_gib
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
@@ -402,7 +387,7 @@ def _worker(rank: int, args: tuple, out) -> None:
     # run's parameter sizes.
     near_zero = dataclasses.replace(model_args, dim=2 * model_args.n_heads, ffn_hidden=4 * tp, vocab_size=8 * tp)
     _host_replica(sections, nproc, near_zero, None, 1)
-    res["base_rss"] = _vmhwm()
+    res["base_rss"] = memory_gib(torch.device("cpu")) * 2**30  # the engine's own CPU figure (VmHWM)
     res["host"] = _host_replica(sections, nproc, model_args, m, reps * 2, span)
     # 7. Every GEMM shape the cost model prices for this layout, at the rank's thread count, as the
     # engine's autograd runs it (gemm_roles: the operand layouts), its operands rotated through ``span``

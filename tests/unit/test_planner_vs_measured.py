@@ -61,17 +61,30 @@ def test_heap_sampler_leaves_out_freed_heap_chunks_that_stay_resident():
 
 @pytest.mark.parametrize("flavor,tp,mb", [("debug", 1, 4), ("tiny", 2, 4), ("debug", 2, 1)])
 def test_gemm_roles_time_exactly_the_shapes_the_cost_model_prices(flavor, tp, mb):
-    """The CPU calibration's GEMM table holds every shape compute.gemm_shapes lists and nothing else, each
+    """The CPU calibration's GEMM table holds every shape the cost model looks up for a layer and the
+    output layer (recorded from compute.layer_parts and logits_times themselves) and nothing else, each
     with the products priced there: three per block weight (forward, input and weight gradient), plus the
     output layer's forward."""
+    import dataclasses
+
     from apogee.models.flavors import FLAVORS
-    from apogee.planner.compute import dense_layer_gemms, gemm_shapes
+    from apogee.planner.cluster import get_accelerator
+    from apogee.planner.compute import dense_layer_gemms, layer_parts, logits_times
     from apogee.planner.spec import shape_from_args
 
+    class Recording(dict):
+        def __contains__(self, key):
+            looked.add(key)
+            return False  # priced by the shape model; only the keys matter
+
+    looked: set = set()
+    cpu = dataclasses.replace(get_accelerator("cpu"), gemm_table=Recording())
     pvm = _load()
     m = shape_from_args(FLAVORS[flavor], flavor=flavor, seq_len=128, vocab=256)
+    layer_parts(m, tp, 1, 1, mb, tp > 1, "none", cpu, "fp32")
+    logits_times(m, tp, 1, mb, cpu, "fp32")
     roles = pvm.gemm_roles(m, tp, 1, mb)
-    assert set(roles) == gemm_shapes(m, tp, 1, mb)
+    assert set(roles) == looked
     assert sum(len(r) for r in roles.values()) == 3 * len(dense_layer_gemms(m, mb * 128, tp)) + 1
     tokens = mb * 128
     assert "wgrad" in roles[(m.hidden, m.ffn_hidden // tp, tokens)]  # w1's weight gradient: [h, tokens] x [tokens, f]

@@ -310,16 +310,24 @@ def dense_layer_gemms(m: ModelShape, tokens: float, tp: int) -> list[tuple[float
     return _attn_gemms(m, tokens, tp) + _mlp_gemms(m, tokens, m.ffn_hidden, tp)
 
 
-def gemm_shapes(m: ModelShape, tp: int, cp: int, mb: int) -> set[tuple[int, int, int]]:
-    """Every (M, N, K) the cost model prices for a dense layer and the output layer at this layout:
-    forward, input-gradient and weight-gradient shapes (what a measured gemm_table must hold)."""
+def linear_products(M: float, N: float, K: float) -> list[tuple[tuple[int, int, int], str]]:
+    """The three GEMMs the cost model prices for one forward [M,K] x [K,N], as ((M, N, K) key, role): the
+    forward at (M, N, K), the input gradient at (M, K, N), the weight gradient at (K, N, M)."""
+    keys = ((M, N, K), "fwd"), ((M, K, N), "dgrad"), ((K, N, M), "wgrad")
+    return [((round(a), round(b), round(c)), role) for (a, b, c), role in keys]
+
+
+def gemm_products(m: ModelShape, tp: int, cp: int, mb: int) -> list[tuple[tuple[int, int, int], str]]:
+    """Every GEMM the cost model prices for a dense layer (three per weight) and the output layer (its
+    forward; its backward is priced as twice it) at this layout, as (key, role) (``linear_products``)."""
     tokens = mb * m.seq_len / cp
-    fwd = dense_layer_gemms(m, tokens, tp)
-    out = set()
-    for M, N, K in fwd:
-        out |= {(M, N, K), (M, K, N), (K, N, M)}
-    out |= {(tokens, m.vocab / tp, m.hidden)}
-    return {(round(M), round(N), round(K)) for M, N, K in out}
+    priced = [p for shape in dense_layer_gemms(m, tokens, tp) for p in linear_products(*shape)]
+    return priced + linear_products(tokens, m.vocab / tp, m.hidden)[:1]
+
+
+def gemm_shapes(m: ModelShape, tp: int, cp: int, mb: int) -> set[tuple[int, int, int]]:
+    """Every (M, N, K) the cost model prices at this layout (what a measured gemm_table must hold)."""
+    return {key for key, _ in gemm_products(m, tp, cp, mb)}
 
 
 def elem_key(m: ModelShape, tp: int, cp: int, mb: int, sp: bool) -> tuple[int, ...]:
