@@ -10,8 +10,9 @@
    - a chain of DTensor multiplies (no communication)          -> dtensor_call_s,
    - four FSDP2 units around tiny Linears vs the same unsharded -> fsdp_unit_s,
    - gloo all-gather on the run's TP (else DP) group, 1 KiB and 4 MiB -> link latency, bus bandwidth,
-   - each rank's GEMM rate with every rank running GEMMs vs alone (others in a barrier), counted in a
-     window inside a 0.6 s run so that ranks starting apart do not count -> contention,
+   - each rank's GEMM rate with every rank running GEMMs vs in its turn (as many ranks as the cores hold
+     at the engine's thread count, the others in a barrier), counted in a window inside a 0.6 s run so
+     that ranks starting apart do not count -> contention (the node's time-sharing),
    - the resident size after all of the above and one pass of the replica below at head_dim 2 (imports
      incl. torch._dynamo, gloo, op code pages; no model) -> reserved_gib,
    - a replica of the run at its parameter sizes and one sequence of 2 x tp tokens (the engine's model,
@@ -28,9 +29,12 @@
      output gradient in the model's transposed [batch, seq, heads, head_dim] layout -> attn_eff,
    - one block's norms, rotary, SwiGLU product and residual adds (the engine's modules) forward +
      backward, less the same on 2-token tensors (dispatch, priced by host_*) -> elem_table,
-   - a 64 MiB copy -> mem_bw_gbs.
-   These replace the nominal figures of the `cpu` accelerator (apogee.planner.cluster); nothing is
-   fitted to the runs below, and the training job itself is not timed for the calibration.
+   - a 64 MiB copy -> mem_bw_gbs;
+   the last four in turns, like contention's reference rate: ranks that time-share a core would mix
+   waiting into a long op's minimum (attention), not into a short one's, and the model applies the
+   time-sharing once, as contention. These replace the nominal figures of the `cpu` accelerator
+   (apogee.planner.cluster); nothing is fitted to the runs below, and the training job itself is not
+   timed for the calibration.
 2. The engine trains each config for ``--steps`` steps (apogee.launch.launch_local, gloo ranks);
    metrics.jsonl gives tokens/s per step (log_interval 1) and rank 0's peak RSS (mem_gib = VmHWM). The
    first 3 steps (warm-up) and the last (it evaluates and checkpoints) are skipped. The error is taken
@@ -291,6 +295,29 @@ def _gemm_rate(a, b, run_s: float = 0.6, window: tuple[float, float] = (0.1, 0.5
     return (len(inside) - 1) / (inside[-1] - inside[0])
 
 
+def turns(nproc: int, cores: int) -> list[range]:
+    """The ranks that time a primitive together, turn by turn: as many as ``cores`` hold at the engine's
+    thread count (cores // ranks each), so that no two of them time-share a core."""
+    size = max(1, cores // max(1, cores // nproc))
+    return [range(first, min(nproc, first + size)) for first in range(0, nproc, size)]
+
+
+def _in_turns(rank: int, nproc: int, fn):
+    """``fn()`` on this rank in its turn (``turns``), the other ranks waiting in a barrier; returns what
+    ``fn`` returned. One rank, or ranks that all fit the cores: at once."""
+    import torch.distributed as dist
+
+    got = None
+    for turn in turns(nproc, len(os.sched_getaffinity(0))):
+        if nproc > 1:
+            dist.barrier()
+        if rank in turn:
+            got = fn()
+    if nproc > 1:
+        dist.barrier()
+    return got
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -368,19 +395,17 @@ def _worker(rank: int, args: tuple, out) -> None:
         t_big, big = ag(4 * 2**20)
         res["lat_s"] = t_small / (n - 1)
         res["busbw_gbs"] = (n - 1) / n * big / max(1e-9, t_big - t_small) / 1e9
-        # 5. Contention: each rank's GEMM rate while every rank runs GEMMs, against its rate alone while the
-        # others wait in a barrier (median over ranks of the ratio). Each rate is counted inside a window
-        # well within the run, so that ranks leaving the barrier or finishing apart do not count as overlap.
+        # 5. Contention: each rank's GEMM rate while every rank runs GEMMs, against its rate in its turn (the
+        # ranks that fit the cores at once, _in_turns; the others wait in a barrier): how much slower the
+        # node's time-sharing makes the compute that the tables below price in turns (median over ranks of
+        # the ratio). Each rate is counted inside a window well within the run, so that ranks leaving the
+        # barrier or finishing apart do not count as overlap.
         ca, cb = torch.randn(512, 256), torch.randn(256, 768)
         ca @ cb
         dist.barrier()
         together = _gemm_rate(ca, cb)
-        for r in range(nproc):
-            dist.barrier()
-            if r == rank:
-                alone = _gemm_rate(ca, cb)
-        dist.barrier()
-        res["contention"] = alone / together
+        in_turn = _in_turns(rank, nproc, lambda: _gemm_rate(ca, cb))
+        res["contention"] = in_turn / together
     # 6. The resident size: the runtime a rank carries before its model (imports, torch._dynamo, which
     # building any model on the meta device loads, gloo, the code pages of the step's ops), read after one
     # pass of the replica at near-zero size (head_dim 2, its tensors a few KiB); then the replica at the
@@ -389,30 +414,45 @@ def _worker(rank: int, args: tuple, out) -> None:
     _host_replica(sections, nproc, near_zero, None, 1)
     res["base_rss"] = memory_gib(torch.device("cpu")) * 2**30  # the engine's own CPU figure (VmHWM)
     res["host"] = _host_replica(sections, nproc, model_args, m, reps * 2, span)
-    # 7. Every GEMM shape the cost model prices for this layout, at the rank's thread count, as the
-    # engine's autograd runs it (gemm_roles: the operand layouts), its operands rotated through ``span``
-    # bytes (_best_cold: the rank's parameters, gradients and one micro-batch's activations).
-    res["gemm_table"] = {key: statistics.mean(_best_cold(_gemm_role(role, key), reps, span) for role in key_roles)
-                         for key, key_roles in roles.items()}
-    # Causal attention as apogee.models.llama calls it: q, k, v are [batch, seq, heads, head_dim] tensors
-    # seen through transpose(1, 2), and the output's gradient comes back the same way from wo.
-    leaf = lambda h: torch.randn(mb, seq, h, head_dim).requires_grad_()  # noqa: E731
-    q, k, v = leaf(heads), leaf(kv_heads), leaf(kv_heads)
-    grad_out = torch.randn(mb, seq, heads, head_dim).transpose(1, 2)
+    # 7.-9. The compute and memory traffic the cost model prices, per rank at its thread count, in turns
+    # of the ranks that fit the cores at once (_in_turns): the rate a rank gets while it holds its cores.
+    # Where ranks time-share the cores, a minimum over repeats of all ranks at once would mix slices spent
+    # waiting into a long op (attention) but not into a short one (a small GEMM); the model applies the
+    # time-sharing once, as the contention above. Three times the repeats of the rest: with 7, a 2-thread
+    # rank's attention read 6.2-7.9 ms over three calibrations, with 21 5.8-6.0 ms.
+    creps = 3 * reps
 
-    def attn():
-        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                             is_causal=True, enable_gqa=heads != kv_heads)
-        o.backward(grad_out)
+    def compute_primitives() -> dict:
+        got = {}
+        # 7. Every GEMM shape the cost model prices for this layout, as the engine's autograd runs it
+        # (gemm_roles: the operand layouts), its operands rotated through ``span`` bytes (_best_cold: the
+        # rank's parameters, gradients and one micro-batch's activations).
+        got["gemm_table"] = {key: statistics.mean(_best_cold(_gemm_role(role, key), creps, span)
+                                                  for role in key_roles)
+                             for key, key_roles in roles.items()}
+        # Causal attention as apogee.models.llama calls it: q, k, v are [batch, seq, heads, head_dim] tensors
+        # seen through transpose(1, 2), and the output's gradient comes back the same way from wo.
+        leaf = lambda h: torch.randn(mb, seq, h, head_dim).requires_grad_()  # noqa: E731
+        q, k, v = leaf(heads), leaf(kv_heads), leaf(kv_heads)
+        grad_out = torch.randn(mb, seq, heads, head_dim).transpose(1, 2)
 
-    res["t_attn"] = _best(attn, reps)
-    # 8. One block's memory-bound ops with the engine's own modules, forward + backward, at the rank's
-    # shape: the two RMSNorms and residual adds (on seq/tp tokens under sequence parallel), rotary on q
-    # and k, the SwiGLU product. The same ops on 2-token tensors are pure dispatch/autograd, which
-    # host_call_s / host_node_s already price: subtracted.
-    res["t_elem"] = _elem_block(elem, reps * 3) - _elem_block((1, 2, 2) + tuple(elem[3:]), reps * 3)
-    xs, ys = torch.empty(16 * 2**20), torch.randn(16 * 2**20)  # 64 MiB each, well past the caches
-    res["copy_gbs"] = 2 * xs.numel() * 4 / _best(lambda: xs.copy_(ys), reps) / 1e9
+        def attn():
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=heads != kv_heads)
+            o.backward(grad_out)
+
+        got["t_attn"] = _best(attn, creps)
+        # 8. One block's memory-bound ops with the engine's own modules, forward + backward, at the rank's
+        # shape: the two RMSNorms and residual adds (on seq/tp tokens under sequence parallel), rotary on q
+        # and k, the SwiGLU product. The same ops on 2-token tensors are pure dispatch/autograd, which
+        # host_call_s / host_node_s already price: subtracted.
+        got["t_elem"] = _elem_block(elem, 3 * creps) - _elem_block((1, 2, 2) + tuple(elem[3:]), 3 * creps)
+        # 9. Memory bandwidth: a copy of 64 MiB, well past the caches.
+        xs, ys = torch.empty(16 * 2**20), torch.randn(16 * 2**20)
+        got["copy_gbs"] = 2 * xs.numel() * 4 / _best(lambda: xs.copy_(ys), creps) / 1e9
+        return got
+
+    res.update(_in_turns(rank, nproc, compute_primitives))
     out.put((rank, res))
     if nproc > 1:
         dist.barrier()

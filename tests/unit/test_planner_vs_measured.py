@@ -88,3 +88,22 @@ def test_gemm_roles_time_exactly_the_shapes_the_cost_model_prices(flavor, tp, mb
     assert sum(len(r) for r in roles.values()) == 3 * len(dense_layer_gemms(m, mb * 128, tp)) + 1
     tokens = mb * 128
     assert "wgrad" in roles[(m.hidden, m.ffn_hidden // tp, tokens)]  # w1's weight gradient: [h, tokens] x [tokens, f]
+
+
+@pytest.mark.parametrize("nproc,cores,expected", [
+    (4, 2, [[0, 1], [2, 3]]),  # one thread each: two ranks hold the two cores, two turns
+    (2, 2, [[0, 1]]),  # every rank has a core: all at once
+    (1, 2, [[0]]),
+    (3, 2, [[0, 1], [2]]),
+    (6, 4, [[0, 1, 2, 3], [4, 5]]),
+    (3, 16, [[0, 1, 2]]),  # five threads each: 15 of 16 cores
+])
+def test_calibration_turns_never_put_two_ranks_on_one_core(nproc, cores, expected):
+    """The CPU calibration times the compute primitives in turns of as many ranks as the cores hold at the
+    engine's thread count (cores // ranks each); the contention factor then applies the time-sharing once."""
+    pvm = _load()
+    got = [list(t) for t in pvm.turns(nproc, cores)]
+    assert got == expected
+    threads = max(1, cores // nproc)
+    assert all(len(t) * threads <= cores for t in got)
+    assert sorted(r for t in got for r in t) == list(range(nproc))
