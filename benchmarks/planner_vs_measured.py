@@ -79,7 +79,10 @@ LIVE_STEPS = 6  # the heap-sampled run: past the first optimizer step, whose sta
 
 
 def _threads(nproc: int) -> int:
-    return max(1, len(os.sched_getaffinity(0)) // nproc)  # what apogee.train.trainer does
+    """A rank's thread count: the cores the engine pins it to (apogee.train.cpu_cores)."""
+    from apogee.train.cpu_cores import rank_cores
+
+    return len(rank_cores(sorted(os.sched_getaffinity(0)), 0, nproc))
 
 
 def _best(fn, n: int) -> float:
@@ -295,20 +298,30 @@ def _gemm_rate(a, b, run_s: float = 0.6, window: tuple[float, float] = (0.1, 0.5
     return (len(inside) - 1) / (inside[-1] - inside[0])
 
 
-def turns(nproc: int, cores: int) -> list[range]:
-    """The ranks that time a primitive together, turn by turn: as many as ``cores`` hold at the engine's
-    thread count (cores // ranks each), so that no two of them time-share a core."""
-    size = max(1, cores // max(1, cores // nproc))
-    return [range(first, min(nproc, first + size)) for first in range(0, nproc, size)]
+def turns(nproc: int, cores: int) -> list[list[int]]:
+    """The ranks that time a primitive together, turn by turn: no two of them on one core, each on the
+    cores the engine pins it to (apogee.train.cpu_cores.rank_cores on ``cores`` cores)."""
+    from apogee.train.cpu_cores import rank_cores
+
+    groups: list[tuple[list[int], set[int]]] = []
+    for rank in range(nproc):
+        mine = set(rank_cores(list(range(cores)), rank, nproc))
+        free = next((g for g in groups if not g[1] & mine), None)
+        if free is None:
+            groups.append(([rank], mine))
+        else:
+            free[0].append(rank)
+            free[1].update(mine)
+    return [ranks for ranks, _ in groups]
 
 
-def _in_turns(rank: int, nproc: int, fn):
+def _in_turns(rank: int, nproc: int, cores: int, fn):
     """``fn()`` on this rank in its turn (``turns``), the other ranks waiting in a barrier; returns what
     ``fn`` returned. One rank, or ranks that all fit the cores: at once."""
     import torch.distributed as dist
 
     got = None
-    for turn in turns(nproc, len(os.sched_getaffinity(0))):
+    for turn in turns(nproc, cores):
         if nproc > 1:
             dist.barrier()
         if rank in turn:
@@ -332,11 +345,13 @@ def _worker(rank: int, args: tuple, out) -> None:
 
     import apogee.train.trainer  # noqa: F401  (the rank's imports: its resident baseline)
     from apogee.telemetry.metrics import memory_gib
+    from apogee.train.cpu_cores import pin_cpu_rank
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
 
-    torch.set_num_threads(_threads(nproc))
+    cores = len(os.sched_getaffinity(0))  # the host's, before this rank is pinned to its own
+    torch.set_num_threads(pin_cpu_rank(rank, nproc))  # the engine's cores and threads for this rank
     res: dict = {}
     # 1. Host cost of one torch call and of one autograd node: a chain of 100 tiny multiplies.
     x = torch.randn(4, requires_grad=True)
@@ -404,7 +419,7 @@ def _worker(rank: int, args: tuple, out) -> None:
         ca @ cb
         dist.barrier()
         together = _gemm_rate(ca, cb)
-        in_turn = _in_turns(rank, nproc, lambda: _gemm_rate(ca, cb))
+        in_turn = _in_turns(rank, nproc, cores, lambda: _gemm_rate(ca, cb))
         res["contention"] = in_turn / together
     # 6. The resident size: the runtime a rank carries before its model (imports, torch._dynamo, which
     # building any model on the meta device loads, gloo, the code pages of the step's ops), read after one
@@ -452,7 +467,7 @@ def _worker(rank: int, args: tuple, out) -> None:
         got["copy_gbs"] = 2 * xs.numel() * 4 / _best(lambda: xs.copy_(ys), creps) / 1e9
         return got
 
-    res.update(_in_turns(rank, nproc, compute_primitives))
+    res.update(_in_turns(rank, nproc, cores, compute_primitives))
     out.put((rank, res))
     if nproc > 1:
         dist.barrier()

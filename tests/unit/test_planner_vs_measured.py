@@ -91,19 +91,22 @@ def test_gemm_roles_time_exactly_the_shapes_the_cost_model_prices(flavor, tp, mb
 
 
 @pytest.mark.parametrize("nproc,cores,expected", [
-    (4, 2, [[0, 1], [2, 3]]),  # one thread each: two ranks hold the two cores, two turns
+    (4, 2, [[0, 2], [1, 3]]),  # pinned 0, 0, 1, 1: one rank of each core per turn
     (2, 2, [[0, 1]]),  # every rank has a core: all at once
     (1, 2, [[0]]),
-    (3, 2, [[0, 1], [2]]),
-    (6, 4, [[0, 1, 2, 3], [4, 5]]),
-    (3, 16, [[0, 1, 2]]),  # five threads each: 15 of 16 cores
+    (3, 2, [[0, 2], [1]]),  # pinned 0, 0, 1
+    (6, 4, [[0, 2, 3, 5], [1, 4]]),  # pinned 0, 0, 1, 2, 2, 3
+    (3, 16, [[0, 1, 2]]),  # five cores each
 ])
 def test_calibration_turns_never_put_two_ranks_on_one_core(nproc, cores, expected):
-    """The CPU calibration times the compute primitives in turns of as many ranks as the cores hold at the
-    engine's thread count (cores // ranks each); the contention factor then applies the time-sharing once."""
+    """The CPU calibration times the compute primitives in turns of ranks on distinct cores, each pinned as
+    the engine pins it (apogee.train.cpu_cores); the contention factor then applies the time-sharing once."""
+    from apogee.train.cpu_cores import rank_cores
+
     pvm = _load()
-    got = [list(t) for t in pvm.turns(nproc, cores)]
+    got = pvm.turns(nproc, cores)
     assert got == expected
-    threads = max(1, cores // nproc)
-    assert all(len(t) * threads <= cores for t in got)
+    for turn in got:
+        held = [c for r in turn for c in rank_cores(list(range(cores)), r, nproc)]
+        assert len(held) == len(set(held))
     assert sorted(r for t in got for r in t) == list(range(nproc))

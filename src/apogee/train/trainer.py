@@ -34,6 +34,7 @@ from apogee.resilience.replan import fit_world, replan_problem
 from apogee.parallel.pipeline import Pipeline, stages_per_rank
 from apogee.telemetry.metrics import MetricsWriter, log, memory_gib
 from apogee.telemetry.mfu import peak_flops
+from apogee.train.cpu_cores import pin_cpu_rank
 from apogee.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 
 
@@ -115,9 +116,10 @@ class Trainer:
                                elastic=self.elastic, replans=lambda world: replan_problem(cfg, world))
         self.hooks.beat("build", 0)
         if self.device.type == "cpu":
-            # Ranks on one host share its cores; oversubscribed threads slow every rank down.
+            # Ranks on one host share its cores: each gets cores of its own (apogee.train.cpu_cores) and as
+            # many threads; oversubscribed threads slow every rank down.
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+            torch.set_num_threads(pin_cpu_rank(int(os.environ.get("LOCAL_RANK", "0")), local))
         # An elastic job on another world size (after a shrink) re-plans the layout (resilience/replan.py).
         self.cfg, parallel = fit_world(cfg, self.world_size, elastic=self.elastic, log=lambda msg: log(msg, enabled=self.is_main),
                                        events=self.hooks.events if self.is_main else None)
