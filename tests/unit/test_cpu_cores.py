@@ -17,8 +17,8 @@ from apogee.train.cpu_cores import rank_cores
     ([0, 1, 2, 3], 2, [[0, 1], [2, 3]]),
     ([0, 1, 2, 3], 3, [[0], [1], [2]]),  # one core left over, as the thread count cores // ranks leaves it
     ([4, 5, 6, 7], 2, [[4, 5], [6, 7]]),  # a cpuset's own ids
-    ([0, 1], 4, [[0], [0], [1], [1]]),  # more ranks than cores: contiguous blocks share a core
-    ([0, 1], 3, [[0], [0], [1]]),
+    ([0, 1], 4, [[0], [1], [0], [1]]),  # more ranks than cores: dealt round-robin
+    ([0, 1], 3, [[0], [1], [0]]),
     ([2], 2, [[2], [2]]),
 ])
 def test_rank_cores(allowed, world, expected):

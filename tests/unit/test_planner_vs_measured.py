@@ -91,11 +91,11 @@ def test_gemm_roles_time_exactly_the_shapes_the_cost_model_prices(flavor, tp, mb
 
 
 @pytest.mark.parametrize("nproc,cores,expected", [
-    (4, 2, [[0, 2], [1, 3]]),  # pinned 0, 0, 1, 1: one rank of each core per turn
+    (4, 2, [[0, 1], [2, 3]]),  # pinned to cores 0, 1, 0, 1: one rank of each core per turn
     (2, 2, [[0, 1]]),  # every rank has a core: all at once
     (1, 2, [[0]]),
-    (3, 2, [[0, 2], [1]]),  # pinned 0, 0, 1
-    (6, 4, [[0, 2, 3, 5], [1, 4]]),  # pinned 0, 0, 1, 2, 2, 3
+    (3, 2, [[0, 1], [2]]),
+    (6, 4, [[0, 1, 2, 3], [4, 5]]),
     (3, 16, [[0, 1, 2]]),  # five cores each
 ])
 def test_calibration_turns_never_put_two_ranks_on_one_core(nproc, cores, expected):

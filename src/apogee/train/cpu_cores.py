@@ -1,14 +1,18 @@
 """Which of the host's cores a CPU rank runs on, and with how many threads.
 
 Ranks on one host share its cores. Left to the scheduler, their processes migrate between cores and a
-rank waiting in a collective wakes up on whichever core is free: four single-threaded ranks on two
-cores (tiny dp_shard=2 x tp=2, benchmarks/planner_vs_measured.py's first config) stepped in 0.29-0.37 s
-unpinned over seven runs, and in 0.26-0.27 s pinned as below (this project's 2-core machine). So each
-local rank gets cores of its own, as torch's CPU launcher (``torch.backends.xeon.run_cpu``) gives
-instances: ``cores // ranks`` each where every rank gets one, otherwise one core shared by consecutive
-ranks (contiguous blocks: the innermost mesh axes, a tensor-parallel pair or a data-parallel pair of
-one pipeline stage, share a core, and the stages run side by side; dealing ranks round-robin instead
-measured 0.27 s).
+rank waiting in a collective wakes up on whichever core is free. So each local rank gets cores of its
+own, as torch's CPU launcher (``torch.backends.xeon.run_cpu``) gives instances: ``cores // ranks``
+each where every rank gets one; otherwise one core each, dealt round-robin, so that consecutive ranks
+(the innermost mesh axes: a tensor-parallel group, the data-parallel ranks of one pipeline stage), which
+compute at the same moments, run on different cores.
+
+Measured on this project's 2-core machine (benchmarks/planner_vs_measured.py's configs, minimum step
+over 16, unpinned and pinned runs alternated, two rounds): tiny dp2 x tp2 on 4 ranks 0.344/0.368 s ->
+0.310/0.312 s; debug pp=2 x dp2 on 4 ranks 0.705/0.688 -> 0.708/0.665; debug dp2 0.358/0.365 ->
+0.344/0.341; debug pp=2 0.659/0.635 -> 0.640/0.624. Consecutive ranks on one core instead (blocks) gave
+0.286/0.299 on tiny but 0.853/0.838 on pp=2 x dp2: a stage's two ranks then share one core while the
+other idles in the pipeline's bubble.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ def rank_cores(allowed: list[int], local_rank: int, local_world: int) -> list[in
     if local_world <= n:
         per_rank = n // local_world
         return allowed[local_rank * per_rank:(local_rank + 1) * per_rank]
-    return [allowed[local_rank * n // local_world]]
+    return [allowed[local_rank % n]]
 
 
 def pin_cpu_rank(local_rank: int, local_world: int) -> int:
