@@ -4,15 +4,16 @@
     python benchmarks/planner_vs_measured.py --gpu ...    # the engine on one GPU: planner_vs_measured_gpu.py
 
 1. Micro-benchmarks (the `cpu` device's calibration, on this machine): ``nproc`` worker processes (gloo
-   ranks) run at once, each with the thread count the engine gives a rank (cores // local ranks), and
-   take the minimum over repeats of each primitive (load from other work only adds time):
+   ranks) run at once, each pinned to the cores the engine gives a rank, with as many threads
+   (apogee.train.cpu_cores), and take the minimum over repeats of each primitive (load from other work
+   only adds time):
    - a chain of 100 tiny multiplies, forward and backward      -> host_call_s, host_node_s,
    - a chain of DTensor multiplies (no communication)          -> dtensor_call_s,
    - four FSDP2 units around tiny Linears vs the same unsharded -> fsdp_unit_s,
    - gloo all-gather on the run's TP (else DP) group, 1 KiB and 4 MiB -> link latency, bus bandwidth,
-   - each rank's GEMM rate with every rank running GEMMs vs in its turn (as many ranks as the cores hold
-     at the engine's thread count, the others in a barrier), counted in a window inside a 0.6 s run so
-     that ranks starting apart do not count -> contention (the node's time-sharing),
+   - each rank's GEMM rate with every rank running GEMMs vs in its turn (ranks on distinct cores, the
+     others in a barrier), counted in a window inside a 0.6 s run so that ranks starting apart do not
+     count -> contention (the node's time-sharing; 1 where every rank has cores of its own),
    - the resident size after all of the above and one pass of the replica below at head_dim 2 (imports
      incl. torch._dynamo, gloo, op code pages; no model) -> reserved_gib,
    - a replica of the run at its parameter sizes and one sequence of 2 x tp tokens (the engine's model,
@@ -411,16 +412,21 @@ def _worker(rank: int, args: tuple, out) -> None:
         res["lat_s"] = t_small / (n - 1)
         res["busbw_gbs"] = (n - 1) / n * big / max(1e-9, t_big - t_small) / 1e9
         # 5. Contention: each rank's GEMM rate while every rank runs GEMMs, against its rate in its turn (the
-        # ranks that fit the cores at once, _in_turns; the others wait in a barrier): how much slower the
-        # node's time-sharing makes the compute that the tables below price in turns (median over ranks of
-        # the ratio). Each rate is counted inside a window well within the run, so that ranks leaving the
-        # barrier or finishing apart do not count as overlap.
-        ca, cb = torch.randn(512, 256), torch.randn(256, 768)
-        ca @ cb
-        dist.barrier()
-        together = _gemm_rate(ca, cb)
-        in_turn = _in_turns(rank, nproc, cores, lambda: _gemm_rate(ca, cb))
-        res["contention"] = in_turn / together
+        # ranks on distinct cores, _in_turns; the others wait in a barrier): how much slower the node's
+        # time-sharing makes the compute that the tables below price in turns (median over ranks of the
+        # ratio). Each rate is counted inside a window well within the run, so that ranks leaving the
+        # barrier or finishing apart do not count as overlap. Where one turn holds every rank, nothing is
+        # time-shared and the tables were timed with all ranks running: 1, not a ratio of two equal
+        # measurements (which read 0.94-1.07).
+        if len(turns(nproc, cores)) == 1:
+            res["contention"] = 1.0
+        else:
+            ca, cb = torch.randn(512, 256), torch.randn(256, 768)
+            ca @ cb
+            dist.barrier()
+            together = _gemm_rate(ca, cb)
+            in_turn = _in_turns(rank, nproc, cores, lambda: _gemm_rate(ca, cb))
+            res["contention"] = in_turn / together
     # 6. The resident size: the runtime a rank carries before its model (imports, torch._dynamo, which
     # building any model on the meta device loads, gloo, the code pages of the step's ops), read after one
     # pass of the replica at near-zero size (head_dim 2, its tensors a few KiB); then the replica at the
