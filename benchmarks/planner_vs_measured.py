@@ -318,7 +318,7 @@ def turns(nproc: int, cores: int) -> list[list[int]]:
 
 def _in_turns(rank: int, nproc: int, cores: int, fn):
     """``fn()`` on this rank in its turn (``turns``), the other ranks waiting in a barrier; returns what
-    ``fn`` returned. One rank, or ranks that all fit the cores: at once."""
+    ``fn`` returned. One rank, or ranks with cores of their own: all at once."""
     import torch.distributed as dist
 
     got = None
@@ -436,7 +436,7 @@ def _worker(rank: int, args: tuple, out) -> None:
     res["base_rss"] = memory_gib(torch.device("cpu")) * 2**30  # the engine's own CPU figure (VmHWM)
     res["host"] = _host_replica(sections, nproc, model_args, m, reps * 2, span)
     # 7.-9. The compute and memory traffic the cost model prices, per rank at its thread count, in turns
-    # of the ranks that fit the cores at once (_in_turns): the rate a rank gets while it holds its cores.
+    # of ranks on distinct cores (_in_turns): the rate a rank gets while it holds its cores.
     # Where ranks time-share the cores, a minimum over repeats of all ranks at once would mix slices spent
     # waiting into a long op (attention) but not into a short one (a small GEMM); the model applies the
     # time-sharing once, as the contention above. Three times the repeats of the rest: with 7, a 2-thread
