@@ -38,7 +38,8 @@ def pin_cpu_rank(local_rank: int, local_world: int) -> int:
     if not hasattr(os, "sched_setaffinity"):
         return max(1, (os.cpu_count() or 1) // max(1, local_world))
     cores = rank_cores(sorted(os.sched_getaffinity(0)), local_rank, local_world)
-    for tid in os.listdir("/proc/self/task"):
+    # Every thread by id where /proc lists them (Linux); elsewhere the calling thread (0) and its children.
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
         try:
             os.sched_setaffinity(int(tid), cores)
         except (ProcessLookupError, PermissionError):  # a thread that has just exited
