@@ -4,16 +4,11 @@ block's fixed cost in the pass where torch's schedules run that work."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("pipeline_bubble", ROOT / "benchmarks" / "pipeline_bubble.py")
-bubble = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bubble)
+bubble = load_benchmark("pipeline_bubble")
 
 
 def _one_f_one_b(p: int, m: int) -> list[list[tuple]]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
 from apogee.planner.cli import register
 from apogee.planner.cluster import get_accelerator
@@ -299,9 +299,7 @@ def test_engine_rejections_are_filtered_not_hidden():
 
 # -- accuracy -------------------------------------------------------------------------------------
 def test_published_runs_accuracy(capsys):
-    spec = importlib.util.spec_from_file_location("planner_accuracy", ROOT / "benchmarks" / "planner_accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("planner_accuracy")
     if not mod.DEFAULT_CSV.exists():
         pytest.skip(f"{mod.DEFAULT_CSV} not present")
     assert mod.main(["--json"]) == 0
@@ -320,9 +318,7 @@ def test_heldout_published_runs(capsys):
     Llama 3 405B: given no recompute the time model is within 5% on the two 8K rows, but the planner's
     own choice there is full recompute (its memory model puts no recompute 2.4 GiB over), 21% low; the
     128K row -8%. NeMo 24.12's FP8 rows: all seven within 6%."""
-    spec = importlib.util.spec_from_file_location("planner_heldout", ROOT / "benchmarks" / "planner_heldout.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("planner_heldout")
     assert mod.main(["--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     meta = [r for r in rows if r["source"] == "Meta"]
@@ -346,9 +342,7 @@ def test_gpu_layer_shapes_covers_each_h100_row_at_its_shard(tmp_path, capsys):
     --shrink dry run on CPU, no timing asserted)."""
     from apogee.planner.compute import layer_parts
 
-    spec = importlib.util.spec_from_file_location("gpu_layer_shapes", ROOT / "benchmarks" / "gpu_layer_shapes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("gpu_layer_shapes")
     if mod.DEFAULT_CSV.exists():
         got = [(name, m.hidden, tp) for name, m, tp in mod.shapes(mod.DEFAULT_CSV, "h100-80gb")]
         assert got[0] == ("GPT 1.7B", 2048, 1) and got[-2] == ("GPT 462B", 18432, 8)
@@ -370,9 +364,7 @@ def test_published_rows_embedding_tying_matches_their_parameter_counts():
     """The benchmark reads Narayanan 2021's models as tied and the README's H100 models as untied:
     each row's published (rounded) parameter count must be nearer to that reading than to the other,
     and within 3.5% of it."""
-    spec = importlib.util.spec_from_file_location("planner_accuracy", ROOT / "benchmarks" / "planner_accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("planner_accuracy")
     if not mod.DEFAULT_CSV.exists():
         pytest.skip(f"{mod.DEFAULT_CSV} not present")
     import csv
@@ -633,9 +625,7 @@ def test_h100_engine_runs_memory_and_step(capsys):
     within 1%, the compiled one included since its blocks' saved tensors are counted (+19.9% before);
     every run's step time is within issue 5's 10% (docs/planner.md: -6.9..-0.2% since the eager block's
     traffic is counted; -2.1..+23.1% before)."""
-    spec = importlib.util.spec_from_file_location("pvm_gpu", ROOT / "benchmarks" / "planner_vs_measured_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("planner_vs_measured_gpu")
     data = json.loads((ROOT / "benchmarks" / "results" / "h100-engine-runs.json").read_text())
     assert len(data["runs"]) == 5 and sum(r["compile"] for r in data["runs"]) == 1
     for rec in data["runs"]:

@@ -5,23 +5,16 @@ the GEMM roles its calibration times."""
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 2**20
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("pvm", ROOT / "benchmarks" / "planner_vs_measured.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # Run in a fresh interpreter: a long-lived process (the test session) brings a heap already full of
@@ -79,7 +72,7 @@ def test_gemm_roles_time_exactly_the_shapes_the_cost_model_prices(flavor, tp, mb
 
     looked: set = set()
     cpu = dataclasses.replace(get_accelerator("cpu"), gemm_table=Recording())
-    pvm = _load()
+    pvm = load_benchmark("planner_vs_measured")
     m = shape_from_args(FLAVORS[flavor], flavor=flavor, seq_len=128, vocab=256)
     layer_parts(m, tp, 1, 1, mb, tp > 1, "none", cpu, "fp32")
     logits_times(m, tp, 1, mb, cpu, "fp32")
@@ -103,7 +96,7 @@ def test_calibration_turns_never_put_two_ranks_on_one_core(nproc, cores, expecte
     the engine pins it (apogee.train.cpu_cores); the contention factor then applies the time-sharing once."""
     from apogee.train.cpu_cores import rank_cores
 
-    pvm = _load()
+    pvm = load_benchmark("planner_vs_measured")
     got = pvm.turns(nproc, cores)
     assert got == expected
     for turn in got:
