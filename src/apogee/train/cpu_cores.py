@@ -34,9 +34,10 @@ def rank_cores(allowed: list[int], local_rank: int, local_world: int) -> list[in
 def pin_cpu_rank(local_rank: int, local_world: int) -> int:
     """Binds every thread of this process (gloo's and the runtime's included; threads started later
     inherit it) to the rank's cores and returns how many they are: the rank's intra-op thread count. Where
-    the platform has no affinity calls (macOS), nothing is bound and the share of the cores is returned."""
+    the platform has no affinity calls (macOS), nothing is bound and the rank's share of the cores is
+    returned (the same rule over all of them)."""
     if not hasattr(os, "sched_setaffinity"):
-        return max(1, (os.cpu_count() or 1) // max(1, local_world))
+        return len(rank_cores(list(range(os.cpu_count() or 1)), local_rank, local_world))
     cores = rank_cores(sorted(os.sched_getaffinity(0)), local_rank, local_world)
     # Every thread by id where /proc lists them (Linux); elsewhere the calling thread (0) and its children.
     for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
