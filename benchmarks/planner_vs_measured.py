@@ -46,7 +46,8 @@
    the peak allocated memory the GPU comparison uses (planner_vs_measured_gpu.py). The peak RSS is
    printed beside it; the gap between the two is the allocator's fragmentation, which the planner does
    not model.
-3. The planner predicts the same layout (tp, dp = dp_shard with FSDP = ZeRO 3, micro-batch, fp32).
+3. The planner predicts the same layout (tp, dp and its zero level: dp_shard = 3, dp_shard with
+   reshard_after_forward never = 2, dp_replicate = 0; micro-batch, fp32).
 
 Target (issue 5): within 10% on step time and memory per rank.
 """
@@ -73,6 +74,9 @@ CONFIGS = [
     ("debug dp_shard=2", "debug", 2, {"dp_shard": 2, "tp": 1}, 128, 16, 4),
     ("debug pp=2 1f1b", "debug", 2, {"pp": 2, "dp_shard": 1, "tp": 1, "pp_schedule": "1f1b"}, 256, 16, 2),
     ("debug pp=2 x dp_shard=2", "debug", 4, {"pp": 2, "dp_shard": 2, "tp": 1, "pp_schedule": "1f1b"}, 256, 16, 2),
+    # The planner's other two zero levels (estimate.APOGEE_ZERO, as export.layout_to_config writes them).
+    ("debug dp_shard=2 zero 2", "debug", 2, {"dp_shard": 2, "tp": 1, "reshard_after_forward": "never"}, 128, 16, 4),
+    ("debug dp_replicate=2 zero 0", "debug", 2, {"dp_replicate": 2, "dp_shard": 1, "tp": 1}, 128, 16, 4),
     ("debug 1 rank", "debug", 1, {"dp_shard": 1, "tp": 1}, 256, 16, 4),
 ]
 WARMUP_STEPS = 3
@@ -654,11 +658,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         fa = FLAVORS[flavor]
         m = shape_from_args(fa, flavor=flavor, seq_len=seq, vocab=256)  # byte tokenizer: 256 tokens
-        tp, dp, pp = par["tp"], par["dp_shard"], par.get("pp", 1)
+        tp, dp, pp = par["tp"], par.get("dp_replicate", 1) * par["dp_shard"], par.get("pp", 1)
+        zero = 0 if par.get("dp_replicate", 1) > 1 else 2 if par.get("reshard_after_forward") == "never" else 3
         roles = gemm_roles(m, tp, 1, mbs)
         heads = (m.heads // tp, max(1, m.kv_heads // tp), m.head_dim)
         elem = elem_key(m, tp, 1, mbs, tp > 1)
-        lay = Layout(tp=tp, dp=dp, pp=pp, microbatch=mbs, zero=3, sequence_parallel=tp > 1, dp_overlap=False,
+        lay = Layout(tp=tp, dp=dp, pp=pp, microbatch=mbs, zero=zero, sequence_parallel=tp > 1, dp_overlap=False,
                      pp_schedule=par.get("pp_schedule", "1f1b"))
         # What passes through a rank's caches between two runs of one GEMM: its parameters, gradients and
         # activations (the planner's count; the calibration does not change it).

@@ -12,10 +12,20 @@ from apogee.planner.cluster import GIB, Accelerator, Cluster
 from apogee.planner.compute import AUTOCAST_CAST_BYTES, hbm_bytes_per_s, layer_times, logits_times
 from apogee.planner.errors import PlannerError
 from apogee.planner.host import host_microbatch_s, host_step_s, measured_host_s, oversubscription
-from apogee.planner.memory import MemoryBreakdown, engine_autocast, memory_per_gpu, stage_layer_counts, stage_params
+from apogee.planner.memory import (
+    MemoryBreakdown,
+    engine_autocast,
+    memory_per_gpu,
+    stage_layer_counts,
+    stage_params,
+    wraps_in_fsdp,
+)
 from apogee.planner.schedule import bubble_fraction, bubble_slots
 from apogee.planner.spec import Layout, ModelShape, RunSpec
 
+# The zero levels apogee's engine runs (apogee.planner.export maps them to [parallel]; memory.wraps_in_fsdp
+# says what each holds). Megatron-LM's stack has all four.
+APOGEE_ZERO = (0, 2, 3)
 GRAD_REDUCE_BYTES = 4  # fp32 gradient reduction: Megatron-LM main_grad and torchtitan's reduce_dtype default
 # Per-step memory traffic outside the layers (priced at compute.hbm_bytes_per_s):
 #   Adam on the rank's optimizer shard: read fp32 grad, master, m, v (16); write master, m, v (12) and
@@ -77,8 +87,17 @@ class Estimate:
         }
 
 
-def check_layout(m: ModelShape, lay: Layout, cluster: Cluster, global_batch: int) -> str | None:
-    """Why ``lay`` is invalid for this model and cluster, or None when it is valid."""
+def check_layout(m: ModelShape, lay: Layout, cluster: Cluster, global_batch: int, stack: str = "apogee"
+                 ) -> str | None:
+    """Why ``lay`` is invalid for this model and cluster (and, for apogee, its engine), or None when it
+    is valid."""
+    if stack == "apogee" and lay.zero not in APOGEE_ZERO:
+        return (f"layout.zero={lay.zero}: apogee's engine has zero 0 (replicated), 2 (FSDP2 keeping gathered "
+                "weights from forward to backward) and 3 (FSDP2), no ZeRO-1 sharded optimizer; "
+                "train.stack = \"megatron\" prices Megatron-LM's")
+    if stack == "apogee" and lay.zero == 0 and lay.cp > 1:
+        return (f"layout.zero=0 with layout.cp={lay.cp}: apogee shards model state over the context axis "
+                "(FSDP2 over dp_shard x cp); use zero 2 or 3")
     if lay.world != cluster.gpus:
         return f"layout tp*pp*dp*cp = {lay.world} but the cluster has {cluster.gpus} GPUs"
     if m.heads % lay.tp or m.kv_heads % lay.tp and lay.tp % m.kv_heads:
@@ -128,7 +147,7 @@ def _engine_accelerator(acc: Accelerator) -> Accelerator:
 
 def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None) -> Estimate:
     m, cl = run.model, run.cluster
-    why = check_layout(m, lay, cl, run.global_batch)
+    why = check_layout(m, lay, cl, run.global_batch, run.stack)
     if why:
         raise PlannerError(why)
     acc = cl.accel
@@ -145,7 +164,7 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     sp = lay.sequence_parallel
 
     # --- one micro-batch on each pipeline rank ---------------------------------------------------
-    fsdp = lay.zero >= 3 and lay.dp * lay.cp > 1
+    fsdp = wraps_in_fsdp(lay, run.stack)
     ranks_node = min(cl.gpus, cl.gpus_per_node)
     share = oversubscription(acc, ranks_node)
     counts = rank_layer_counts(run, lay)
@@ -204,22 +223,26 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     if shard > 1:
         grad_rs = comms.reduce_scatter(GRAD_REDUCE_BYTES * params_rank, shard, dp_link)
         param_ag = comms.all_gather(2 * params_rank, shard, dp_link)
-        if lay.zero >= 3:
-            # FSDP2: gather weights before each micro-batch's forward and again for its backward, one
-            # unit (block) at a time; reduce-scatter the gradients once, after the last micro-batch
-            # (apogee.train.trainer turns gradient sync off before it). Prefetched behind the
-            # neighbouring blocks' compute on GPUs; on a host-bound device gloo's copies and socket
+        if fsdp:
+            # FSDP2, one unit (block) at a time: weight gathers (fsdp_gathers_per_step) and one gradient
+            # reduction, after the last micro-batch (apogee.train.trainer turns gradient sync off before
+            # it): a reduce-scatter, or at zero 0 (a replicate-only mesh) an all-reduce. Prefetched behind
+            # the neighbouring blocks' compute on GPUs; on a host-bound device gloo's copies and socket
             # I/O run on the rank's own cores and the latency is paid per unit.
             units = Ls + 1
+            gathers = fsdp_gathers_per_step(lay, n_micro)
             param_ag = comms.all_gather(2 * params_rank * (2 if run.precision == "fp32" else 1), shard, dp_link)
+            if lay.zero == 0 and run.stack != "megatron":
+                grad_rs = comms.all_reduce(GRAD_REDUCE_BYTES * params_rank, shard, dp_link)
             if acc.host_bound:
                 param_ag += (units - 1) * (shard - 1) * dp_link.latency
-                grad_rs += (units - 1) * (shard - 1) * dp_link.latency
-            dp_comm = n_micro * 2 * param_ag + grad_rs
+                grad_rs += (units - 1) * (shard - 1) * dp_link.latency * (2 if lay.zero == 0 else 1)
+            dp_comm = gathers * param_ag + grad_rs
             if acc.host_bound:
                 dp_exposed = dp_comm
             else:
-                dp_exposed = n_micro * max(0.0, 2 * param_ag - (f_stage + b_stage)) + param_ag / max(1, Ls) + grad_rs / max(1, Ls)
+                dp_exposed = (max(0.0, gathers * param_ag - n_micro * (f_stage + b_stage))
+                              + (param_ag / max(1, Ls) if gathers else 0.0) + grad_rs / max(1, Ls))
         else:
             dp_comm = grad_rs + param_ag
             if lay.dp_overlap and not acc.host_bound:
@@ -270,6 +293,22 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     _checkpointing(run, est)
     _energy(run, est, tokens_step)
     return est
+
+
+def fsdp_gathers_per_step(lay: Layout, n_micro: int) -> int:
+    """How often a step gathers a data-parallel rank's weights under FSDP2 (apogee's zero levels, see
+    memory.wraps_in_fsdp). Without a pipeline: zero 3 before each micro-batch's forward and again for
+    its backward, zero 2 once per micro-batch (kept from forward to backward), zero 0 never (nothing is
+    sharded). Under a pipeline schedule torch keeps the weights gathered after each backward until the
+    step's last (pipelining.stage), so zero 3 gathers for every backward plus the forwards that run
+    before the first one (the micro-batches in flight), and zero 2 gathers once."""
+    if lay.zero == 0:
+        return 0
+    if lay.pp == 1:
+        return n_micro * (2 if lay.zero >= 3 else 1)
+    if lay.zero == 2:
+        return 1
+    return n_micro + min(n_micro, lay.pp * lay.virtual_stages)
 
 
 def rank_layer_counts(run: RunSpec, lay: Layout) -> list[int]:

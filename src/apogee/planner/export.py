@@ -11,10 +11,11 @@ from apogee.planner.spec import Layout, RunSpec
 
 
 def layout_to_config(run: RunSpec, lay: Layout) -> dict:
-    """The engine config dict: [run] (device, for a CPU cluster), [model], [parallel], [train]. dp maps
-    to dp_shard under ZeRO-3/FSDP, else to dp_replicate (ZeRO 1-2 have no FSDP equivalent; replicated
-    data parallelism it is)."""
-    sharded = lay.zero >= 3
+    """The engine config dict: [run] (device, for a CPU cluster), [model], [parallel], [train]. The zero
+    level picks how dp runs (estimate.APOGEE_ZERO): 3 is dp_shard (FSDP2), 2 is dp_shard with
+    reshard_after_forward = "never" (gathered weights kept from forward to backward: ZeRO-2's memory),
+    0 is dp_replicate (whole state on every rank). apogee has no ZeRO-1: check_layout refuses it."""
+    sharded = lay.zero >= 2
     parallel = {
         "dp_replicate": 1 if sharded else lay.dp,
         "dp_shard": lay.dp if sharded else 1,
@@ -23,6 +24,8 @@ def layout_to_config(run: RunSpec, lay: Layout) -> dict:
         "cp": lay.cp,
         "sequence_parallel": bool(lay.sequence_parallel),
     }
+    if lay.zero == 2 and lay.dp * lay.cp > 1:
+        parallel["reshard_after_forward"] = "never"
     # Keys the engine's [parallel] does not have yet are written only when they hold something other
     # than the engine's fixed behaviour (one pipeline stage, no recompute), so a pp=1, no-recompute
     # layout's config stays minimal; engine_rejection() asks the engine whether it accepts the result.

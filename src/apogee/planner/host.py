@@ -61,7 +61,9 @@ def host_key(m: ModelShape, lay: Layout, fsdp: bool) -> tuple:
     is the median over ranks of the embedding / output stages' extra, and the schedule's own host work
     is not in it)."""
     shapes = (m.hidden, m.ffn_hidden, m.heads, m.kv_heads, m.vocab)
-    return shapes + (lay.tp, lay.sequence_parallel and lay.tp > 1, fsdp, lay.recompute, lay.pp > 1)
+    # The zero level under FSDP: its gathers differ (memory.wraps_in_fsdp), so each has its own entry.
+    return shapes + (lay.tp, lay.sequence_parallel and lay.tp > 1, lay.zero if fsdp else None, lay.recompute,
+                     lay.pp > 1)
 
 
 def measured_host_s(part: str, m: ModelShape, lay: Layout, acc: Accelerator, layers: int, fsdp: bool
@@ -83,7 +85,7 @@ def host_step_s(m: ModelShape, lay: Layout, acc: Accelerator, layers: int) -> fl
     if not acc.host_bound:
         return 0.0
     tensors = layers * TENSORS_PER_BLOCK + TENSORS_HEAD
-    sharded = lay.tp > 1 or (lay.zero >= 3 and lay.dp * lay.cp > 1)  # parameters are DTensors
+    sharded = lay.tp > 1 or lay.dp * lay.cp > 1  # parameters are DTensors (FSDP2 at every zero level)
     if sharded:
         # Clipping unwraps each gradient once (to_local, a DTensor call) and works on the local shard.
         clip = tensors * (acc.dtensor_call_s + (CLIP_CALLS_PER_TENSOR - 1) * acc.host_call_s)

@@ -136,10 +136,19 @@ def stage_params(m: ModelShape, lay: Layout, stage: str = "first", stack: str = 
     return nonexpert, experts
 
 
+def wraps_in_fsdp(lay: Layout, stack: str = "apogee") -> bool:
+    """Whether the stack runs this layout's data parallelism as FSDP units (weights gathered per block,
+    gradients reduced per block). apogee does for every zero level it has (apogee.planner.export maps
+    them): 3 is FSDP2, 2 is FSDP2 keeping each block's gathered weights from its forward to its backward
+    (reshard_after_forward = "never"), 0 is FSDP2 over a replicate-only mesh (dp_replicate). Megatron-LM
+    only at zero 3; its zero 1-2 are the distributed optimizer."""
+    return lay.dp * lay.cp > 1 and (stack != "megatron" or lay.zero >= 3)
+
+
 def engine_autocast(lay: Layout, precision: str) -> bool:
-    """apogee without FSDP (zero 3 with nothing to shard over: one GPU, or tp / pp alone) trains bf16 as
+    """apogee without FSDP (nothing to shard or replicate over: one GPU, or tp / pp alone) trains bf16 as
     autocast over fp32 weights (apogee.train.trainer); FSDP2 instead gathers bf16 weights (param_dtype)."""
-    return precision == "bf16" and lay.zero >= 3 and lay.dp * lay.cp == 1
+    return precision == "bf16" and not wraps_in_fsdp(lay)
 
 
 def _sp_shard(lay: Layout) -> int:
@@ -333,11 +342,18 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
     (apogee's own, or Megatron-LM's: ``megatron_llama_activation_bytes`` for its Llama blocks)."""
     nonexpert, experts = stage_params(m, lay, stage, stack)
     shard_dp = lay.dp * lay.cp  # FSDP/ZeRO shard over the data and context axes (torchtitan's dp_shard x cp)
-    ex_dp = max(1, shard_dp // lay.ep)
-    w1, g1, o1 = zero_split(nonexpert, shard_dp, lay.zero)
-    w2, g2, o2 = zero_split(experts, ex_dp, lay.zero)
-    params, grads, opt = w1 + w2, g1 + g2, o1 + o2
     megatron = stack == "megatron"
+    fsdp = wraps_in_fsdp(lay, stack)
+    zero, shards = lay.zero, shard_dp
+    if not megatron:
+        # apogee's FSDP2 keeps fp32 shards of weights and gradients and the Adam moments of its shard:
+        # ZeRO-3's 16/nd bytes per parameter at zero 2 and 3 alike (zero 2's gathered weights are added
+        # below), and the same state whole on every rank at zero 0 (a replicate-only mesh).
+        zero, shards = 3, (1 if lay.zero == 0 else shard_dp)
+    ex_dp = max(1, shards // lay.ep)
+    w1, g1, o1 = zero_split(nonexpert, shards, zero)
+    w2, g2, o2 = zero_split(experts, ex_dp, zero)
+    params, grads, opt = w1 + w2, g1 + g2, o1 + o2
     megatron_llama = megatron and m.mlp != "gelu"  # GPT blocks are Korthikanti's count in either stack
     autocast = engine_autocast(lay, precision) and not megatron
     if precision == "fp32" or autocast:
@@ -350,7 +366,14 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
     n_micro = max(1, global_batch // (lay.dp * lay.microbatch))
     micro_tokens = lay.microbatch * m.seq_len / lay.cp
     act_bytes = 4.0 if precision == "fp32" else 2.0
-    fsdp = lay.zero >= 3 and shard_dp > 1
+    gathered_bytes = 4 if precision == "fp32" else W_BYTES  # FSDP2's param_dtype (fp32 where the engine trains fp32)
+    keeps_gathered = fsdp and not megatron and (lay.zero == 2 or lay.pp > 1)
+    if keeps_gathered:
+        # The whole stage's gathered weights are resident at the backward: at zero 2 every block keeps them
+        # from its forward (reshard_after_forward = "never"); under a pipeline schedule torch keeps them
+        # after each backward until the step's last (pipelining.stage backward_maybe_with_nosync sets
+        # reshard_after_backward False), whatever the zero level.
+        params += gathered_bytes * (nonexpert + experts)
     if fsdp and n_micro > 1 and not megatron:
         # apogee turns FSDP2's gradient sync off for all but the last micro-batch (one reduce-scatter
         # per step), and FSDP2 then keeps each unit's gradient unsharded, in its fp32 reduce dtype, until
@@ -390,10 +413,11 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
 
     buffers = cluster.accel.reserved_gib * GIB
     if fsdp:
-        # Two unsharded layers in flight (the one computing and the one prefetched), in FSDP2's
-        # param_dtype: bf16, or fp32 where the engine trains in fp32 (CPU).
-        per_layer_params = (nonexpert + experts) / max(1, layers_here)
-        buffers += 2 * (4 if precision == "fp32" else W_BYTES) * per_layer_params
+        if not keeps_gathered:  # else they are among the kept gathered weights
+            # Two unsharded layers in flight (the one computing and the one prefetched), in FSDP2's
+            # param_dtype: bf16, or fp32 where the engine trains in fp32 (CPU).
+            per_layer_params = (nonexpert + experts) / max(1, layers_here)
+            buffers += 2 * gathered_bytes * per_layer_params
     elif lay.dp > 1:
         buffers += DP_BUCKET_BYTES
     if lay.tp > 1:

@@ -2,7 +2,11 @@
 
 Pruning keeps a 1T-on-3072-GPU search to seconds without dropping a layout that could win:
   - sequence parallel is on whenever tp > 1 (same communication volume, less memory; Korthikanti 2022);
-  - ZeRO 0 is dominated by ZeRO 1 (reduce-scatter + all-gather moves what an all-reduce moves);
+  - Megatron-LM: ZeRO 0 is dominated by ZeRO 1 (reduce-scatter + all-gather moves what an all-reduce
+    moves), and the first stage that fits wins (a higher one only adds communication);
+  - apogee (zero 0, 2, 3; estimate.APOGEE_ZERO): zero 3 is dominated by zero 2 (more gathers, the same
+    optimizer work), but zero 0 is not (it all-reduces fp32 gradients and runs Adam on every
+    parameter), so a fitting zero 0 does not end the try;
   - GPipe is dominated by 1F1B (same bubble, more memory);
   - memory is checked (cheap) before time (less cheap), and recompute is tried cheapest-first:
     a costlier recompute only survives if nothing cheaper fits at that (tp, pp, dp, cp, ep, mb, v).
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 
 from apogee.planner.cluster import GIB
 from apogee.planner.errors import PlannerError
-from apogee.planner.estimate import Estimate, check_layout, estimate
+from apogee.planner.estimate import APOGEE_ZERO, Estimate, check_layout, estimate
 from apogee.planner.memory import memory_per_gpu
 from apogee.planner.spec import RECOMPUTE, Layout, RunSpec
 
@@ -50,7 +54,7 @@ def candidate_values(run: RunSpec, choices: dict | None = None) -> dict[str, lis
         "ep": [d for d in _divisors(m.experts) if g % d == 0] if m.experts else [1],
         "pp_schedule": ["1f1b", "interleaved-1f1b", "zero-bubble"],
         "recompute": list(RECOMPUTE),
-        "zero": [1, 2, 3],
+        "zero": [1, 2, 3] if run.stack == "megatron" else list(APOGEE_ZERO),
     }
     for k, v in (choices or {}).items():
         vals[k] = list(v)
@@ -106,11 +110,13 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                                 for sp in sps:
                                     for rc in vals["recompute"]:
                                         found = False
-                                        for z in vals["zero"]:
+                                        # One data rank: every zero level is the same run (nothing to split).
+                                        zeros = vals["zero"] if dp * cp > 1 else vals["zero"][:1]
+                                        for z in zeros:
                                             lay = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, microbatch=mb,
                                                          virtual_stages=v, pp_schedule=sched, recompute=rc,
                                                          sequence_parallel=sp, zero=z, **base)
-                                            if check_layout(m, lay, cl, run.global_batch):
+                                            if check_layout(m, lay, cl, run.global_batch, run.stack):
                                                 continue
                                             considered += 1
                                             mem = memory_per_gpu(m, lay, cl, global_batch=run.global_batch,
@@ -122,7 +128,7 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                                                 continue
                                             results.append(estimate(run, lay, memory=mem))
                                             found = True
-                                            if "zero" not in fixed:
+                                            if "zero" not in fixed and (run.stack == "megatron" or z >= 2):
                                                 break  # a higher stage only adds communication
                                         if found and "recompute" not in fixed:
                                             break  # costlier recompute cannot be faster

@@ -194,7 +194,7 @@ class Layout:
     pp_schedule: str = "1f1b"
     recompute: str = "none"
     sequence_parallel: bool = False
-    zero: int = 1
+    zero: int = 3
     # Overlap of the data-parallel reduction with backward, and of TP collectives with GEMMs
     # (Megatron-LM --overlap-grad-reduce / --tp-comm-overlap; FSDP2 prefetching / async TP).
     dp_overlap: bool = True

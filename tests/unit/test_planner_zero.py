@@ -1,0 +1,90 @@
+"""The planner's zero levels for apogee are the ones its engine runs (0, 2, 3), exported as the engine's
+[parallel] settings and priced as FSDP2 holds them; Megatron-LM's stack keeps ZeRO 1."""
+
+from __future__ import annotations
+
+import pytest
+
+from apogee.config import load_config
+from apogee.planner import run_from_dict, search
+from apogee.planner.cluster import GIB, Cluster, get_accelerator
+from apogee.planner.errors import PlannerError
+from apogee.planner.estimate import check_layout, estimate, fsdp_gathers_per_step
+from apogee.planner.export import engine_rejection, layout_to_config, write_config
+from apogee.planner.memory import stage_memory, stage_params
+from apogee.planner.spec import Layout, shape_from_flavor
+
+H100 = Cluster(accel=get_accelerator("h100-80gb"), gpus=8, gpus_per_node=8)
+
+
+def _run(stack: str = "apogee", gpus: int = 8, **layout):
+    return run_from_dict({"model": {"flavor": "llama3-8b", "seq_len": 2048},
+                          "cluster": {"gpu": "h100-80gb", "gpus": gpus}, "layout": layout,
+                          "train": {"global_batch": 64, "stack": stack}})
+
+
+def test_zero_1_is_megatrons_not_apogees():
+    m = shape_from_flavor("llama3-8b")
+    lay = Layout(dp=8, microbatch=1, zero=1)
+    assert "no ZeRO-1" in check_layout(m, lay, H100, 64)
+    assert check_layout(m, lay, H100, 64, stack="megatron") is None
+    with pytest.raises(PlannerError, match="train.stack"):
+        estimate(_run(), lay)
+    assert estimate(_run("megatron"), lay).fits
+    # Replication with context parallelism would still shard over cp in the engine.
+    assert "cp" in check_layout(m, Layout(dp=4, cp=2, microbatch=1, zero=0), H100, 64)
+
+
+def test_search_offers_apogee_only_what_its_engine_runs():
+    for e in search(_run(), top=0).ranked:
+        assert e.layout.zero in (0, 2, 3)
+    assert {e.layout.zero for e in search(_run("megatron", tp=1, pp=1), top=0).ranked} <= {1, 2, 3}
+
+
+@pytest.mark.parametrize("zero,replicate,shard,reshard", [(0, 8, 1, "default"), (2, 1, 8, "never"),
+                                                          (3, 1, 8, "default")])
+def test_export_maps_each_zero_level_to_the_engine(tmp_path, zero, replicate, shard, reshard):
+    run = _run()
+    lay = Layout(dp=8, microbatch=1, zero=zero)
+    assert engine_rejection(run, lay) is None
+    p = load_config(write_config(run, lay, tmp_path / "planned.toml")).parallel
+    assert (p.dp_replicate, p.dp_shard, p.reshard_after_forward) == (replicate, shard, reshard)
+    # Nothing to split over: the same engine config at every level (no FSDP, no reshard key).
+    one = layout_to_config(run, Layout(tp=8, microbatch=1, zero=zero))["parallel"]
+    assert (one["dp_replicate"], one["dp_shard"], "reshard_after_forward" in one) == (1, 1, False)
+
+
+@pytest.mark.parametrize("n_micro", [1, 4])
+def test_model_state_by_hand_per_zero_level(n_micro):
+    # llama3-8b on 8 data ranks, bf16: FSDP2's 16 bytes a parameter over 8 (zero 2, 3), or whole (zero 0);
+    # zero 2 adds the whole gathered bf16 weights; zero 3 and 0 have two gathered blocks in flight.
+    m = shape_from_flavor("llama3-8b", seq_len=2048)
+    psi = sum(stage_params(m, Layout(dp=8)))
+    per_block_gathered = 2 * 2 * psi / m.layers
+    # Several micro-batches: gradient sync waits for the last one and every gradient is whole, in fp32.
+    grads = {z: 4 * psi if n_micro > 1 else g for z, g in ((0, 2 * psi), (2, 2 * psi / 8), (3, 2 * psi / 8))}
+    hand = {
+        0: (2 * psi, 12 * psi, 2.5 * GIB + per_block_gathered),
+        2: (2 * psi / 8 + 2 * psi, 12 * psi / 8, 2.5 * GIB),
+        3: (2 * psi / 8, 12 * psi / 8, 2.5 * GIB + per_block_gathered),
+    }
+    for zero, (params, opt, buffers) in hand.items():
+        got = stage_memory(m, Layout(dp=8, microbatch=1, zero=zero), H100, global_batch=8 * n_micro)
+        assert (got.params, got.grads, got.optimizer, got.buffers) == pytest.approx(
+            (params, grads[zero], opt, buffers), rel=1e-12), zero
+
+
+def test_gathers_per_step():
+    assert [fsdp_gathers_per_step(Layout(dp=2, zero=z), 4) for z in (0, 2, 3)] == [0, 4, 8]
+    # Under a pipeline torch keeps the weights gathered after each backward until the step's last:
+    # zero 3 gathers for every backward and for the forwards in flight before the first; zero 2 once.
+    assert fsdp_gathers_per_step(Layout(dp=2, pp=4, zero=3), 8) == 8 + 4
+    assert fsdp_gathers_per_step(Layout(dp=2, pp=4, zero=2), 8) == 1
+
+
+def test_zero_levels_trade_memory_for_communication():
+    lays = {z: Layout(dp=8, microbatch=1, zero=z) for z in (0, 2, 3)}
+    est = {z: estimate(_run(), lay) for z, lay in lays.items()}
+    mem = {z: e.memory.total for z, e in est.items()}
+    assert mem[3] < mem[2] < mem[0]
+    assert est[2].comm_s["dp"] < est[3].comm_s["dp"]
