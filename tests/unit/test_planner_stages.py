@@ -82,10 +82,10 @@ def _shape(tie: bool) -> ModelShape:
 
 
 def _hand(params: float, acts: float):
-    # FSDP2 over dp = 2 (bf16 weights gathered, fp32 shards): 16 bytes of state per parameter sharded in two
-    # (2 + 2 + 12 over 2), plus the whole stage's gathered bf16 weights (2), resident at the backward under
-    # a pipeline schedule or zero 2; with several micro-batches the gradients are whole in fp32 (4) instead
-    # of sharded; the 2.5 GiB reserve only (no separate in-flight gathers: they are the gathered weights).
+    # Zero 2 over dp = 2 (FSDP2, bf16 weights gathered, fp32 shards): 16 bytes of state per parameter
+    # sharded in two (2 + 2 + 12 over 2), plus the whole stage's gathered bf16 weights (2), kept from forward
+    # to backward; with several micro-batches the gradients are whole in fp32 (4) instead of sharded; the
+    # 2.5 GiB reserve only (no separate in-flight gathers: they are among the kept weights).
     return {"params": params + 2 * params, "grads": 4 * params, "optimizer": 6 * params, "activations": acts,
             "buffers": 2.5 * GIB}
 
@@ -94,7 +94,7 @@ def _hand(params: float, acts: float):
 @pytest.mark.parametrize("pp,split", [(2, (7, 1)), (4, (3, 2, 2, 1))])
 def test_last_stage_with_a_large_vocab_is_the_most_loaded(tie, pp, split):
     m = _shape(tie)
-    lay = Layout(pp=pp, dp=2, pp_schedule="1f1b", recompute="full", zero=3)
+    lay = Layout(pp=pp, dp=2, pp_schedule="1f1b", recompute="full", zero=2)
     gb = 16  # 8 micro-batches of one sequence on each data rank
     assert stage_layer_counts(m, lay) == list(split)
     recomputed = activation_bytes_per_layer(m, Layout(recompute="none"), micro_tokens=S)  # one full layer
@@ -117,7 +117,7 @@ def test_last_stage_with_a_large_vocab_is_the_most_loaded(tie, pp, split):
 
 def test_gpipe_last_stage_holds_every_micro_batchs_logits():
     m = _shape(False)
-    lay = Layout(pp=2, dp=2, pp_schedule="gpipe", recompute="full", zero=3)
+    lay = Layout(pp=2, dp=2, pp_schedule="gpipe", recompute="full", zero=2)
     recomputed = activation_bytes_per_layer(m, Layout(recompute="none"), micro_tokens=S)
     last = stage_memory(m, lay, H100, global_batch=16, stage="last")
     assert last.activations == pytest.approx(2 * S * HID * 1 * 8 + max(recomputed, LOSS_BWD) + 8 * HEAD, rel=1e-12)
@@ -200,10 +200,11 @@ def test_memory_holds_the_blocks_the_stacks_split_gives_each_stage():
     per_block = (m.attn_params() + m.norm_params() + m.dense_mlp_params()) / lay.tp
     extra = stage_params(m, lay, "last", "megatron")[0] - stage_params(m, lay, "last")[0]
     assert extra == pytest.approx((20 - apogee_blocks) * per_block, rel=1e-9)
-    # FSDP over dp = 4 in both; apogee's pipeline schedule also keeps the stage's gathered bf16 weights.
+    # FSDP over dp = 4 in both. (apogee's pipeline schedule would keep more than two gathered blocks, but
+    # here the micro-batch of activations a backward frees outweighs the stage's weights: test_planner_zero.)
     own = stage_params(m, lay, "last")[0]
     assert last["megatron"].params == pytest.approx(2 * (own + extra) / 4, rel=1e-9)
-    assert last["apogee"].params == pytest.approx(2 * own / 4 + 2 * own, rel=1e-9)
+    assert last["apogee"].params == pytest.approx(2 * own / 4, rel=1e-9)
     assert _timed("llama3-70b", "megatron", **dataclasses.asdict(lay))[0] == [20] * 4
 
 

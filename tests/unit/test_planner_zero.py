@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from apogee.config import load_config
@@ -11,7 +13,7 @@ from apogee.planner.cluster import GIB, Cluster, get_accelerator
 from apogee.planner.errors import PlannerError
 from apogee.planner.estimate import check_layout, estimate, fsdp_gathers_per_step
 from apogee.planner.export import engine_rejection, layout_to_config, write_config
-from apogee.planner.memory import stage_memory, stage_params
+from apogee.planner.memory import activation_bytes_per_layer, stage_layer_counts, stage_memory, stage_params
 from apogee.planner.spec import Layout, shape_from_flavor
 
 H100 = Cluster(accel=get_accelerator("h100-80gb"), gpus=8, gpus_per_node=8)
@@ -72,6 +74,28 @@ def test_model_state_by_hand_per_zero_level(n_micro):
         got = stage_memory(m, Layout(dp=8, microbatch=1, zero=zero), H100, global_batch=8 * n_micro)
         assert (got.params, got.grads, got.optimizer, got.buffers) == pytest.approx(
             (params, grads[zero], opt, buffers), rel=1e-12), zero
+
+
+def test_pipeline_keeps_the_stages_gathered_weights_less_a_freed_micro_batch():
+    # Under a pipeline schedule torch keeps each block's gathered weights after its backward, and the next
+    # forward frees them again: at the peak the stage's weights are all gathered and one micro-batch of
+    # activations fewer is held, so the gathered weights beyond the two blocks in flight add only what
+    # exceeds that micro-batch's activations. Short sequences (weights dominate) and long ones (they do not).
+    for seq, extra_expected in ((256, True), (8192, False)):
+        m = shape_from_flavor("llama3-8b", seq_len=seq)
+        lay = Layout(dp=2, pp=2, microbatch=1, zero=3)
+        first = stage_memory(m, lay, H100, global_batch=16, stage="first")
+        psi = sum(stage_params(m, lay, "first"))
+        layers = stage_layer_counts(m, lay)[0]
+        weights, in_flight = 2 * psi, 2 * 2 * psi / layers
+        one_micro = activation_bytes_per_layer(m, lay, micro_tokens=seq) * layers
+        extra = max(0.0, weights - in_flight - one_micro)
+        assert (extra > 0) == extra_expected
+        assert first.params == pytest.approx(2 * psi / 2 + extra, rel=1e-12)
+        assert first.buffers == pytest.approx(2.5 * GIB + in_flight, rel=1e-12)
+        # Zero 2 keeps them all, from each forward: no micro-batch is freed first.
+        kept = stage_memory(m, dataclasses.replace(lay, zero=2), H100, global_batch=16, stage="first")
+        assert kept.params == pytest.approx(2 * psi / 2 + weights, rel=1e-12)
 
 
 def test_gathers_per_step():

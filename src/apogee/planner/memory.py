@@ -367,13 +367,12 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
     micro_tokens = lay.microbatch * m.seq_len / lay.cp
     act_bytes = 4.0 if precision == "fp32" else 2.0
     gathered_bytes = 4 if precision == "fp32" else W_BYTES  # FSDP2's param_dtype (fp32 where the engine trains fp32)
-    keeps_gathered = fsdp and not megatron and (lay.zero == 2 or lay.pp > 1)
+    stage_weights = gathered_bytes * (nonexpert + experts)  # the stage's weights, all gathered
+    keeps_gathered = fsdp and not megatron and lay.zero == 2
     if keeps_gathered:
-        # The whole stage's gathered weights are resident at the backward: at zero 2 every block keeps them
-        # from its forward (reshard_after_forward = "never"); under a pipeline schedule torch keeps them
-        # after each backward until the step's last (pipelining.stage backward_maybe_with_nosync sets
-        # reshard_after_backward False), whatever the zero level.
-        params += gathered_bytes * (nonexpert + experts)
+        # reshard_after_forward = "never": every block keeps its gathered weights from its forward to its
+        # backward, so the whole stage's are resident with the activations they serve.
+        params += stage_weights
     if fsdp and n_micro > 1 and not megatron:
         # apogee turns FSDP2's gradient sync off for all but the last micro-batch (one reduce-scatter
         # per step), and FSDP2 then keeps each unit's gradient unsharded, in its fp32 reduce dtype, until
@@ -416,8 +415,16 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
         if not keeps_gathered:  # else they are among the kept gathered weights
             # Two unsharded layers in flight (the one computing and the one prefetched), in FSDP2's
             # param_dtype: bf16, or fp32 where the engine trains in fp32 (CPU).
-            per_layer_params = (nonexpert + experts) / max(1, layers_here)
-            buffers += 2 * gathered_bytes * per_layer_params
+            in_flight = 2 * stage_weights / max(1, layers_here)
+            buffers += in_flight
+            if lay.pp > 1 and not megatron:
+                # Under a pipeline schedule torch keeps each block's gathered weights after its backward
+                # until the step's last (pipelining.stage, backward_maybe_with_nosync: reshard_after_backward
+                # False), and the next forward frees them again as it adds a micro-batch. So once a backward
+                # has run the stage's weights are all gathered, with the micro-batch that backward freed gone.
+                chunks = lay.virtual_stages if lay.pp_schedule == "interleaved-1f1b" else 1
+                one_micro = per_layer * layers_here / chunks  # one micro-batch through one of its chunks
+                params += max(0.0, stage_weights - in_flight - one_micro)
     elif lay.dp > 1:
         buffers += DP_BUCKET_BYTES
     if lay.tp > 1:
