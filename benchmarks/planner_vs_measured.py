@@ -75,6 +75,7 @@ CONFIGS = [
     ("debug pp=2 1f1b", "debug", 2, {"pp": 2, "dp_shard": 1, "tp": 1, "pp_schedule": "1f1b"}, 256, 16, 2),
     ("debug pp=2 x dp_shard=2", "debug", 4, {"pp": 2, "dp_shard": 2, "tp": 1, "pp_schedule": "1f1b"}, 256, 16, 2),
     # The planner's other two zero levels (estimate.APOGEE_ZERO, as export.layout_to_config writes them).
+    ("debug dp_shard=2 reduce/step", "debug", 2, {"dp_shard": 2, "tp": 1, "grad_reduce": "step"}, 128, 16, 4),
     ("debug dp_shard=2 zero 2", "debug", 2, {"dp_shard": 2, "tp": 1, "reshard_after_forward": "never"}, 128, 16, 4),
     ("debug dp_replicate=2 zero 0", "debug", 2, {"dp_replicate": 2, "dp_shard": 1, "tp": 1}, 128, 16, 4),
     ("debug 1 rank", "debug", 1, {"dp_shard": 1, "tp": 1}, 256, 16, 4),
@@ -663,7 +664,8 @@ def main(argv: list[str] | None = None) -> int:
         roles = gemm_roles(m, tp, 1, mbs)
         heads = (m.heads // tp, max(1, m.kv_heads // tp), m.head_dim)
         elem = elem_key(m, tp, 1, mbs, tp > 1)
-        lay = Layout(tp=tp, dp=dp, pp=pp, microbatch=mbs, zero=zero, sequence_parallel=tp > 1, dp_overlap=False,
+        lay = Layout(tp=tp, dp=dp, pp=pp, microbatch=mbs, zero=zero, grad_reduce=par.get("grad_reduce", "micro_batch"),
+                     sequence_parallel=tp > 1, dp_overlap=False,
                      pp_schedule=par.get("pp_schedule", "1f1b"))
         # What passes through a rank's caches between two runs of one GEMM: its parameters, gradients and
         # activations (the planner's count; the calibration does not change it).

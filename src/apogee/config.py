@@ -167,6 +167,12 @@ class ParallelConfig:
     # block's gathered parameters after forward (ZeRO-3) except the last block's; "never" keeps them
     # until backward (ZeRO-2-like: more memory, no second all-gather); "always" frees every block's.
     reshard_after_forward: str = "default"
+    # Gradient accumulation under FSDP2 (the trainer's micro-batch loop; pp = 1): "micro_batch"
+    # reduce-scatters each micro-batch's gradients and accumulates the shards (torchtitan's default: sharded
+    # gradient memory, one reduce-scatter per micro-batch; HSDP all-reduces across replicas only after the
+    # last); "step" turns gradient sync off until the last micro-batch (one reduction per step, but every
+    # gradient held whole in fp32 until then). Under pp > 1 torch's pipeline schedule reduces once per step.
+    grad_reduce: str = "micro_batch"
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads and the optimizer step on CPU
     activation_offload: bool = False  # saved activations go to (pinned) CPU memory during forward
 
@@ -456,6 +462,8 @@ def validate(cfg: Config, world_size: int | None = None) -> ParallelConfig:
             f"train.seq_len={t.seq_len} is not divisible by 2 x parallel.cp={2 * p.cp} "
             f"(context parallel splits each sequence into 2 x cp chunks)"
         )
+    if p.grad_reduce not in ("micro_batch", "step"):
+        raise ConfigError(f"parallel.grad_reduce must be micro_batch or step, got {p.grad_reduce!r}")
     if p.reshard_after_forward not in ("default", "always", "never"):
         raise ConfigError(f"parallel.reshard_after_forward must be default, always or never, got {p.reshard_after_forward!r}")
     if p.cpu_offload and p.dp * p.cp == 1 and p.tp * p.pp > 1:

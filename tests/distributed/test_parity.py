@@ -9,6 +9,8 @@ from helpers import assert_matches_reference, launch_in_groups, read_metrics, ti
 
 LAYOUTS = {
     "fsdp2": ({"dp_shard": 2, "tp": 1}, {}),
+    # Gradient accumulation (2 micro-batches a rank) with one reduction per step instead of one per micro-batch.
+    "fsdp2_reduce_per_step": ({"dp_shard": 2, "tp": 1, "grad_reduce": "step"}, {}),
     "tp2": ({"dp_shard": 1, "tp": 2}, {}),
     "ddp2": ({"dp_replicate": 2, "dp_shard": 1, "tp": 1}, {}),
     "fsdp2_tp2_tied": ({"dp_shard": 2, "tp": 2}, {"tie_embeddings": "true"}),

@@ -41,22 +41,28 @@ def test_zero_paper_7_5b_on_64(stage, gb):
 
 
 def test_fsdp_gradient_accumulation_holds_whole_fp32_gradients_until_the_reduce_scatter():
-    """apogee turns FSDP2's gradient sync off for all but the last micro-batch, and FSDP2 then keeps every
-    unit's gradient unsharded in its fp32 reduce dtype: with more than one micro-batch the rank holds 4
-    bytes per parameter of its stages, whole; with one, the sharded gradient. Megatron's distributed
-    optimizer keeps its own count. The two unsharded layers in flight are in FSDP2's param_dtype."""
+    """With parallel.grad_reduce = "step" apogee turns FSDP2's gradient sync off for all but the last
+    micro-batch, and FSDP2 then keeps every unit's gradient unsharded in its fp32 reduce dtype: with more
+    than one micro-batch the rank holds 4 bytes per parameter of its stages, whole; with one, the sharded
+    gradient. Megatron's distributed optimizer keeps its own count. The two unsharded layers in flight
+    are in FSDP2's param_dtype."""
+    import dataclasses
+
     from apogee.planner.cluster import Cluster
     from apogee.planner.memory import memory_per_gpu, stage_params
     from apogee.planner.spec import shape_from_flavor
 
     m = shape_from_flavor("llama3-8b")
     cl = Cluster(accel=get_accelerator("h100-80gb"), gpus=8, gpus_per_node=8)
-    lay = Layout(tp=1, dp=8, microbatch=1, zero=3, dp_overlap=False)
+    lay = Layout(tp=1, dp=8, microbatch=1, zero=3, dp_overlap=False, grad_reduce="step")
     params = sum(stage_params(m, lay))
     one = memory_per_gpu(m, lay, cl, global_batch=8, precision="bf16")
     four = memory_per_gpu(m, lay, cl, global_batch=32, precision="bf16")
     assert four.grads == pytest.approx(4 * params)  # whole and fp32: 32 GB for Llama 3 8B on each rank
     assert one.grads == pytest.approx(2 * params / 8)  # sharded, bf16
+    # parallel.grad_reduce = "micro_batch" (the engine's default) reduce-scatters every micro-batch: sharded.
+    each = memory_per_gpu(m, dataclasses.replace(lay, grad_reduce="micro_batch"), cl, global_batch=32)
+    assert each.grads == pytest.approx(one.grads)
     megatron = memory_per_gpu(m, lay, cl, global_batch=32, precision="bf16", stack="megatron")
     assert megatron.grads == pytest.approx(one.grads)
     fp32 = memory_per_gpu(m, lay, cl, global_batch=8, precision="fp32")
@@ -523,7 +529,7 @@ def test_cpu_measured_host_replica_replaces_the_count_model():
 
     cpu = dataclasses.replace(get_accelerator("cpu"), contention=1.5)
     m = shape_from_args(FLAVORS["tiny"], flavor="tiny", seq_len=128, vocab=256)
-    lay = Layout(tp=2, dp=2, microbatch=4, zero=3, sequence_parallel=True, dp_overlap=False)
+    lay = Layout(tp=2, dp=2, microbatch=4, zero=3, sequence_parallel=True, dp_overlap=False, grad_reduce="step")
     n_micro, layers = 16 // (2 * 4), m.layers
 
     def est(table, model=m):
@@ -542,6 +548,14 @@ def test_cpu_measured_host_replica_replaces_the_count_model():
     assert c.step_time_s - a.step_time_s == pytest.approx(layers * 0.002)
     assert d.step_time_s - a.step_time_s == pytest.approx(layers * 0.001 + 0.002)
     assert a.comm_exposed_s["dp"] == pytest.approx(layers * 0.005 + 0.001)
+    # Reducing every micro-batch (the engine's default): the measured sync part once, the other
+    # micro-batches' reductions at the collective's own cost (the comm model's, as without a table).
+    lay = dataclasses.replace(lay, grad_reduce="micro_batch")  # est() reads lay when called
+    each, each_counted = est({key: base}), est(None)
+    lay = dataclasses.replace(lay, grad_reduce="step")
+    reduction = (each_counted.comm_s["dp"] - est(None).comm_s["dp"]) / (n_micro - 1)
+    assert reduction > 0
+    assert each.comm_exposed_s["dp"] == pytest.approx(layers * 0.005 + 0.001 + (n_micro - 1) * reduction)
     # The optimizer step is the measurement (plus the loss-mean all-reduce), with no byte model beside it.
     zero_step = est({key: {**base, "step": (0.0, 0.0)}})
     assert a.step_time_s - zero_step.step_time_s == pytest.approx(layers * 0.001 + 0.002)

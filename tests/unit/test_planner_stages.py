@@ -150,7 +150,8 @@ def test_single_stage_memory_by_hand(tie):
     # The whole model on one stage: parameters without the final norm's gain, the output layer only
     # when untied; activations of every layer and one micro-batch's HEAD.
     m = _shape(tie)
-    lay = Layout(dp=2, recompute="full", zero=2)  # zero 2: every block keeps its gathered weights
+    # Zero 2: every block keeps its gathered weights; one gradient reduction a step: whole gradients.
+    lay = Layout(dp=2, recompute="full", zero=2, grad_reduce="step")
     recomputed = activation_bytes_per_layer(m, Layout(recompute="none"), micro_tokens=S)
     params = 8 * PER_LAYER + EMB + (0 if tie else EMB)
     acts = 2 * S * HID * 8 + max(recomputed, LOSS_BWD) + HEAD

@@ -56,22 +56,28 @@ def test_export_maps_each_zero_level_to_the_engine(tmp_path, zero, replicate, sh
     assert (one["dp_replicate"], one["dp_shard"], "reshard_after_forward" in one) == (1, 1, False)
 
 
+@pytest.mark.parametrize("grad_reduce", ["micro_batch", "step"])
 @pytest.mark.parametrize("n_micro", [1, 4])
-def test_model_state_by_hand_per_zero_level(n_micro):
+def test_model_state_by_hand_per_zero_level(n_micro, grad_reduce):
     # llama3-8b on 8 data ranks, bf16: FSDP2's 16 bytes a parameter over 8 (zero 2, 3), or whole (zero 0);
     # zero 2 adds the whole gathered bf16 weights; zero 3 and 0 have two gathered blocks in flight.
     m = shape_from_flavor("llama3-8b", seq_len=2048)
     psi = sum(stage_params(m, Layout(dp=8)))
     per_block_gathered = 2 * 2 * psi / m.layers
-    # Several micro-batches: gradient sync waits for the last one and every gradient is whole, in fp32.
-    grads = {z: 4 * psi if n_micro > 1 else g for z, g in ((0, 2 * psi), (2, 2 * psi / 8), (3, 2 * psi / 8))}
+    # Several micro-batches reduced once a step (or at zero 0, where nothing is sharded): the accumulated
+    # gradients are whole, in fp32. Reduced every micro-batch they stay sharded.
+    whole = n_micro > 1
+    grads = {0: 4 * psi if whole else 2 * psi,
+             2: 4 * psi if whole and grad_reduce == "step" else 2 * psi / 8,
+             3: 4 * psi if whole and grad_reduce == "step" else 2 * psi / 8}
     hand = {
         0: (2 * psi, 12 * psi, 2.5 * GIB + per_block_gathered),
         2: (2 * psi / 8 + 2 * psi, 12 * psi / 8, 2.5 * GIB),
         3: (2 * psi / 8, 12 * psi / 8, 2.5 * GIB + per_block_gathered),
     }
     for zero, (params, opt, buffers) in hand.items():
-        got = stage_memory(m, Layout(dp=8, microbatch=1, zero=zero), H100, global_batch=8 * n_micro)
+        got = stage_memory(m, Layout(dp=8, microbatch=1, zero=zero, grad_reduce=grad_reduce), H100,
+                           global_batch=8 * n_micro)
         assert (got.params, got.grads, got.optimizer, got.buffers) == pytest.approx(
             (params, grads[zero], opt, buffers), rel=1e-12), zero
 
@@ -112,3 +118,25 @@ def test_zero_levels_trade_memory_for_communication():
     mem = {z: e.memory.total for z, e in est.items()}
     assert mem[3] < mem[2] < mem[0]
     assert est[2].comm_s["dp"] < est[3].comm_s["dp"]
+
+
+def test_grad_reduce_trades_gradient_memory_for_reductions(tmp_path):
+    from apogee.planner import comms
+    from apogee.planner.estimate import GRAD_REDUCE_BYTES
+
+    run = _run()  # 64 sequences on 8 data ranks, one a micro-batch: 8 micro-batches a step
+    each = estimate(run, Layout(dp=8, microbatch=1, zero=3))
+    once = estimate(run, Layout(dp=8, microbatch=1, zero=3, grad_reduce="step"))
+    psi = sum(stage_params(run.model, each.layout))
+    assert once.memory.grads == pytest.approx(4 * psi) and each.memory.grads == pytest.approx(2 * psi / 8)
+    link = comms.axis_link(each.layout, "dp", run.cluster, size=8, stride=1)
+    reduction = comms.reduce_scatter(GRAD_REDUCE_BYTES * psi, 8, link)
+    assert each.comm_s["dp"] - once.comm_s["dp"] == pytest.approx(7 * reduction, rel=1e-9)
+    # The search weighs both; the engine gets "step" written out, its default left implicit.
+    assert {e.layout.grad_reduce for e in search(run, top=0).ranked if e.layout.zero >= 2} == {"micro_batch", "step"}
+    assert "grad_reduce" not in layout_to_config(run, each.layout)["parallel"]
+    assert load_config(write_config(run, once.layout, tmp_path / "once.toml")).parallel.grad_reduce == "step"
+    # Under a pipeline torch reduces once a step whatever the setting: whole gradients either way.
+    piped = [stage_memory(run.model, Layout(dp=4, pp=2, microbatch=1, zero=3, grad_reduce=g), H100, global_batch=64)
+             for g in ("micro_batch", "step")]
+    assert piped[0] == piped[1]

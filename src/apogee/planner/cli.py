@@ -23,8 +23,8 @@ RUN.toml describes the run:
             node_mtbf_hours, checkpoint_write_gbs, restart_s, intra_busbw_gbs, inter_gbs_per_gpu)
   [layout]  any of tp, pp, dp, cp, ep, microbatch, virtual_stages, pp_schedule, recompute,
             sequence_parallel, zero (apogee: 0 replicated, 2 FSDP2 keeping gathered weights, 3 or
-            "fsdp" FSDP2; megatron: 0-3); keys left out are searched; compile (true: apogee's
-            train.compile, never searched)
+            "fsdp" FSDP2; megatron: 0-3), grad_reduce (micro_batch|step); keys left out are
+            searched; compile (true: apogee's train.compile, never searched)
   [train]   global_batch (sequences), precision (bf16|fp8), seq_len, stack ("apogee", the default:
             this engine's eager kernels and measured cuBLAS efficiency; or "megatron")
 Flags --gpu/--gpus/--gpus-per-node/--flavor/--global-batch/--set override or replace the file.

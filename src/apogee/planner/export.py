@@ -26,6 +26,8 @@ def layout_to_config(run: RunSpec, lay: Layout) -> dict:
     }
     if lay.zero == 2 and lay.dp * lay.cp > 1:
         parallel["reshard_after_forward"] = "never"
+    if lay.grad_reduce != "micro_batch":
+        parallel["grad_reduce"] = lay.grad_reduce  # written where it is not the engine's default
     # Keys the engine's [parallel] does not have yet are written only when they hold something other
     # than the engine's fixed behaviour (one pipeline stage, no recompute), so a pp=1, no-recompute
     # layout's config stays minimal; engine_rejection() asks the engine whether it accepts the result.

@@ -7,6 +7,8 @@ Pruning keeps a 1T-on-3072-GPU search to seconds without dropping a layout that 
   - apogee (zero 0, 2, 3; estimate.APOGEE_ZERO): zero 3 is dominated by zero 2 (more gathers, the same
     optimizer work), but zero 0 is not (it all-reduces fp32 gradients and runs Adam on every
     parameter), so a fitting zero 0 does not end the try;
+  - apogee's grad_reduce: both values are tried where they differ (FSDP with gradient accumulation and no
+    pipeline): reducing every micro-batch holds less memory, once a step moves fewer bytes;
   - GPipe is dominated by 1F1B (same bubble, more memory);
   - memory is checked (cheap) before time (less cheap), and recompute is tried cheapest-first:
     a costlier recompute only survives if nothing cheaper fits at that (tp, pp, dp, cp, ep, mb, v).
@@ -21,7 +23,7 @@ from apogee.planner.cluster import GIB
 from apogee.planner.errors import PlannerError
 from apogee.planner.estimate import APOGEE_ZERO, Estimate, check_layout, estimate
 from apogee.planner.memory import memory_per_gpu
-from apogee.planner.spec import RECOMPUTE, Layout, RunSpec
+from apogee.planner.spec import GRAD_REDUCE, RECOMPUTE, Layout, RunSpec
 
 MAX_MICROBATCH = 16
 MAX_VIRTUAL = 32  # Megatron-LM allows one layer per virtual stage
@@ -61,6 +63,17 @@ def candidate_values(run: RunSpec, choices: dict | None = None) -> dict[str, lis
     for k, v in fixed.items():
         vals[k] = [v]
     return vals
+
+
+def _grad_reduce_values(run: RunSpec, zero: int, data_ranks: int, pp: int, n_micro: int) -> list[str]:
+    """The parallel.grad_reduce values that make different runs of this layout: both where apogee's FSDP2
+    shards and accumulates micro-batches without a pipeline (memory against traffic: neither dominates,
+    memory.reduces_each_micro_batch), else the engine's default (the pinned value where given)."""
+    if "grad_reduce" in run.fixed:
+        return [run.fixed["grad_reduce"]]
+    if run.stack == "apogee" and data_ranks > 1 and pp == 1 and zero >= 2 and n_micro > 1:
+        return list(GRAD_REDUCE)
+    return [GRAD_REDUCE[0]]
 
 
 def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices: dict | None = None,
@@ -113,22 +126,24 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                                         # One data rank: every zero level is the same run (nothing to split).
                                         zeros = vals["zero"] if dp * cp > 1 else vals["zero"][:1]
                                         for z in zeros:
-                                            lay = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, microbatch=mb,
-                                                         virtual_stages=v, pp_schedule=sched, recompute=rc,
-                                                         sequence_parallel=sp, zero=z, **base)
-                                            if check_layout(m, lay, cl, run.global_batch, run.stack):
-                                                continue
-                                            considered += 1
-                                            mem = memory_per_gpu(m, lay, cl, global_batch=run.global_batch,
-                                                                 precision=run.precision, stack=run.stack)
-                                            if mem.total > capacity:
-                                                rejected += 1
-                                                if best_nonfit is None or mem.total < best_nonfit.memory.total:
-                                                    best_nonfit = estimate(run, lay, memory=mem)
-                                                continue
-                                            results.append(estimate(run, lay, memory=mem))
-                                            found = True
-                                            if "zero" not in fixed and (run.stack == "megatron" or z >= 2):
+                                            fitted = False
+                                            for gr in _grad_reduce_values(run, z, dp * cp, pp, per_rank // mb):
+                                                lay = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, microbatch=mb,
+                                                             virtual_stages=v, pp_schedule=sched, recompute=rc,
+                                                             sequence_parallel=sp, zero=z, grad_reduce=gr, **base)
+                                                if check_layout(m, lay, cl, run.global_batch, run.stack):
+                                                    continue
+                                                considered += 1
+                                                mem = memory_per_gpu(m, lay, cl, global_batch=run.global_batch,
+                                                                     precision=run.precision, stack=run.stack)
+                                                if mem.total > capacity:
+                                                    rejected += 1
+                                                    if best_nonfit is None or mem.total < best_nonfit.memory.total:
+                                                        best_nonfit = estimate(run, lay, memory=mem)
+                                                    continue
+                                                results.append(estimate(run, lay, memory=mem))
+                                                fitted = found = True
+                                            if fitted and "zero" not in fixed and (run.stack == "megatron" or z >= 2):
                                                 break  # a higher stage only adds communication
                                         if found and "recompute" not in fixed:
                                             break  # costlier recompute cannot be faster

@@ -178,6 +178,7 @@ def model_from_dict(d: dict) -> ModelShape:
 
 # -- layout ----------------------------------------------------------------------------------
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
+GRAD_REDUCE = ("micro_batch", "step")  # apogee's parallel.grad_reduce
 RECOMPUTE = ("none", "selective", "full")
 ZERO = (0, 1, 2, 3)  # "fsdp" is accepted as 3
 
@@ -195,6 +196,9 @@ class Layout:
     recompute: str = "none"
     sequence_parallel: bool = False
     zero: int = 3
+    # apogee's parallel.grad_reduce under FSDP with several micro-batches (pp = 1): "micro_batch" reduces each
+    # micro-batch's gradients (sharded accumulation), "step" once after the last (whole fp32 gradients).
+    grad_reduce: str = "micro_batch"
     # Overlap of the data-parallel reduction with backward, and of TP collectives with GEMMs
     # (Megatron-LM --overlap-grad-reduce / --tp-comm-overlap; FSDP2 prefetching / async TP).
     dp_overlap: bool = True
@@ -217,6 +221,7 @@ class Layout:
         if self.pp > 1:
             s += f" {self.pp_schedule}" + (f"x{self.virtual_stages}" if self.virtual_stages > 1 else "")
         s += f" rc:{self.recompute}" + (" sp" if self.sequence_parallel else "") + f" z{self.zero}"
+        s += " reduce/step" if self.grad_reduce == "step" else ""
         return s + (" compiled" if self.compile else "")
 
 
@@ -239,6 +244,8 @@ def normalize_layout_dict(d: dict, *, where: str = "[layout]") -> dict:
         if z not in ZERO or isinstance(z, bool):
             raise PlannerError(f"layout.zero must be 0, 1, 2, 3 or \"fsdp\" (got {out['zero']!r})")
         out["zero"] = z
+    if "grad_reduce" in out and out["grad_reduce"] not in GRAD_REDUCE:
+        raise PlannerError(f"layout.grad_reduce must be one of {', '.join(GRAD_REDUCE)} (got {out['grad_reduce']!r})")
     if "pp_schedule" in out and out["pp_schedule"] not in SCHEDULES:
         raise PlannerError(f"layout.pp_schedule must be one of {', '.join(SCHEDULES)} (got {out['pp_schedule']!r})")
     if "recompute" in out and out["recompute"] not in RECOMPUTE:

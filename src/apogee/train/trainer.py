@@ -314,13 +314,24 @@ class Trainer:
         for i in range(self.grad_accum):
             micro = Batch(batch.inputs[i * mb : (i + 1) * mb], batch.targets[i * mb : (i + 1) * mb])
             if hasattr(self.model, "set_requires_gradient_sync"):
-                # FSDP: reduce-scatter gradients once, after the last micro-batch.
-                self.model.set_requires_gradient_sync(i == self.grad_accum - 1)
+                self.gradient_sync(last=i == self.grad_accum - 1)
             with self.loss_context():
                 loss = self.loss(micro) / self.grad_accum
                 loss.backward()
             total += _local(loss.detach())
         return self.mean_over_data_ranks(total)
+
+    def gradient_sync(self, *, last: bool) -> None:
+        """FSDP2's reductions for one micro-batch's backward (parallel.grad_reduce)."""
+        p = self.mesh.parallel
+        if p.grad_reduce == "step" or p.dp_shard * p.cp == 1:
+            # One reduction, after the last micro-batch. Where nothing is sharded (replicas only) the
+            # gradients are whole either way, so reducing every micro-batch would only add traffic.
+            self.model.set_requires_gradient_sync(last)
+        elif p.dp_replicate > 1:
+            # Reduce-scatter every micro-batch (sharded accumulation); the all-reduce across replicas
+            # only once, after the last (FSDP2 adds the earlier micro-batches' shards before it).
+            self.model.set_requires_all_reduce(last)
 
     def optimizer_step(self, loss: float = 0.0, compute_s: float = 0.0):
         """Clip, check the step for anomalies (all ranks agree) and apply it unless it is one.
