@@ -74,7 +74,8 @@ CONFIGS = [
     ("debug dp_shard=2", "debug", 2, {"dp_shard": 2, "tp": 1}, 128, 16, 4),
     ("debug pp=2 1f1b", "debug", 2, {"pp": 2, "dp_shard": 1, "tp": 1, "pp_schedule": "1f1b"}, 256, 16, 2),
     ("debug pp=2 x dp_shard=2", "debug", 4, {"pp": 2, "dp_shard": 2, "tp": 1, "pp_schedule": "1f1b"}, 256, 16, 2),
-    # The planner's other two zero levels (estimate.APOGEE_ZERO, as export.layout_to_config writes them).
+    # One gradient reduction a step (parallel.grad_reduce), and the planner's other two zero levels
+    # (estimate.APOGEE_ZERO, as export.layout_to_config writes them).
     ("debug dp_shard=2 reduce/step", "debug", 2, {"dp_shard": 2, "tp": 1, "grad_reduce": "step"}, 128, 16, 4),
     ("debug dp_shard=2 zero 2", "debug", 2, {"dp_shard": 2, "tp": 1, "reshard_after_forward": "never"}, 128, 16, 4),
     ("debug dp_replicate=2 zero 0", "debug", 2, {"dp_replicate": 2, "dp_shard": 1, "tp": 1}, 128, 16, 4),

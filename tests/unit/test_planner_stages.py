@@ -84,8 +84,9 @@ def _shape(tie: bool) -> ModelShape:
 def _hand(params: float, acts: float):
     # Zero 2 over dp = 2 (FSDP2, bf16 weights gathered, fp32 shards): 16 bytes of state per parameter
     # sharded in two (2 + 2 + 12 over 2), plus the whole stage's gathered bf16 weights (2), kept from forward
-    # to backward; with several micro-batches the gradients are whole in fp32 (4) instead of sharded; the
-    # 2.5 GiB reserve only (no separate in-flight gathers: they are among the kept weights).
+    # to backward; several micro-batches reduced once a step (torch's pipeline schedule, or grad_reduce =
+    # "step") leave the gradients whole in fp32 (4) instead of sharded; the 2.5 GiB reserve only (no
+    # separate in-flight gathers: they are among the kept weights).
     return {"params": params + 2 * params, "grads": 4 * params, "optimizer": 6 * params, "activations": acts,
             "buffers": 2.5 * GIB}
 
