@@ -14,6 +14,7 @@ from apogee.planner.errors import PlannerError
 from apogee.planner.estimate import check_layout, estimate, fsdp_gathers_per_step
 from apogee.planner.export import engine_rejection, layout_to_config, write_config
 from apogee.planner.memory import activation_bytes_per_layer, stage_layer_counts, stage_memory, stage_params
+from apogee.planner.search import complete_layout, plan_layout
 from apogee.planner.spec import Layout, shape_from_flavor
 
 H100 = Cluster(accel=get_accelerator("h100-80gb"), gpus=8, gpus_per_node=8)
@@ -33,6 +34,10 @@ def test_zero_1_is_megatrons_not_apogees():
     with pytest.raises(PlannerError, match="train.stack"):
         estimate(_run(), lay)
     assert estimate(_run("megatron"), lay).fits
+    # Pinned in a run description, the search finds nothing valid and says why.
+    for complete in (complete_layout, plan_layout):
+        with pytest.raises(PlannerError, match="no ZeRO-1"):
+            complete(_run(zero=1, dp=8))
     # Replication with context parallelism would still shard over cp in the engine.
     assert "cp" in check_layout(m, Layout(dp=4, cp=2, microbatch=1, zero=0), H100, 64)
 

@@ -39,6 +39,7 @@ class PlanResult:
     considered: int
     rejected_memory: int
     best_nonfitting: Estimate | None = None
+    first_invalid: str | None = None  # why the first candidate check_layout refused was invalid
 
 
 def candidate_values(run: RunSpec, choices: dict | None = None) -> dict[str, list]:
@@ -87,6 +88,7 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
     results: list[Estimate] = []
     considered = rejected = 0
     best_nonfit: Estimate | None = None
+    first_invalid: str | None = None
     base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap", "compile") if k in fixed}
 
     for tp in vals["tp"]:
@@ -131,7 +133,9 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                                                 lay = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, microbatch=mb,
                                                              virtual_stages=v, pp_schedule=sched, recompute=rc,
                                                              sequence_parallel=sp, zero=z, grad_reduce=gr, **base)
-                                                if check_layout(m, lay, cl, run.global_batch, run.stack):
+                                                why = check_layout(m, lay, cl, run.global_batch, run.stack)
+                                                if why:
+                                                    first_invalid = first_invalid or why
                                                     continue
                                                 considered += 1
                                                 mem = memory_per_gpu(m, lay, cl, global_batch=run.global_batch,
@@ -165,12 +169,14 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                 accepted.append(e)
         results = accepted
     return PlanResult(ranked=results[:max(top, 1)] if top else results, considered=considered,
-                      rejected_memory=rejected, best_nonfitting=best_nonfit)
+                      rejected_memory=rejected, best_nonfitting=best_nonfit, first_invalid=first_invalid)
 
 
 def plan_layout(run: RunSpec, **kw) -> Estimate:
     """The best fitting layout for ``run`` (the orchestrator's re-plan entry point)."""
     res = search(run, top=1, **kw)
+    if not res.ranked and not res.considered:
+        raise _no_valid_layout(res)
     if not res.ranked:
         hint = ""
         if res.best_nonfitting is not None:
@@ -196,4 +202,10 @@ def complete_layout(run: RunSpec, **kw) -> Estimate:
     if set(run.fixed) >= {"tp", "pp", "dp"}:
         lay = Layout(**run.fixed)
         estimate(run, lay)  # raises the reason it is invalid
-    raise PlannerError("no valid layout for this model on this cluster: check [layout] against model and cluster")
+    raise _no_valid_layout(res)
+
+
+def _no_valid_layout(res: PlanResult) -> PlannerError:
+    reason = f" (e.g. {res.first_invalid})" if res.first_invalid else ""
+    return PlannerError(f"no valid layout for this model on this cluster{reason}: check [layout] against model and "
+                        "cluster")
