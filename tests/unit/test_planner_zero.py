@@ -145,3 +145,23 @@ def test_grad_reduce_trades_gradient_memory_for_reductions(tmp_path):
     piped = [stage_memory(run.model, Layout(dp=4, pp=2, microbatch=1, zero=3, grad_reduce=g), H100, global_batch=64)
              for g in ("micro_batch", "step")]
     assert piped[0] == piped[1]
+
+
+@pytest.mark.parametrize("layout", [
+    dict(dp=8, zero=3), dict(dp=8, zero=2), dict(dp=8, zero=0), dict(dp=8, zero=3, grad_reduce="step"),
+    dict(tp=2, dp=4, zero=3, sequence_parallel=True, recompute="selective"),
+    dict(pp=2, dp=4, zero=3, pp_schedule="interleaved-1f1b", virtual_stages=2),
+])
+def test_an_exported_config_maps_back_to_its_layout(tmp_path, layout):
+    """export.engine_layout inverts layout_to_config, so the planner can price an engine config (the
+    orchestrator's re-plan asks it whether a layout fits the device)."""
+    from apogee.config import validate
+    from apogee.planner.export import engine_layout, engine_memory_gib
+
+    run = _run()
+    lay = Layout(microbatch=1, dp_overlap=False, **layout)
+    cfg = load_config(write_config(run, lay, tmp_path / "planned.toml"))
+    parallel = validate(cfg, lay.world)
+    assert engine_layout(cfg, parallel) == lay
+    want = estimate(run, lay).memory.total / GIB
+    assert engine_memory_gib(cfg, parallel, vocab=run.model.vocab, bf16=True) == pytest.approx(want, rel=1e-12)

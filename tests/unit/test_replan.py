@@ -129,3 +129,25 @@ def test_peer_medians_equal_the_naive_median():
         for _ in range(50):
             times = [rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(n)]
             assert peer_medians(times) == [statistics.median(times[:r] + times[r + 1:]) for r in range(n)]
+
+
+def test_replan_passes_over_layouts_the_planner_predicts_out_of_memory():
+    """A shrink of an FSDP job raises each rank's share of the model state. With the planner's memory
+    model against the device's (resilience.replan.capacity_check), the nearest layout that would not fit is
+    passed over for the next that does; with none that fits, the shrink is refused (its reason named)."""
+    from apogee.planner.export import engine_memory_gib
+    from apogee.resilience.replan import capacity_check, replan_problem
+
+    cfg = load_config(None, {"model": {"flavor": "llama3-8b"}, "parallel": {"dp_shard": 8, "tp": 1},
+                             "train": {"global_batch": 32, "micro_batch": 1, "seq_len": 4096}})
+    need = {world: engine_memory_gib(cfg, replan(cfg, world)[1], vocab=128256, bf16=True) for world in (8, 4)}
+    assert need[4] > need[8]  # half the shards: twice the state a rank holds
+    capacity = (need[4] + need[8]) / 2  # the shrunk dp_shard = 4 would not fit, the full job does
+    fits = capacity_check(capacity)
+    assert fits(cfg, replan(cfg, 8)[1]) is None
+    _, layout = replan(cfg, 4, fits=fits)
+    assert layout.dp_shard * layout.dp_replicate < 4 and layout.tp * layout.pp * layout.cp > 1  # model cut instead
+    assert engine_memory_gib(cfg, layout, vocab=128256, bf16=True) <= capacity
+    # With no layout of 2 ranks that fits, the shrink is refused, and the reason is the memory model's.
+    assert "planner's memory model" in replan_problem(cfg, 2, capacity_check(need[8] / 3))
+    assert replan_problem(cfg, 2) is None  # without the check the shrink would go ahead

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import tomli_w
 
+from apogee.config import Config, ParallelConfig
+from apogee.planner.cluster import ACCELERATORS, GIB, Cluster
 from apogee.planner.errors import PlannerError
-from apogee.planner.spec import Layout, RunSpec
+from apogee.planner.memory import memory_per_gpu
+from apogee.planner.spec import SCHEDULES, Layout, RunSpec, shape_from_args
 
 
 def layout_to_config(run: RunSpec, lay: Layout) -> dict:
@@ -49,6 +53,43 @@ def layout_to_config(run: RunSpec, lay: Layout) -> dict:
     if lay.compile:
         cfg["train"]["compile"] = True
     return cfg
+
+
+def engine_layout(cfg: Config, parallel: ParallelConfig) -> Layout | None:
+    """The planner's Layout for an engine config and its resolved ``parallel`` (the inverse of
+    ``layout_to_config``), or None where the planner does not price it: replicas of shards (HSDP), a
+    schedule it has no bubble for (zbv, dualpipev), or offload to host memory."""
+    from apogee.parallel.pipeline import stages_per_rank  # lazy: it imports torch
+
+    p = parallel
+    if (p.dp_replicate > 1 and p.dp_shard > 1) or p.cpu_offload or p.activation_offload:
+        return None
+    if p.pp > 1 and p.pp_schedule not in SCHEDULES:
+        return None
+    zero = 0 if p.dp_replicate > 1 else 2 if p.reshard_after_forward == "never" else 3
+    schedule = p.pp_schedule if p.pp > 1 else "1f1b"
+    return Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, microbatch=cfg.train.micro_batch,
+                  virtual_stages=stages_per_rank(schedule, p.pp_stages_per_rank) if p.pp > 1 else 1,
+                  pp_schedule=schedule, recompute=p.recompute, sequence_parallel=p.tp > 1 and p.sequence_parallel,
+                  zero=zero, grad_reduce=p.grad_reduce, dp_overlap=False, compile=cfg.train.compile)
+
+
+def engine_memory_gib(cfg: Config, parallel: ParallelConfig, *, vocab: int, bf16: bool) -> float | None:
+    """The planner's memory per GPU (GiB, its reserve for the CUDA context and workspaces included) for
+    an engine config on ``parallel``, or None where ``engine_layout`` has no Layout for it. HSDP is priced
+    as one of its replicas: FSDP over the shard group, on that replica's share of the batch (the model
+    state a rank holds does not depend on how many replicas there are)."""
+    global_batch = cfg.train.global_batch
+    if parallel.dp_replicate > 1 and parallel.dp_shard > 1:
+        global_batch //= parallel.dp_replicate
+        parallel = dataclasses.replace(parallel, dp_replicate=1)
+    lay = engine_layout(cfg, parallel)
+    if lay is None:
+        return None
+    m = shape_from_args(cfg.model.args().with_vocab(vocab), seq_len=cfg.train.seq_len, vocab=vocab)
+    cluster = Cluster(accel=ACCELERATORS["h100-80gb"], gpus=lay.world, gpus_per_node=min(lay.world, 8))
+    mem = memory_per_gpu(m, lay, cluster, global_batch=global_batch, precision="bf16" if bf16 else "fp32")
+    return mem.total / GIB
 
 
 def engine_rejection(run: RunSpec, lay: Layout) -> str | None:

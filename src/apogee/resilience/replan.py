@@ -17,6 +17,12 @@ is split, so the global batch, the data order and the loss curve continue as bef
 reduction order of the data-parallel sum). The result is checked by ``apogee.config.validate``,
 the same check ``apogee train`` applies, so the engine never meets a layout it rejects.
 
+What the planner is asked is whether a candidate fits: on a GPU, ``memory_check`` prices each valid
+candidate with the planner's memory model (``apogee.planner.export.engine_memory_gib``, the same model
+``apogee plan`` ranks with) and passes over those predicted to exceed the device's memory, since a
+smaller world gives each rank a larger share of the sharded model state. A shrink whose every layout is
+predicted not to fit is refused rather than restarted into running out of memory.
+
 Only ``[parallel]`` changes (plus ``pp_microbatches`` back to automatic, and fault drills that name
 an excluded rank or one the smaller world no longer has): the global batch, micro-batch and seed stay, so the
 resumed job takes exactly the batches the larger one would have taken.
@@ -64,9 +70,14 @@ def for_world(cfg: Config, world: int, gone: frozenset[int] = frozenset()) -> Co
     return cfg if len(inject) == len(specs) else cfg.replace(resilience={"inject": inject})
 
 
-def replan(cfg: Config, world: int, gone: frozenset[int] = frozenset()) -> tuple[Config, ParallelConfig]:
-    """The config re-planned for ``world`` ranks and its resolved layout (see the module doc).
-    Raises ``ConfigError`` (one line, naming what to change) when no layout fits."""
+MemoryCheck = Callable[[Config, ParallelConfig], "str | None"]
+
+
+def replan(cfg: Config, world: int, gone: frozenset[int] = frozenset(), fits: MemoryCheck | None = None
+           ) -> tuple[Config, ParallelConfig]:
+    """The config re-planned for ``world`` ranks and its resolved layout (see the module doc); ``fits``
+    (``memory_check``) passes over layouts predicted not to fit the device's memory. Raises
+    ``ConfigError`` (one line, naming what to change) when no layout fits."""
     cfg = for_world(cfg, world, gone)
     p = cfg.parallel
     old = {a: max(v, 1) for a, v in p.degrees().items()}  # dp_shard=-1 (fill) plays no part in the distance
@@ -78,11 +89,45 @@ def replan(cfg: Config, world: int, gone: frozenset[int] = frozenset()) -> tuple
         parallel = {**degrees, "pp_microbatches": p.pp_microbatches if same_split else 0}  # 0: automatic
         candidate = cfg.replace(parallel=parallel)
         try:
-            return candidate, validate(candidate, world)
+            resolved = validate(candidate, world)
         except ConfigError as exc:
             first_problem = first_problem or str(exc)
+            continue
+        too_big = fits(candidate, resolved) if fits is not None else None
+        if too_big is None:
+            return candidate, resolved
+        first_problem = first_problem or too_big
     raise ConfigError(f"no parallel layout fits the elastic world of {world} ranks (first try: {first_problem}); "
                       f"change parallel.* or train.global_batch / train.micro_batch")
+
+
+def memory_check(device) -> MemoryCheck | None:
+    """On a CUDA device, the planner's memory model against the device's memory
+    (``apogee.planner.export.engine_memory_gib``): a re-planned layout it predicts not to fit is passed
+    over, and a shrink left with no other is not made. The configured layout itself is never checked:
+    the job already chose it. None elsewhere (ranks on host memory: no check). The vocabulary is the
+    model's, else the tokenizer's size before the corpus is read (bpe: data.bpe_vocab_size; byte and
+    char: 256; a tokenizer file: 256, an undercount of its output layer)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return capacity_check(torch.cuda.get_device_properties(device).total_memory / 2**30)
+
+
+def capacity_check(capacity: float) -> MemoryCheck:
+    """``memory_check`` against ``capacity`` GiB per device."""
+    from apogee.planner.export import engine_memory_gib
+
+    def check(cfg: Config, parallel: ParallelConfig) -> str | None:
+        vocab = cfg.model.args().vocab_size or (cfg.data.bpe_vocab_size if cfg.data.tokenizer == "bpe" else 256)
+        need = engine_memory_gib(cfg, parallel, vocab=-(-vocab // 64) * 64, bf16=cfg.train.dtype != "fp32")
+        if need is not None and need > capacity:
+            return (f"{layout_name(parallel)} needs {need:.1f} GiB per GPU by the planner's memory model, over the "
+                    f"device's {capacity:.1f} GiB")
+        return None
+
+    return check
 
 
 def layout_name(parallel: ParallelConfig) -> str:
@@ -90,7 +135,8 @@ def layout_name(parallel: ParallelConfig) -> str:
 
 
 def fit_world(cfg: Config, world: int, *, elastic=None, log: Callable[[str], None] = print,
-              events: Callable[..., object] | None = None) -> tuple[Config, ParallelConfig]:
+              events: Callable[..., object] | None = None, fits: MemoryCheck | None = None
+              ) -> tuple[Config, ParallelConfig]:
     """Called by every rank at start: the config and layout to run ``world`` ranks with (the fault
     drills of excluded ranks left out, see ``for_world``).
 
@@ -107,7 +153,7 @@ def fit_world(cfg: Config, world: int, *, elastic=None, log: Callable[[str], Non
         if elastic is None or not elastic.is_elastic:
             raise
     before = cfg.parallel.degrees()
-    new_cfg, parallel = replan(cfg, world)
+    new_cfg, parallel = replan(cfg, world, fits=fits)
     message = (f"elastic: world size {world} does not fit the configured layout "
                f"({' x '.join(f'{a}={v}' for a, v in before.items() if v != 1) or 'all 1'}); "
                f"re-planned as {layout_name(parallel)} (resilience/replan.py: keep tp/cp/pp, data parallel absorbs it), "
@@ -121,10 +167,10 @@ def fit_world(cfg: Config, world: int, *, elastic=None, log: Callable[[str], Non
     return new_cfg, parallel
 
 
-def replan_problem(cfg: Config, world: int) -> str | None:
+def replan_problem(cfg: Config, world: int, fits: MemoryCheck | None = None) -> str | None:
     """None if ``replan`` finds a layout for ``world`` ranks, else why not (the shrink decision)."""
     try:
-        replan(cfg, world)
+        replan(cfg, world, fits=fits)
     except ConfigError as exc:
         return str(exc)
     return None

@@ -30,7 +30,7 @@ from apogee.parallel.apply import parallelize_stages
 from apogee.parallel.context import load_balanced_positions
 from apogee.parallel.mesh import Mesh
 from apogee.resilience.hooks import RankHooks
-from apogee.resilience.replan import fit_world, replan_problem
+from apogee.resilience.replan import fit_world, memory_check, replan_problem
 from apogee.parallel.pipeline import Pipeline, stages_per_rank
 from apogee.telemetry.metrics import MetricsWriter, log, memory_gib
 from apogee.telemetry.mfu import peak_flops
@@ -111,9 +111,10 @@ class Trainer:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.is_main = self.rank == 0
         # Heartbeats, events and the fault-drill hook (apogee/resilience): the trainer's one contact.
+        fits = memory_check(self.device)  # the planner's memory model, on a GPU (resilience/replan.py)
         self.hooks = RankHooks(self.run_dir, cfg.resilience.inject, rank=self.rank, world=self.world_size,
                                log=lambda msg: log(msg), resilience=cfg.resilience, device=self.device,
-                               elastic=self.elastic, replans=lambda world: replan_problem(cfg, world))
+                               elastic=self.elastic, replans=lambda world: replan_problem(cfg, world, fits))
         self.hooks.beat("build", 0)
         if self.device.type == "cpu":
             # Ranks on one host share its cores: each gets cores of its own (apogee.train.cpu_cores) and as
@@ -122,7 +123,7 @@ class Trainer:
             torch.set_num_threads(pin_cpu_rank(int(os.environ.get("LOCAL_RANK", "0")), local))
         # An elastic job on another world size (after a shrink) re-plans the layout (resilience/replan.py).
         self.cfg, parallel = fit_world(cfg, self.world_size, elastic=self.elastic, log=lambda msg: log(msg, enabled=self.is_main),
-                                       events=self.hooks.events if self.is_main else None)
+                                       events=self.hooks.events if self.is_main else None, fits=fits)
         cfg = self.cfg
         self.mesh = Mesh.build(parallel, self.device.type)
         self.grad_accum = cfg.train.global_batch // (cfg.train.micro_batch * parallel.dp)
