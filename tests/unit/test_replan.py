@@ -151,3 +151,11 @@ def test_replan_passes_over_layouts_the_planner_predicts_out_of_memory():
     # With no layout of 2 ranks that fits, the shrink is refused, and the reason is the memory model's.
     assert "planner's memory model" in replan_problem(cfg, 2, capacity_check(need[8] / 3))
     assert replan_problem(cfg, 2) is None  # without the check the shrink would go ahead
+    # At the restart after an exclusion, a layout that fills dp_shard (valid at any world) is checked too:
+    # the same layout the shrink decision approved, not the one it passed over.
+    filled = cfg.replace(parallel={"dp_shard": -1})
+    excluded = Elastic(1, 2, ({"rank": 7, "node": 1, "ranks": [4, 5, 6, 7]},))
+    _, restarted = fit_world(filled, 4, elastic=excluded, log=lambda line: None, fits=fits)
+    assert restarted.degrees() == layout.degrees()
+    _, unchecked = fit_world(filled, 4, elastic=Elastic(1, 2), fits=fits)  # no exclusion: the job's own choice
+    assert unchecked.dp_shard == 4

@@ -87,6 +87,7 @@ def engine_memory_gib(cfg: Config, parallel: ParallelConfig, *, vocab: int, bf16
     if lay is None:
         return None
     m = shape_from_args(cfg.model.args().with_vocab(vocab), seq_len=cfg.train.seq_len, vocab=vocab)
+    # Any GPU of the table: the memory model reads only its reserve, 2.5 GiB on every GPU (cluster.py).
     cluster = Cluster(accel=ACCELERATORS["h100-80gb"], gpus=lay.world, gpus_per_node=min(lay.world, 8))
     mem = memory_per_gpu(m, lay, cluster, global_batch=global_batch, precision="bf16" if bf16 else "fp32")
     return mem.total / GIB

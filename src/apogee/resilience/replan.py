@@ -120,8 +120,9 @@ def capacity_check(capacity: float) -> MemoryCheck:
     from apogee.planner.export import engine_memory_gib
 
     def check(cfg: Config, parallel: ParallelConfig) -> str | None:
-        vocab = cfg.model.args().vocab_size or (cfg.data.bpe_vocab_size if cfg.data.tokenizer == "bpe" else 256)
-        need = engine_memory_gib(cfg, parallel, vocab=-(-vocab // 64) * 64, bf16=cfg.train.dtype != "fp32")
+        tokenizer = cfg.data.bpe_vocab_size if cfg.data.tokenizer == "bpe" else 256
+        vocab = cfg.model.args().vocab_size or -(-tokenizer // 64) * 64  # as trainer.model_vocab rounds it
+        need = engine_memory_gib(cfg, parallel, vocab=vocab, bf16=cfg.train.dtype != "fp32")
         if need is not None and need > capacity:
             return (f"{layout_name(parallel)} needs {need:.1f} GiB per GPU by the planner's memory model, over the "
                     f"device's {capacity:.1f} GiB")
@@ -143,15 +144,22 @@ def fit_world(cfg: Config, world: int, *, elastic=None, log: Callable[[str], Non
     The configured layout when it fits; otherwise, in an elastic job (``elastic``: the
     ``elastic.Elastic`` that ``apogee launch --nnodes MIN:MAX`` with MIN < MAX hands its ranks), the
     re-planned one, announced in one log line and a ``replanned`` event that names the exclusions
-    that shrank the world. A fixed-size job keeps the configured layout's error."""
+    that shrank the world. A fixed-size job keeps the configured layout's error.
+
+    After an exclusion shrank the world, the configured layout (one that fills an axis with -1 fits
+    any world) must also pass ``fits``, as the shrink decision (``replan_problem``) required of it."""
     original = cfg
-    if elastic is not None and elastic.gone_ranks:
+    shrunk = elastic is not None and bool(elastic.gone_ranks)
+    if shrunk:
         cfg = for_world(cfg, world, elastic.gone_ranks)  # an excluded chip's drills left with it
     try:
-        return cfg, validate(cfg, world)
+        parallel = validate(cfg, world)
     except ConfigError:
         if elastic is None or not elastic.is_elastic:
             raise
+    else:
+        if not (shrunk and fits is not None and fits(cfg, parallel) is not None):
+            return cfg, parallel
     before = cfg.parallel.degrees()
     new_cfg, parallel = replan(cfg, world, fits=fits)
     message = (f"elastic: world size {world} does not fit the configured layout "
