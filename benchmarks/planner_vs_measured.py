@@ -46,8 +46,9 @@
    the peak allocated memory the GPU comparison uses (planner_vs_measured_gpu.py). The peak RSS is
    printed beside it; the gap between the two is the allocator's fragmentation, which the planner does
    not model.
-3. The planner predicts the same layout (tp, dp and its zero level: dp_shard = 3, dp_shard with
-   reshard_after_forward never = 2, dp_replicate = 0; micro-batch, fp32).
+3. The planner predicts the same layout, mapped from the engine's config by export.engine_layout (tp, dp
+   and its zero level: dp_shard = 3, dp_shard with reshard_after_forward never = 2, dp_replicate = 0;
+   grad_reduce, micro-batch; fp32).
 
 Target (issue 5): within 10% on step time and memory per rank.
 """
@@ -646,13 +647,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="run only the configs whose name contains this text")
     args = ap.parse_args(argv)
 
+    from apogee.config import validate
     from apogee.models.flavors import FLAVORS
     from apogee.planner.cluster import ACCELERATORS, Cluster
     from apogee.planner.compute import elem_key
     from apogee.planner.estimate import estimate
+    from apogee.planner.export import engine_layout
     from apogee.planner.host import host_key
-    from apogee.planner.memory import memory_per_gpu
-    from apogee.planner.spec import Layout, RunSpec, shape_from_args
+    from apogee.planner.memory import memory_per_gpu, wraps_in_fsdp
+    from apogee.planner.spec import RunSpec, shape_from_args
 
     out = []
     for name, flavor, nproc, par, seq, gb, mbs in CONFIGS:
@@ -660,14 +663,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         fa = FLAVORS[flavor]
         m = shape_from_args(fa, flavor=flavor, seq_len=seq, vocab=256)  # byte tokenizer: 256 tokens
-        tp, dp, pp = par["tp"], par.get("dp_replicate", 1) * par["dp_shard"], par.get("pp", 1)
-        zero = 0 if par.get("dp_replicate", 1) > 1 else 2 if par.get("reshard_after_forward") == "never" else 3
+        # The planner's layout for the engine's config, as the planner maps one (export.engine_layout).
+        cfg = engine_config(flavor, par, seq, gb, mbs, args.steps, Path("run"))
+        lay = engine_layout(cfg, validate(cfg, nproc))
+        tp, dp, pp = lay.tp, lay.dp, lay.pp
         roles = gemm_roles(m, tp, 1, mbs)
         heads = (m.heads // tp, max(1, m.kv_heads // tp), m.head_dim)
         elem = elem_key(m, tp, 1, mbs, tp > 1)
-        lay = Layout(tp=tp, dp=dp, pp=pp, microbatch=mbs, zero=zero, grad_reduce=par.get("grad_reduce", "micro_batch"),
-                     sequence_parallel=tp > 1, dp_overlap=False,
-                     pp_schedule=par.get("pp_schedule", "1f1b"))
         # What passes through a rank's caches between two runs of one GEMM: its parameters, gradients and
         # activations (the planner's count; the calibration does not change it).
         nominal = memory_per_gpu(m, lay, Cluster(accel=ACCELERATORS["cpu"], gpus=nproc, gpus_per_node=nproc),
@@ -677,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         sections = {"parallel": par, "train": {"global_batch": gb, "micro_batch": mbs}}
         meas = measure_cpu(nproc, dp * pp, tp, roles, mbs, seq, heads, elem, sections,
                            dataclasses.replace(fa, vocab_size=m.vocab), m, span)
-        acc = cpu_from_measurement(meas, m, mbs, elem, host_key(m, lay, fsdp=dp > 1))
+        acc = cpu_from_measurement(meas, m, mbs, elem, host_key(m, lay, fsdp=wraps_in_fsdp(lay)))
         run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=nproc, gpus_per_node=nproc), fixed={},
                       global_batch=gb, precision="fp32")
         est = estimate(run, lay)
