@@ -232,10 +232,9 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
             # I/O run on the rank's own cores and the latency is paid per unit.
             units = Ls + 1
             gathers = fsdp_gathers_per_step(lay, n_micro)
-            apogee = run.stack != "megatron"
-            reductions = n_micro if apogee and reduces_each_micro_batch(lay) else 1
+            reductions = n_micro if reduces_each_micro_batch(lay, run.stack) else 1
             param_ag = comms.all_gather(2 * params_rank * (2 if run.precision == "fp32" else 1), shard, dp_link)
-            if lay.zero == 0 and apogee:
+            if lay.zero == 0:  # apogee's replicate-only mesh (Megatron's FSDP is zero 3 only)
                 grad_rs = comms.all_reduce(GRAD_REDUCE_BYTES * params_rank, shard, dp_link)
             if acc.host_bound:
                 param_ag += (units - 1) * (shard - 1) * dp_link.latency

@@ -145,11 +145,12 @@ def wraps_in_fsdp(lay: Layout, stack: str = "apogee") -> bool:
     return lay.dp * lay.cp > 1 and (stack != "megatron" or lay.zero >= 3)
 
 
-def reduces_each_micro_batch(lay: Layout) -> bool:
+def reduces_each_micro_batch(lay: Layout, stack: str = "apogee") -> bool:
     """Whether apogee's FSDP2 reduce-scatters every micro-batch's gradients (parallel.grad_reduce =
     "micro_batch") and so accumulates them sharded: only without a pipeline (torch's schedule turns
     gradient sync off until the step's last backward) and where something is sharded (zero 2, 3)."""
-    return lay.grad_reduce == "micro_batch" and lay.pp == 1 and lay.zero >= 2
+    return (stack != "megatron" and wraps_in_fsdp(lay, stack) and lay.grad_reduce == "micro_batch"
+            and lay.pp == 1 and lay.zero >= 2)
 
 
 def engine_autocast(lay: Layout, precision: str) -> bool:
@@ -380,7 +381,7 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
         # reshard_after_forward = "never": every block keeps its gathered weights from its forward to its
         # backward, so the whole stage's are resident with the activations they serve.
         params += stage_weights
-    if fsdp and n_micro > 1 and not megatron and not reduces_each_micro_batch(lay):
+    if fsdp and n_micro > 1 and not megatron and not reduces_each_micro_batch(lay, stack):
         # Gradient sync off for all but the last micro-batch (parallel.grad_reduce = "step", or torch's
         # pipeline schedule): FSDP2 keeps each unit's gradient unsharded, in its fp32 reduce dtype, until
         # the one reduction: every gradient of the rank's stages is whole when the last micro-batch's

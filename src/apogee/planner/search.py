@@ -17,12 +17,13 @@ Keys the run description pins are taken as given, including the dominated choice
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from apogee.planner.cluster import GIB
 from apogee.planner.errors import PlannerError
 from apogee.planner.estimate import APOGEE_ZERO, Estimate, check_layout, estimate
-from apogee.planner.memory import memory_per_gpu
+from apogee.planner.memory import memory_per_gpu, reduces_each_micro_batch
 from apogee.planner.spec import GRAD_REDUCE, RECOMPUTE, Layout, RunSpec
 
 MAX_MICROBATCH = 16
@@ -66,15 +67,15 @@ def candidate_values(run: RunSpec, choices: dict | None = None) -> dict[str, lis
     return vals
 
 
-def _grad_reduce_values(run: RunSpec, zero: int, data_ranks: int, pp: int, n_micro: int) -> list[str]:
-    """The parallel.grad_reduce values that make different runs of this layout: both where apogee's FSDP2
-    shards and accumulates micro-batches without a pipeline (memory against traffic: neither dominates,
-    memory.reduces_each_micro_batch), else the engine's default (the pinned value where given)."""
+def _grad_reduce_values(run: RunSpec, lay: Layout, n_micro: int) -> list[str]:
+    """The parallel.grad_reduce values that make different runs of ``lay``: both where its micro-batches
+    (more than one) would each reduce by default (memory.reduces_each_micro_batch; memory against
+    traffic, neither dominates), else the default alone (the pinned value where given)."""
     if "grad_reduce" in run.fixed:
         return [run.fixed["grad_reduce"]]
-    if run.stack == "apogee" and data_ranks > 1 and pp == 1 and zero >= 2 and n_micro > 1:
+    if n_micro > 1 and reduces_each_micro_batch(lay, run.stack):
         return list(GRAD_REDUCE)
-    return [GRAD_REDUCE[0]]
+    return [lay.grad_reduce]
 
 
 def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices: dict | None = None,
@@ -129,10 +130,11 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                                         zeros = vals["zero"] if dp * cp > 1 else vals["zero"][:1]
                                         for z in zeros:
                                             fitted = False
-                                            for gr in _grad_reduce_values(run, z, dp * cp, pp, per_rank // mb):
-                                                lay = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, microbatch=mb,
-                                                             virtual_stages=v, pp_schedule=sched, recompute=rc,
-                                                             sequence_parallel=sp, zero=z, grad_reduce=gr, **base)
+                                            first = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, microbatch=mb,
+                                                           virtual_stages=v, pp_schedule=sched, recompute=rc,
+                                                           sequence_parallel=sp, zero=z, **base)
+                                            for gr in _grad_reduce_values(run, first, per_rank // mb):
+                                                lay = dataclasses.replace(first, grad_reduce=gr)
                                                 why = check_layout(m, lay, cl, run.global_batch, run.stack)
                                                 if why:
                                                     first_invalid = first_invalid or why
