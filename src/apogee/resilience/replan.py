@@ -118,10 +118,13 @@ def memory_check(device) -> MemoryCheck | None:
 def capacity_check(capacity: float) -> MemoryCheck:
     """``memory_check`` against ``capacity`` GiB per device."""
     from apogee.planner.export import engine_memory_gib
+    from apogee.train.trainer import model_vocab  # lazy: the trainer imports this module
 
     def check(cfg: Config, parallel: ParallelConfig) -> str | None:
+        # The tokenizer's size before the corpus is read; capped by an explicit model vocabulary, which
+        # model_vocab takes as given (the estimate must not fail its check against the tokenizer's).
         tokenizer = cfg.data.bpe_vocab_size if cfg.data.tokenizer == "bpe" else 256
-        vocab = cfg.model.args().vocab_size or -(-tokenizer // 64) * 64  # as trainer.model_vocab rounds it
+        vocab = model_vocab(cfg, min(tokenizer, cfg.model.args().vocab_size or tokenizer))
         need = engine_memory_gib(cfg, parallel, vocab=vocab, bf16=cfg.train.dtype != "fp32")
         if need is not None and need > capacity:
             return (f"{layout_name(parallel)} needs {need:.1f} GiB per GPU by the planner's memory model, over the "
