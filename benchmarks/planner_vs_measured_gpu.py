@@ -9,7 +9,8 @@
    (128256: the output layer is as large as in real use). metrics.jsonl gives tokens/s per step
    (log_interval 1); the first 3 steps (warm-up, compilation) and the last (evaluation) are skipped.
    Memory: the peak of ``torch.cuda.max_memory_allocated`` (what the engine logs as mem_gib) and of
-   ``max_memory_reserved`` (the caching allocator's pool), both reset per config; with ``--phases``
+   ``max_memory_reserved`` (the caching allocator's pool, with the engine's default
+   ``run.expandable_segments``; ``--default-allocator`` turns it off), both reset per config; with ``--phases``
    they are reset at every phase mark (MemoryPhases), and ``peak_over_phases_gib`` is the run's peak.
    The causal SDPA forward + backward at each config's shape is timed too (``attn_fwd_bwd_s``).
    The measurements are written to ``--out`` with the device name and torch version.
@@ -121,14 +122,14 @@ class MemoryPhases:
 
 
 def measure(name, flavor, overrides, seq, gb, mb, recompute, compiled, steps: int, cache: Path, d: Path,
-            phases: bool = False) -> dict:
+            phases: bool = False, expandable: bool = True) -> dict:
     import torch
 
     from apogee.config import load_config
     from apogee.launch import launch_local
 
     cfg = load_config(None, {
-        "run": {"dir": str(d), "log_interval": 1, "device": "cuda"},
+        "run": {"dir": str(d), "log_interval": 1, "device": "cuda", "expandable_segments": expandable},
         "model": {"flavor": flavor, **overrides},
         "data": {"cache_dir": str(cache)},
         "train": {"steps": steps, "seq_len": seq, "global_batch": gb, "micro_batch": mb, "compile": compiled},
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="run only the configs whose name contains one of these texts "
                     "(comma-separated)")
     ap.add_argument("--phases", action="store_true", help="record memory at each phase of a step (MemoryPhases)")
+    ap.add_argument("--default-allocator", action="store_true", help="run.expandable_segments = false (torch's "
+                    "allocator as configured; once set in a process, expandable segments stay on: run this alone)")
     ap.add_argument("--out", type=Path, default=None, help="write the measurements here (JSON)")
     ap.add_argument("--measured", type=Path, default=None, help="predict for these measurements instead of measuring")
     ap.add_argument("--gpu", default="", help="the planner's accelerator (default: from the device name)")
@@ -226,14 +229,15 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: measure on a GPU machine, or pass --measured FILE")
-        data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+        data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                "expandable_segments": not args.default_allocator, "runs": []}
         with tempfile.TemporaryDirectory() as td:
             for i, cfg in enumerate(CONFIGS):
                 if not any(part in cfg[0] for part in args.only.split(",")):
                     continue
                 try:
                     rec = measure(*cfg, steps=args.steps, cache=Path(td) / "cache", d=Path(td) / f"run{i}",
-                                  phases=args.phases)
+                                  phases=args.phases, expandable=not args.default_allocator)
                 except Exception as exc:  # one config's failure (out of memory, a compile error) is a figure too
                     rec = {"config": cfg[0], "error": f"{type(exc).__name__}: {exc}"[:2000]}
                 data["runs"].append(rec)
@@ -241,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.out:
                     args.out.write_text(json.dumps(data, indent=1))
     gpu = args.gpu or gpu_name_to_accelerator(data["device"])
-    print(f"{data['device']} (torch {data['torch']}) as the planner's {gpu}"
+    allocator = {True: ", expandable segments", False: ", default allocator"}.get(data.get("expandable_segments"), "")
+    print(f"{data['device']} (torch {data['torch']}{allocator}) as the planner's {gpu}"
           + (f", GEMM table {args.gemm_table}" if args.gemm_table else ""))
     for rec in data["runs"]:
         if "error" in rec:

@@ -30,6 +30,7 @@ class RunConfig:
     dir: str = ""  # default: runs/<name>
     device: str = "auto"  # auto | cpu | cuda
     log_interval: int = 10
+    expandable_segments: bool = True  # CUDA's allocator grows segments in place (less fragmentation); see trainer
     # Stop (after checkpointing) once this step is done; 0 runs to train.steps. For batch systems
     # with time limits (re-queue and resume) and for drills; like Megatron's --exit-interval.
     stop_at_step: int = 0

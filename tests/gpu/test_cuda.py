@@ -98,6 +98,29 @@ def check_compile_matches_eager(tmp: Path, cache_dir: Path, device: str) -> None
         assert g["loss"] == pytest.approx(w["loss"], rel=2e-2), g["step"]
 
 
+def test_replan_memory_check_reads_the_device():
+    """The re-plan's memory check on a GPU (resilience.replan.memory_check) compares the planner's GiB per
+    rank against this device's memory: Llama 3 8B's state whole on one rank (16 B/param) fits no single
+    GPU; the verdict for each layout is exactly "needed > the device's GiB"; host ranks get no check."""
+    from apogee.config import load_config
+    from apogee.planner.export import engine_memory_gib
+    from apogee.resilience.replan import memory_check, replan
+
+    fits = memory_check(torch.device("cuda"))
+    capacity = torch.cuda.get_device_properties(0).total_memory / 2**30
+    assert fits is not None and 10 < capacity < 1000  # GiB, not bytes
+    cfg = load_config(None, {"model": {"flavor": "llama3-8b"}, "parallel": {"dp_shard": 8, "tp": 1},
+                             "train": {"global_batch": 32, "micro_batch": 1, "seq_len": 4096}})
+    for world in (1, 2, 8):
+        layout = replan(cfg, world)[1]
+        need = engine_memory_gib(cfg, layout, vocab=256, bf16=True)  # the check's vocabulary: byte tokenizer
+        verdict = fits(cfg, layout)
+        assert (verdict is None) == (need <= capacity), (world, need, capacity, verdict)
+        if world == 1:
+            assert need > 8e9 * 16 / 2**30 and f"over the device's {capacity:.1f} GiB" in verdict
+    assert memory_check(torch.device("cpu")) is None
+
+
 def test_async_resume_bit_identical(tmp_path, cache_dir):
     check_async_resume_bit_identical(tmp_path, cache_dir, "cuda")
 
