@@ -291,8 +291,9 @@ def test_written_configs_load_in_the_engine(tmp_path, flavor, gpus, gb):
         cfg = load_config(write_config(run, e.layout, tmp_path / f"{i}.toml"))
         assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp) == (e.layout.tp, e.layout.pp, e.layout.cp)
         assert cfg.train.micro_batch == e.layout.microbatch
-        sharded = e.layout.zero >= 2
-        assert (cfg.parallel.dp_shard, cfg.parallel.dp_replicate) == ((e.layout.dp, 1) if sharded else (1, e.layout.dp))
+        sharded, replicas = e.layout.zero >= 2, e.layout.dp_replicate
+        assert (cfg.parallel.dp_shard, cfg.parallel.dp_replicate) == (
+            (e.layout.dp // replicas, replicas) if sharded else (1, e.layout.dp))
 
 
 def test_engine_rejections_are_filtered_not_hidden():

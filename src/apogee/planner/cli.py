@@ -23,7 +23,8 @@ RUN.toml describes the run:
             node_mtbf_hours, checkpoint_write_gbs, restart_s, intra_busbw_gbs, inter_gbs_per_gpu)
   [layout]  any of tp, pp, dp, cp, ep, microbatch, virtual_stages, pp_schedule, recompute,
             sequence_parallel, zero (apogee: 0 replicated, 2 FSDP2 keeping gathered weights, 3 or
-            "fsdp" FSDP2; megatron: 0-3), grad_reduce (micro_batch|step); keys left out are
+            "fsdp" FSDP2; megatron: 0-3), grad_reduce (micro_batch|step), dp_replicate (HSDP
+            replicas at apogee's zero 2/3, dividing dp); keys left out are
             searched; compile (true: apogee's train.compile, never searched)
   [train]   global_batch (sequences), precision (bf16|fp8), seq_len, stack ("apogee", the default:
             this engine's eager kernels and measured cuBLAS efficiency; or "megatron")
@@ -193,10 +194,11 @@ def cmd_plan(args) -> int:
                           "ranked": [e.to_json() for e in res.ranked]}, indent=1))
         return 0
     print(f"searched {res.considered} layouts in {dt:.2f} s ({res.rejected_memory} over memory)\n")
-    print(f"{'#':>2}  {'layout':<52}{'step s':>9}{'tok/s/GPU':>11}{'MFU':>7}{'GiB':>7}{'bubble':>8}{'goodput':>9}"
+    w = max([52] + [len(e.layout.short()) + 1 for e in res.ranked])  # the layout column fits the longest
+    print(f"{'#':>2}  {'layout':<{w}}{'step s':>9}{'tok/s/GPU':>11}{'MFU':>7}{'GiB':>7}{'bubble':>8}{'goodput':>9}"
           f"{'J/token':>9}")
     for i, e in enumerate(res.ranked, 1):
-        print(f"{i:>2}  {e.layout.short():<52}{e.step_time_s:>9.3f}{e.tokens_per_s_per_gpu:>11,.0f}{e.mfu:>7.1%}"
+        print(f"{i:>2}  {e.layout.short():<{w}}{e.step_time_s:>9.3f}{e.tokens_per_s_per_gpu:>11,.0f}{e.mfu:>7.1%}"
               f"{e.memory.total / GIB:>7.1f}{e.bubble_fraction:>8.1%}{e.goodput:>9.1%}{e.energy_j_per_token:>9.3g}")
     best = res.ranked[0]
     print("\nwhy #1:")

@@ -96,6 +96,17 @@ def check_layout(m: ModelShape, lay: Layout, cluster: Cluster, global_batch: int
         return (f"layout.zero={lay.zero}: apogee's engine has zero 0 (replicated), 2 (FSDP2 keeping gathered "
                 "weights from forward to backward) and 3 (FSDP2), no ZeRO-1 sharded optimizer; "
                 "train.stack = \"megatron\" prices Megatron-LM's")
+    if lay.dp_replicate > 1:
+        if stack != "apogee" or lay.zero < 2:
+            return (f"layout.dp_replicate={lay.dp_replicate}: replicas of FSDP shards (HSDP) are apogee's, at zero 2 "
+                    "or 3 (zero 0 replicates over all of dp already)")
+        if lay.dp % lay.dp_replicate:
+            return f"layout.dp_replicate={lay.dp_replicate} must divide layout.dp={lay.dp}"
+        if lay.shard_group == 1:
+            return (f"layout.dp_replicate={lay.dp_replicate} = dp with cp 1 leaves nothing to shard: that is "
+                    "layout.zero=0")
+        if lay.ep > 1:
+            return f"layout.dp_replicate={lay.dp_replicate} with layout.ep={lay.ep}: HSDP of experts is not priced"
     if stack == "apogee" and lay.zero == 0 and lay.cp > 1:
         return (f"layout.zero=0 with layout.cp={lay.cp}: apogee shards model state over the context axis "
                 "(FSDP2 over dp_shard x cp); use zero 2 or 3")
@@ -218,9 +229,16 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     # --- data parallel ---------------------------------------------------------------------------
     nonexpert, experts = stage_params(m, lay, stack=run.stack)
     params_rank = nonexpert + experts
-    shard = lay.dp * lay.cp
+    shard = lay.shard_group
     dp_link = comms.axis_link(lay, "dp", cl, size=shard, stride=t)
-    dp_comm = dp_exposed = extra_reductions = 0.0
+    dp_comm = dp_exposed = extra_reductions = replica_ar = 0.0
+    if lay.dp_replicate > 1:
+        # HSDP: each replica's reduced gradient shard is all-reduced across the replicas once a step (the
+        # engine's set_requires_all_reduce on the last micro-batch), between ranks one replica apart.
+        replica_link = comms.axis_link(lay, "dp", cl, size=lay.dp_replicate, stride=t * shard)
+        replica_ar = comms.all_reduce(GRAD_REDUCE_BYTES * params_rank / shard, lay.dp_replicate, replica_link)
+        if acc.host_bound:  # one all-reduce per FSDP unit (the blocks and the root), as the reductions below
+            replica_ar += Ls * 2 * (lay.dp_replicate - 1) * replica_link.latency
     if shard > 1:
         grad_rs = comms.reduce_scatter(GRAD_REDUCE_BYTES * params_rank, shard, dp_link)
         param_ag = comms.all_gather(2 * params_rank, shard, dp_link)
@@ -239,15 +257,15 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
             if acc.host_bound:
                 param_ag += (units - 1) * (shard - 1) * dp_link.latency
                 grad_rs += (units - 1) * (shard - 1) * dp_link.latency * (2 if lay.zero == 0 else 1)
-            dp_comm = gathers * param_ag + reductions * grad_rs
+            dp_comm = gathers * param_ag + reductions * grad_rs + replica_ar
             extra_reductions = (reductions - 1) * grad_rs
             if acc.host_bound:
                 dp_exposed = dp_comm
             else:
                 # Each gather and reduction hides behind the blocks around it; the step's last block's
-                # gather and reduction do not.
+                # gather and reductions do not.
                 dp_exposed = (max(0.0, dp_comm - n_micro * (f_stage + b_stage))
-                              + (param_ag / max(1, Ls) if gathers else 0.0) + grad_rs / max(1, Ls))
+                              + (param_ag / max(1, Ls) if gathers else 0.0) + (grad_rs + replica_ar) / max(1, Ls))
         else:
             dp_comm = grad_rs + param_ag
             if lay.dp_overlap and not acc.host_bound:

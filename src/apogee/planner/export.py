@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import tomli_w
@@ -18,11 +17,12 @@ def layout_to_config(run: RunSpec, lay: Layout) -> dict:
     """The engine config dict: [run] (device, for a CPU cluster), [model], [parallel], [train]. The zero
     level picks how dp runs (estimate.APOGEE_ZERO): 3 is dp_shard (FSDP2), 2 is dp_shard with
     reshard_after_forward = "never" (gathered weights kept from forward to backward: ZeRO-2's memory),
-    0 is dp_replicate (whole state on every rank). apogee has no ZeRO-1: check_layout refuses it."""
+    0 is dp_replicate (whole state on every rank). apogee has no ZeRO-1: check_layout refuses it. At
+    zero 2 and 3, ``lay.dp_replicate`` replicas of dp / dp_replicate shards are HSDP."""
     sharded = lay.zero >= 2
     parallel = {
-        "dp_replicate": 1 if sharded else lay.dp,
-        "dp_shard": lay.dp if sharded else 1,
+        "dp_replicate": lay.dp_replicate if sharded else lay.dp,
+        "dp_shard": lay.dp // lay.dp_replicate if sharded else 1,
         "tp": lay.tp,
         "pp": lay.pp,
         "cp": lay.cp,
@@ -57,18 +57,21 @@ def layout_to_config(run: RunSpec, lay: Layout) -> dict:
 
 def engine_layout(cfg: Config, parallel: ParallelConfig) -> Layout | None:
     """The planner's Layout for an engine config and its resolved ``parallel`` (the inverse of
-    ``layout_to_config``), or None where the planner does not price it: replicas of shards (HSDP), a
-    schedule it has no bubble for (zbv, dualpipev), or offload to host memory."""
+    ``layout_to_config``), or None where the planner does not price it: a schedule it has no bubble for
+    (zbv, dualpipev), or offload to host memory. Replicas with something to shard over (dp_shard x cp
+    > 1; apogee.parallel.mesh) are HSDP, replicas alone are zero 0."""
     from apogee.parallel.pipeline import stages_per_rank  # lazy: it imports torch
 
     p = parallel
-    if (p.dp_replicate > 1 and p.dp_shard > 1) or p.cpu_offload or p.activation_offload:
+    if p.cpu_offload or p.activation_offload:
         return None
     if p.pp > 1 and p.pp_schedule not in SCHEDULES:
         return None
-    zero = 0 if p.dp_replicate > 1 else 2 if p.reshard_after_forward == "never" else 3
+    replicas_only = p.dp_replicate > 1 and p.dp_shard * p.cp == 1
+    zero = 0 if replicas_only else 2 if p.reshard_after_forward == "never" else 3
     schedule = p.pp_schedule if p.pp > 1 else "1f1b"
     return Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, microbatch=cfg.train.micro_batch,
+                  dp_replicate=1 if replicas_only else p.dp_replicate,
                   virtual_stages=stages_per_rank(schedule, p.pp_stages_per_rank) if p.pp > 1 else 1,
                   pp_schedule=schedule, recompute=p.recompute, sequence_parallel=p.tp > 1 and p.sequence_parallel,
                   zero=zero, grad_reduce=p.grad_reduce, dp_overlap=False, compile=cfg.train.compile)
@@ -76,20 +79,14 @@ def engine_layout(cfg: Config, parallel: ParallelConfig) -> Layout | None:
 
 def engine_memory_gib(cfg: Config, parallel: ParallelConfig, *, vocab: int, bf16: bool) -> float | None:
     """The planner's memory per GPU (GiB, its reserve for the CUDA context and workspaces included) for
-    an engine config on ``parallel``, or None where ``engine_layout`` has no Layout for it. HSDP is priced
-    as one of its replicas: FSDP over the shard group, on that replica's share of the batch (the model
-    state a rank holds does not depend on how many replicas there are)."""
-    global_batch = cfg.train.global_batch
-    if parallel.dp_replicate > 1 and parallel.dp_shard > 1:
-        global_batch //= parallel.dp_replicate
-        parallel = dataclasses.replace(parallel, dp_replicate=1)
+    an engine config on ``parallel``, or None where ``engine_layout`` has no Layout for it."""
     lay = engine_layout(cfg, parallel)
     if lay is None:
         return None
     m = shape_from_args(cfg.model.args().with_vocab(vocab), seq_len=cfg.train.seq_len, vocab=vocab)
     # Any GPU of the table: the memory model reads only its reserve, 2.5 GiB on every GPU (cluster.py).
     cluster = Cluster(accel=ACCELERATORS["h100-80gb"], gpus=lay.world, gpus_per_node=min(lay.world, 8))
-    mem = memory_per_gpu(m, lay, cluster, global_batch=global_batch, precision="bf16" if bf16 else "fp32")
+    mem = memory_per_gpu(m, lay, cluster, global_batch=cfg.train.global_batch, precision="bf16" if bf16 else "fp32")
     return mem.total / GIB
 
 

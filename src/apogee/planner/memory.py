@@ -349,7 +349,7 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
     """Bytes on one rank of the ``stage`` ("first" or "last") pipeline stage, for ``stack``'s blocks
     (apogee's own, or Megatron-LM's: ``megatron_llama_activation_bytes`` for its Llama blocks)."""
     nonexpert, experts = stage_params(m, lay, stage, stack)
-    shard_dp = lay.dp * lay.cp  # FSDP/ZeRO shard over the data and context axes (torchtitan's dp_shard x cp)
+    shard_dp = lay.shard_group  # FSDP/ZeRO shard over the data and context axes (torchtitan's dp_shard x cp)
     megatron = stack == "megatron"
     fsdp = wraps_in_fsdp(lay, stack)
     zero, shards = lay.zero, shard_dp

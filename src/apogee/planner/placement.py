@@ -35,6 +35,11 @@ def describe(lay: Layout, cluster: Cluster) -> list[str]:
         members = [i * stride for i in range(n)]
         shown = ", ".join(map(str, members[:8])) + (", ..." if n > 8 else "")
         lines.append(f"  {axis:>2} groups of {n} (stride {stride}, e.g. ranks {shown}): {link.describe()}")
+    if lay.dp_replicate > 1:  # HSDP: the dp axis splits into shards (inner) and replicas (outer)
+        shard, stride = lay.dp // lay.dp_replicate, comms.axis_stride(lay, "dp")
+        for name, n, step in (("dp_shard", shard, stride), ("dp_replicate", lay.dp_replicate, stride * shard)):
+            link = comms.axis_link(lay, "dp", cluster, size=n, stride=step)
+            lines.append(f"  {name} groups of {n} (stride {step}): {link.describe()}")
     if lay.ep > 1:
         link = comms.axis_link(lay, "dp", cluster, size=lay.ep, stride=lay.tp)
         lines.append(f"  ep groups of {lay.ep} carved from dp x cp (stride {lay.tp}): {link.describe()}")

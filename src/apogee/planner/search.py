@@ -7,6 +7,8 @@ Pruning keeps a 1T-on-3072-GPU search to seconds without dropping a layout that 
   - apogee (zero 0, 2, 3; estimate.APOGEE_ZERO): zero 3 is dominated by zero 2 (more gathers, the same
     optimizer work), but zero 0 is not (it all-reduces fp32 gradients and runs Adam on every
     parameter), so a fitting zero 0 does not end the try;
+  - apogee's HSDP (dp_replicate replicas of FSDP over dp / dp_replicate x cp, zero 2 and 3): every divisor
+    of dp that leaves a shard group; a replica count that fits at zero 2 is not tried at zero 3;
   - apogee's grad_reduce: both values are tried where they differ (FSDP with gradient accumulation and no
     pipeline): reducing every micro-batch holds less memory, once a step moves fewer bytes;
   - GPipe is dominated by 1F1B (same bubble, more memory);
@@ -65,6 +67,16 @@ def candidate_values(run: RunSpec, choices: dict | None = None) -> dict[str, lis
     for k, v in fixed.items():
         vals[k] = [v]
     return vals
+
+
+def _replica_values(run: RunSpec, dp: int, cp: int, zero: int) -> list[int]:
+    """HSDP's replica counts for a layout: 1 (plain FSDP, or no sharding), and under apogee's FSDP (zero 2,
+    3) every divisor of dp that leaves more than one rank to shard over (the pinned value where given)."""
+    if "dp_replicate" in run.fixed:
+        return [run.fixed["dp_replicate"]]
+    if run.stack != "apogee" or zero < 2:
+        return [1]
+    return [r for r in _divisors(dp) if dp // r * cp > 1]
 
 
 def _grad_reduce_values(run: RunSpec, lay: Layout, n_micro: int) -> list[str]:
@@ -126,31 +138,45 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                                 for sp in sps:
                                     for rc in vals["recompute"]:
                                         found = False
+                                        fitted_replicas: set[int] = set()  # replica counts that fitted sharded
                                         # One data rank: every zero level is the same run (nothing to split).
                                         zeros = vals["zero"] if dp * cp > 1 else vals["zero"][:1]
                                         for z in zeros:
+                                            replicas = _replica_values(run, dp, cp, z)
                                             fitted = False
-                                            first = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, microbatch=mb,
-                                                           virtual_stages=v, pp_schedule=sched, recompute=rc,
-                                                           sequence_parallel=sp, zero=z, **base)
-                                            for gr in _grad_reduce_values(run, first, per_rank // mb):
-                                                lay = dataclasses.replace(first, grad_reduce=gr)
-                                                why = check_layout(m, lay, cl, run.global_batch, run.stack)
-                                                if why:
-                                                    first_invalid = first_invalid or why
-                                                    continue
-                                                considered += 1
-                                                mem = memory_per_gpu(m, lay, cl, global_batch=run.global_batch,
-                                                                     precision=run.precision, stack=run.stack)
-                                                if mem.total > capacity:
-                                                    rejected += 1
-                                                    if best_nonfit is None or mem.total < best_nonfit.memory.total:
-                                                        best_nonfit = estimate(run, lay, memory=mem)
-                                                    continue
-                                                results.append(estimate(run, lay, memory=mem))
-                                                fitted = found = True
-                                            if fitted and "zero" not in fixed and (run.stack == "megatron" or z >= 2):
-                                                break  # a higher stage only adds communication
+                                            for r in replicas:  # ascending: fewer shards, more state per rank
+                                                if z >= 2 and r in fitted_replicas and "zero" not in fixed:
+                                                    continue  # fitted at a lower stage, which gathers less
+                                                first = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, microbatch=mb,
+                                                               virtual_stages=v, pp_schedule=sched, recompute=rc,
+                                                               sequence_parallel=sp, zero=z, dp_replicate=r,
+                                                               **base)
+                                                for gr in _grad_reduce_values(run, first, per_rank // mb):
+                                                    lay = dataclasses.replace(first, grad_reduce=gr)
+                                                    why = check_layout(m, lay, cl, run.global_batch, run.stack)
+                                                    if why:
+                                                        first_invalid = first_invalid or why
+                                                        continue
+                                                    considered += 1
+                                                    mem = memory_per_gpu(m, lay, cl, global_batch=run.global_batch,
+                                                                         precision=run.precision, stack=run.stack)
+                                                    if mem.total > capacity:
+                                                        rejected += 1
+                                                        if best_nonfit is None or mem.total < best_nonfit.memory.total:
+                                                            best_nonfit = estimate(run, lay, memory=mem)
+                                                        continue
+                                                    results.append(estimate(run, lay, memory=mem))
+                                                    fitted = found = True
+                                                    if z >= 2:
+                                                        fitted_replicas.add(r)
+                                                if z >= 2 and r not in fitted_replicas:
+                                                    break  # more replicas hold more state: they cannot fit either
+                                            # A higher stage only adds communication: Megatron's stops at the
+                                            # first that fits, apogee's once every replica count has fitted.
+                                            done = fitted if run.stack == "megatron" else (
+                                                z >= 2 and fitted_replicas >= set(replicas))
+                                            if done and "zero" not in fixed:
+                                                break
                                         if found and "recompute" not in fixed:
                                             break  # costlier recompute cannot be faster
                                         if considered > max_considered:

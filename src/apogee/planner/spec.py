@@ -196,6 +196,10 @@ class Layout:
     recompute: str = "none"
     sequence_parallel: bool = False
     zero: int = 3
+    # HSDP (apogee's parallel.dp_replicate with dp_shard): the dp ranks form dp_replicate replicas, each
+    # sharding the model state (zero 2 or 3) over its dp / dp_replicate ranks x cp; gradients are
+    # all-reduced across the replicas once a step. 1: one replica (plain FSDP over dp x cp).
+    dp_replicate: int = 1
     # apogee's parallel.grad_reduce under FSDP with several micro-batches (pp = 1): "micro_batch" reduces each
     # micro-batch's gradients (sharded accumulation), "step" once after the last (whole fp32 gradients).
     grad_reduce: str = "micro_batch"
@@ -211,6 +215,11 @@ class Layout:
     def world(self) -> int:
         return self.tp * self.pp * self.dp * self.cp
 
+    @property
+    def shard_group(self) -> int:
+        """The ranks the model state is sharded over: dp x cp, or one replica's under HSDP."""
+        return self.dp // self.dp_replicate * self.cp
+
     def short(self) -> str:
         s = f"tp{self.tp} pp{self.pp} dp{self.dp}"
         if self.cp > 1:
@@ -221,6 +230,7 @@ class Layout:
         if self.pp > 1:
             s += f" {self.pp_schedule}" + (f"x{self.virtual_stages}" if self.virtual_stages > 1 else "")
         s += f" rc:{self.recompute}" + (" sp" if self.sequence_parallel else "") + f" z{self.zero}"
+        s += f" hsdp{self.dp_replicate}" if self.dp_replicate > 1 else ""
         s += " reduce/step" if self.grad_reduce == "step" else ""
         return s + (" compiled" if self.compile else "")
 
@@ -234,7 +244,7 @@ def normalize_layout_dict(d: dict, *, where: str = "[layout]") -> dict:
     if unknown:
         raise PlannerError(f"unknown key layout.{sorted(unknown)[0]}; known: {', '.join(sorted(LAYOUT_KEYS))}")
     out = dict(d)
-    for k in ("tp", "pp", "dp", "cp", "ep", "microbatch", "virtual_stages"):
+    for k in ("tp", "pp", "dp", "cp", "ep", "microbatch", "virtual_stages", "dp_replicate"):
         if k in out and (not isinstance(out[k], int) or isinstance(out[k], bool) or out[k] < 1):
             raise PlannerError(f"layout.{k} must be a positive integer (got {out[k]!r})")
     if "zero" in out:
