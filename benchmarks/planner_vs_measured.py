@@ -47,8 +47,8 @@
    printed beside it; the gap between the two is the allocator's fragmentation, which the planner does
    not model.
 3. The planner predicts the same layout, mapped from the engine's config by export.engine_layout (tp, dp
-   and its zero level: dp_shard = 3, dp_shard with reshard_after_forward never = 2, dp_replicate = 0;
-   grad_reduce, micro-batch; fp32).
+   and its zero level: dp_shard = 3, dp_shard with reshard_after_forward never = 2, dp_replicate = 0,
+   both = HSDP with layout.dp_replicate; grad_reduce, micro-batch; fp32).
 
 Target (issue 5): within 10% on step time and memory per rank.
 """
@@ -80,6 +80,8 @@ CONFIGS = [
     ("debug dp_shard=2 reduce/step", "debug", 2, {"dp_shard": 2, "tp": 1, "grad_reduce": "step"}, 128, 16, 4),
     ("debug dp_shard=2 zero 2", "debug", 2, {"dp_shard": 2, "tp": 1, "reshard_after_forward": "never"}, 128, 16, 4),
     ("debug dp_replicate=2 zero 0", "debug", 2, {"dp_replicate": 2, "dp_shard": 1, "tp": 1}, 128, 16, 4),
+    # HSDP (the planner's layout.dp_replicate): 2 replicas of 2 shards, the replicas' all-reduce once a step.
+    ("debug hsdp 2x2", "debug", 4, {"dp_replicate": 2, "dp_shard": 2, "tp": 1}, 128, 16, 4),
     ("debug 1 rank", "debug", 1, {"dp_shard": 1, "tp": 1}, 256, 16, 4),
 ]
 WARMUP_STEPS = 3
