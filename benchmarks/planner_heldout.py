@@ -11,8 +11,11 @@ flavor's plans are filtered by apogee's own validation, and these are other stac
 1. Meta's Llama 3 405B pre-training (Dubey et al. 2024, "The Llama 3 Herd of Models", Table 4; the
    same figures on Balaji's SC'24 slides): 126 layers, hidden 16384, ffn 53248, 128 query / 8 kv heads,
    vocabulary 128256, 16M tokens per batch, bf16, FSDP-style sharding of optimizer state and gradients
-   (`zero = 2`), interleaved 1F1B, an uneven pipeline split (126 layers on 16 stages). Meta's stack is
-   neither apogee nor Megatron-LM; Megatron's is the nearest documented one.
+   (`zero = 2`), interleaved 1F1B, and the paper's pipeline split (section 3.3.2: one layer fewer on the
+   first and the last stage, the first chunk holding the embedding, the last the output and loss; 126 =
+   128 - 2 layers), which is Megatron-LM's embedding- and loss-aware split (`pp_split =
+   "embedding_loss"`). The virtual stages are not published: searched. Meta's stack is neither apogee
+   nor Megatron-LM; Megatron's is the nearest documented one.
 
        GPUs    TP  CP  PP  DP  seq      TFLOP/s/GPU (BF16 MFU)
        8,192    8   1  16  64  8,192    430 (43%)
@@ -63,6 +66,8 @@ LLAMA2_7B = {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 32, "ffn_hid
 GPT3_175B = {"layers": 96, "hidden": 12288, "heads": 96, "kv_heads": 96, "ffn_hidden": 49152, "vocab": 50304,
              "mlp": "gelu", "tie_embeddings": True}
 META_TOKENS = 16 * 2**20  # "16M" tokens per batch
+# Layout keys a source states for all its rows (see the module doc).
+SOURCE_PINS = {"Meta": {"pp_split": "embedding_loss"}}
 
 # (source, model, shape, precision, gpus, global batch, micro-batch or None, seq, tp, pp, cp, vp or None,
 #  zero, published model TFLOP/s per GPU)
@@ -112,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     for source, model, shape, prec, gpus, gbs, mb, seq, tp, pp, cp, vp, zero, pub in ROWS:
         for pinned in ({}, {"recompute": "none"}):
-            est, full, causal = predict(shape, prec, gpus, gbs, mb, seq, tp, pp, cp, vp, zero, **pinned)
+            est, full, causal = predict(shape, prec, gpus, gbs, mb, seq, tp, pp, cp, vp, zero,
+                                        **SOURCE_PINS.get(source, {}), **pinned)
             out.append({"source": source, "model": model, "precision": prec, "gpus": gpus, "seq_len": seq,
                         "recompute_pinned": bool(pinned), "layout": est.layout.short(), "published_tflops": pub,
                         "predicted_tflops": round(full, 1), "error_pct": round(100 * (full / pub - 1), 2),
@@ -121,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
-    print(f"{'source':<7}{'model':<14}{'prec':<6}{'GPUs':>6}{'seq':>8}  {'layout (searched keys filled in)':<56}"
+    w = max([56] + [len(r["layout"]) + 2 for r in out])
+    print(f"{'source':<7}{'model':<14}{'prec':<6}{'GPUs':>6}{'seq':>8}  {'layout (searched keys filled in)':<{w}}"
           f"{'pub':>6}{'pred':>8}{'err%':>8}{'GiB':>7}{'err% causal':>13}")
     for r in out:
-        print(f"{r['source']:<7}{r['model']:<14}{r['precision']:<6}{r['gpus']:>6}{r['seq_len']:>8}  {r['layout']:<56}"
+        print(f"{r['source']:<7}{r['model']:<14}{r['precision']:<6}{r['gpus']:>6}{r['seq_len']:>8}  {r['layout']:<{w}}"
               f"{r['published_tflops']:>6.0f}{r['predicted_tflops']:>8.1f}{r['error_pct']:>+8.2f}{r['mem_gib']:>7.1f}"
               f"{r['error_pct_causal_basis']:>+13.2f}" + ("" if r["fits"] else "  (does not fit)"))
     print("(each row twice: the planner's own choices, then recompute pinned to none whether or not it fits)")

@@ -231,3 +231,32 @@ def test_search_considers_power_of_two_pipelines_that_do_not_divide_the_layers()
 
     assert pp(8192) == [1, 2, 4, 8, 16, 32, 64]  # 126 layers: only 1 and 2 divide both
     assert pp(1344) == [1, 2, 3, 4, 6, 7, 8, 14, 16, 21, 32, 42, 64]  # 1344 = 2^6 x 3 x 7
+
+
+def test_megatron_embedding_and_loss_aware_split():
+    """layout.pp_split = "embedding_loss" (Megatron-LM's --account-for-embedding-in-pipeline-split and
+    --account-for-loss-in-pipeline-split; Llama 3 405B's published split): layers + 2 slots in even chunks,
+    the embedding and the loss taking one each. 126 layers on pp 16 x 8 virtual stages: one layer a chunk,
+    the first chunk the embedding alone, the last the loss alone; the first and last ranks hold 7 layers,
+    the others 8."""
+    from apogee.planner.cluster import Cluster, get_accelerator
+    from apogee.planner.estimate import check_layout
+    from apogee.planner.memory import rank_layer_ranges, stage_layer_counts
+    from apogee.planner.spec import Layout, shape_from_flavor
+
+    m = shape_from_flavor("llama3-405b", seq_len=8192)
+    assert m.layers == 126
+    lay = Layout(tp=8, pp=16, dp=64, microbatch=1, pp_schedule="interleaved-1f1b", virtual_stages=8,
+                 pp_split="embedding_loss", zero=2)
+    counts = stage_layer_counts(m, lay, "megatron")
+    assert counts == [0] + [1] * 126 + [0]
+    held = [sum(len(r) for r in rank_layer_ranges(m, lay, s, "megatron")) for s in ("first", "last")]
+    assert held == [7, 7] and sum(counts[1::16]) == 8  # a middle rank: chunks 1, 17, ..., 113
+    four = stage_layer_counts(m, Layout(pp=16, virtual_stages=4, pp_split="embedding_loss"), "megatron")
+    assert four[0] == four[-1] == 1 and set(four[1:-1]) == {2} and sum(four) == 126
+    cluster = Cluster(accel=get_accelerator("h100-80gb"), gpus=8192, gpus_per_node=8)
+    assert check_layout(m, lay, cluster, 2048, "megatron") is None
+    assert "Megatron-LM's" in check_layout(m, lay, cluster, 2048, "apogee")
+    odd = Layout(tp=8, pp=16, dp=64, microbatch=1, pp_schedule="interleaved-1f1b", virtual_stages=3,
+                 pp_split="embedding_loss", zero=2)
+    assert "divisible" in check_layout(m, odd, cluster, 2048, "megatron")

@@ -24,7 +24,8 @@ RUN.toml describes the run:
   [layout]  any of tp, pp, dp, cp, ep, microbatch, virtual_stages, pp_schedule, recompute,
             sequence_parallel, zero (apogee: 0 replicated, 2 FSDP2 keeping gathered weights, 3 or
             "fsdp" FSDP2; megatron: 0-3), grad_reduce (micro_batch|step), dp_replicate (HSDP
-            replicas at apogee's zero 2/3, dividing dp); keys left out are
+            replicas at apogee's zero 2/3, dividing dp), pp_split (even|embedding_loss: Megatron's
+            embedding- and loss-aware split, never searched); keys left out are
             searched; compile (true: apogee's train.compile, never searched)
   [train]   global_batch (sequences), precision (bf16|fp8), seq_len, stack ("apogee", the default:
             this engine's eager kernels and measured cuBLAS efficiency; or "megatron")

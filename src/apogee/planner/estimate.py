@@ -107,6 +107,13 @@ def check_layout(m: ModelShape, lay: Layout, cluster: Cluster, global_batch: int
                     "layout.zero=0")
         if lay.ep > 1:
             return f"layout.dp_replicate={lay.dp_replicate} with layout.ep={lay.ep}: HSDP of experts is not priced"
+    if lay.pp_split == "embedding_loss":
+        if stack != "megatron":
+            return ("layout.pp_split=embedding_loss is Megatron-LM's (train.stack = \"megatron\"); apogee's engine "
+                    "balances its stages by their weights and attention (apogee.parallel.balance)")
+        if lay.pp == 1 or (m.layers + 2) % (lay.pp * lay.virtual_stages):
+            return (f"layout.pp_split=embedding_loss needs pp > 1 and model.layers + 2 = {m.layers + 2} divisible by "
+                    f"pp x virtual_stages = {lay.pp * lay.virtual_stages}")
     if stack == "apogee" and lay.zero == 0 and lay.cp > 1:
         return (f"layout.zero=0 with layout.cp={lay.cp}: apogee shards model state over the context axis "
                 "(FSDP2 over dp_shard x cp); use zero 2 or 3")
@@ -116,7 +123,7 @@ def check_layout(m: ModelShape, lay: Layout, cluster: Cluster, global_batch: int
         return f"layout.tp={lay.tp} must divide model.heads={m.heads} and model.kv_heads={m.kv_heads}"
     if lay.tp > cluster.gpus_per_node:
         return f"layout.tp={lay.tp} exceeds cluster.gpus_per_node={cluster.gpus_per_node} (TP needs NVLink)"
-    if m.layers < lay.pp * lay.virtual_stages:
+    if m.layers + (2 if lay.pp_split == "embedding_loss" else 0) < lay.pp * lay.virtual_stages:
         return (f"layout.pp x layout.virtual_stages = {lay.pp * lay.virtual_stages} pipeline stages exceed "
                 f"model.layers={m.layers} (each stage needs a layer)")
     if lay.virtual_stages > 1 and lay.pp_schedule != "interleaved-1f1b":

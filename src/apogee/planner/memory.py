@@ -66,7 +66,8 @@ def stage_layer_counts(m: ModelShape, lay: Layout, stack: str = "apogee") -> lis
     """Layers of each of the ``pp x virtual_stages`` pipeline stages, as ``stack`` assigns them.
 
     Megatron-LM (``stack = "megatron"``) splits evenly where the stages divide the layers (its default,
-    what the published runs used); otherwise, as with its uneven-split flags, and always for apogee:
+    what the published runs used), or with ``layout.pp_split = "embedding_loss"`` gives the embedding and
+    the loss a layer's slot each; otherwise, as with its uneven-split flags, and always for apogee:
 
     The engine's balance (``apogee.parallel.balance``, which ``apogee.parallel.pipeline.split_layers``
     uses too; tests/unit/test_planner_stages.py checks they agree): a layer costs its
@@ -76,6 +77,14 @@ def stage_layer_counts(m: ModelShape, lay: Layout, stack: str = "apogee") -> lis
     no stage holds more layers than the first.
     """
     n_stages = lay.pp * lay.virtual_stages
+    if lay.pp_split == "embedding_loss":
+        # Megatron-LM's embedding- and loss-aware split: layers + 2 slots in even chunks, the embedding in
+        # the first chunk's first slot and the loss in the last chunk's last (estimate.check_layout
+        # requires the slots to divide evenly).
+        counts = [(m.layers + 2) // n_stages] * n_stages
+        counts[0] -= 1
+        counts[-1] -= 1
+        return counts
     if stack == "megatron" and n_stages > 1 and m.layers % n_stages == 0:
         return [m.layers // n_stages] * n_stages
     return list(_split_layers(m, n_stages))

@@ -102,7 +102,7 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
     considered = rejected = 0
     best_nonfit: Estimate | None = None
     first_invalid: str | None = None
-    base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap", "compile") if k in fixed}
+    base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap", "compile", "pp_split") if k in fixed}
 
     for tp in vals["tp"]:
         for pp in vals["pp"]:
@@ -129,9 +129,11 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                         for sched in scheds:
                             if sched == "interleaved-1f1b":
                                 # Even chunks where pp divides the layers, else any depth with a layer a stage.
+                                # Megatron's embedding- and loss-aware split: chunks of even slots (layers + 2).
                                 vs = vals.get("virtual_stages") or [
                                     v for v in range(2, MAX_VIRTUAL + 1)
-                                    if (m.layers // pp) % v == 0 or (m.layers % pp and pp * v <= m.layers)]
+                                    if ((m.layers + 2) % (pp * v) == 0 if base.get("pp_split") == "embedding_loss"
+                                        else (m.layers // pp) % v == 0 or (m.layers % pp and pp * v <= m.layers))]
                             else:
                                 vs = [1]
                             for v in vs:

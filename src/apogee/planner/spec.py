@@ -180,6 +180,10 @@ def model_from_dict(d: dict) -> ModelShape:
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zero-bubble")
 GRAD_REDUCE = ("micro_batch", "step")  # apogee's parallel.grad_reduce
 RECOMPUTE = ("none", "selective", "full")
+# How a Megatron-LM pipeline splits the layers: "even" (its default), or "embedding_loss" (its
+# --account-for-embedding-in-pipeline-split and --account-for-loss-in-pipeline-split: the embedding and
+# the loss each take a layer's slot, in the first stage's first chunk and the last stage's last).
+PP_SPLITS = ("even", "embedding_loss")
 ZERO = (0, 1, 2, 3)  # "fsdp" is accepted as 3
 
 
@@ -200,6 +204,7 @@ class Layout:
     # sharding the model state (zero 2 or 3) over its dp / dp_replicate ranks x cp; gradients are
     # all-reduced across the replicas once a step. 1: one replica (plain FSDP over dp x cp).
     dp_replicate: int = 1
+    pp_split: str = "even"  # Megatron-LM's layer split (PP_SPLITS); taken as given, never searched
     # apogee's parallel.grad_reduce under FSDP with several micro-batches (pp = 1): "micro_batch" reduces each
     # micro-batch's gradients (sharded accumulation), "step" once after the last (whole fp32 gradients).
     grad_reduce: str = "micro_batch"
@@ -231,6 +236,7 @@ class Layout:
             s += f" {self.pp_schedule}" + (f"x{self.virtual_stages}" if self.virtual_stages > 1 else "")
         s += f" rc:{self.recompute}" + (" sp" if self.sequence_parallel else "") + f" z{self.zero}"
         s += f" hsdp{self.dp_replicate}" if self.dp_replicate > 1 else ""
+        s += " split:embedding_loss" if self.pp_split == "embedding_loss" else ""
         s += " reduce/step" if self.grad_reduce == "step" else ""
         return s + (" compiled" if self.compile else "")
 
@@ -256,6 +262,8 @@ def normalize_layout_dict(d: dict, *, where: str = "[layout]") -> dict:
         out["zero"] = z
     if "grad_reduce" in out and out["grad_reduce"] not in GRAD_REDUCE:
         raise PlannerError(f"layout.grad_reduce must be one of {', '.join(GRAD_REDUCE)} (got {out['grad_reduce']!r})")
+    if "pp_split" in out and out["pp_split"] not in PP_SPLITS:
+        raise PlannerError(f"layout.pp_split must be one of {', '.join(PP_SPLITS)} (got {out['pp_split']!r})")
     if "pp_schedule" in out and out["pp_schedule"] not in SCHEDULES:
         raise PlannerError(f"layout.pp_schedule must be one of {', '.join(SCHEDULES)} (got {out['pp_schedule']!r})")
     if "recompute" in out and out["recompute"] not in RECOMPUTE:
