@@ -238,6 +238,11 @@ def test_bad_inputs_name_the_key():
         estimate(_run(gpus=64), Layout(tp=3, dp=64))
     with pytest.raises(PlannerError, match="layout.tp=3 must divide model.heads"):
         estimate(_run(gpus=192), Layout(tp=3, dp=64))
+    # A search with no valid candidate says why: the batch the data ranks cannot split, or a pinned dp.
+    with pytest.raises(PlannerError, match=r"train.global_batch=64 is not divisible by dp=3"):
+        plan_layout(_run(gpus=3, gb=64, tp=1, pp=1, cp=1))
+    with pytest.raises(PlannerError, match=r"layout.dp=3 but cluster.gpus / \(tp x pp x cp\) = 16"):
+        plan_layout(_run(gpus=16, dp=3, tp=1, pp=1, cp=1))
 
 
 # -- CLI ------------------------------------------------------------------------------------------

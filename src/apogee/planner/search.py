@@ -111,8 +111,13 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                     continue
                 dp = cl.gpus // (tp * pp * cp)
                 if "dp" in fixed and fixed["dp"] != dp:
+                    first_invalid = first_invalid or (
+                        f"layout.dp={fixed['dp']} but cluster.gpus / (tp x pp x cp) = {dp} at tp={tp} pp={pp} cp={cp}")
                     continue
                 if run.global_batch % dp:
+                    first_invalid = first_invalid or (
+                        f"train.global_batch={run.global_batch} is not divisible by dp={dp} (cluster.gpus / (tp x pp x "
+                        f"cp) at tp={tp} pp={pp} cp={cp})")
                     continue
                 per_rank = run.global_batch // dp
                 mbs = vals.get("microbatch") or [d for d in _divisors(per_rank) if d <= MAX_MICROBATCH]
