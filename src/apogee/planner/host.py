@@ -62,7 +62,7 @@ def host_key(m: ModelShape, lay: Layout, fsdp: bool) -> tuple:
     is not in it)."""
     shapes = (m.hidden, m.ffn_hidden, m.heads, m.kv_heads, m.vocab)
     # The zero level under FSDP: its gathers differ (memory.wraps_in_fsdp), so each has its own entry.
-    # HSDP's replica all-reduce is traffic the replica does not run: a layout of its own.
+    # HSDP: the replicas' all-reduce is in the gradient-sync part, so it is a layout of its own.
     return shapes + (lay.tp, lay.sequence_parallel and lay.tp > 1, lay.zero if fsdp else None, lay.recompute,
                      lay.pp > 1, lay.dp_replicate > 1)
 

@@ -49,12 +49,12 @@ def pick_device(setting: str) -> torch.device:
 def use_expandable_segments(device: torch.device) -> None:
     """``run.expandable_segments``: CUDA's caching allocator grows a segment in place instead of caching
     blocks of fixed sizes, so memory freed between micro-batches is reused whatever its shape (torchtitan
-    sets the same through PYTORCH_ALLOC_CONF). On an H100, one GPU, it lowered the reserved peak by 1.9-2.3 GiB
+    sets the same through PYTORCH_ALLOC_CONF). On an H100, one GPU, it lowered the reserved peak by 1.8-2.3 GiB
     at the same step time (benchmarks/planner_vs_measured_gpu.py). It applies to segments allocated from now
     on, so it is set before the model is built."""
     if device.type != "cuda":
         return
-    # torch >= 2.13 moved the setter to torch._C (the torch.cuda one is deprecated there); 2.11 has the latter.
+    # The torch._C setter where torch has it (2.13 deprecates the torch.cuda one), else torch.cuda's.
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
     setter("expandable_segments:True")
 
