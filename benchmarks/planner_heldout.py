@@ -14,8 +14,9 @@ flavor's plans are filtered by apogee's own validation, and these are other stac
    (`zero = 2`), interleaved 1F1B, and the paper's pipeline split (section 3.3.2: one layer fewer on the
    first and the last stage, the first chunk holding the embedding, the last the output and loss; 126 =
    128 - 2 layers), which is Megatron-LM's embedding- and loss-aware split (`pp_split =
-   "embedding_loss"`). The virtual stages are not published: searched. Meta's stack is neither apogee
-   nor Megatron-LM; Megatron's is the nearest documented one.
+   "embedding_loss"`), and its all-gather context parallelism (same section: K and V all-gathered, the
+   communication exposed; `cp_comm = "all_gather"`). The virtual stages are not published: searched.
+   Meta's stack is neither apogee nor Megatron-LM; Megatron's is the nearest documented one.
 
        GPUs    TP  CP  PP  DP  seq      TFLOP/s/GPU (BF16 MFU)
        8,192    8   1  16  64  8,192    430 (43%)
@@ -67,7 +68,7 @@ GPT3_175B = {"layers": 96, "hidden": 12288, "heads": 96, "kv_heads": 96, "ffn_hi
              "mlp": "gelu", "tie_embeddings": True}
 META_TOKENS = 16 * 2**20  # "16M" tokens per batch
 # Layout keys a source states for all its rows (see the module doc).
-SOURCE_PINS = {"Meta": {"pp_split": "embedding_loss"}}
+SOURCE_PINS = {"Meta": {"pp_split": "embedding_loss", "cp_comm": "all_gather"}}
 
 # (source, model, shape, precision, gpus, global batch, micro-batch or None, seq, tp, pp, cp, vp or None,
 #  zero, published model TFLOP/s per GPU)

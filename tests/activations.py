@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from apogee.models.flavors import ModelArgs
 from apogee.models.init import init_weights
 from apogee.models.llama import Transformer
+from apogee.parallel.context import apply_context_parallel, load_balanced_positions
 from apogee.parallel.recompute import apply_recompute
 from apogee.parallel.tensor import apply_tensor_parallel
 
@@ -88,19 +89,26 @@ def held_after_forward(layers: int, *, dtype: torch.dtype = torch.float32, recom
     return held
 
 
-def saved_by_blocks(layers: int, *, compiled: bool, autocast: bool) -> int:
+def saved_by_blocks(layers: int, *, compiled: bool = False, autocast: bool = False, cp_mesh=None) -> int:
     """Bytes the transformer blocks of a ``layers``-block model save for backward (autograd's saved-tensor
     hooks, parameters excluded, each storage once), fp32 weights, under bf16 autocast or in fp32;
     ``compiled``: each block compiled as the engine does (``block.compile()``). A dispatch mode does not
     see inside compiled code; the hooks see what its autograd function saves. The second forward is
-    counted (the first compiles)."""
+    counted (the first compiles). ``cp_mesh``: context parallelism as the trainer sets it up (the rank's
+    load-balanced slice of each sequence, K and V all-gathered in every block)."""
     model = _meta_model(layers)
+    if cp_mesh is not None:
+        apply_context_parallel(model, cp_mesh)
     init_weights(model, 0, torch.device("cpu"))
     if compiled:
         for block in model.layers.values():
             block.compile()
     params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     tokens = torch.randint(0, VOCAB, (MB, SEQ), generator=torch.Generator().manual_seed(0))
+    if cp_mesh is not None:
+        positions = load_balanced_positions(SEQ, cp_mesh.size(), cp_mesh.get_local_rank())
+        model.rope = model.rope[:, positions]
+        tokens = tokens[:, positions]
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:

@@ -333,7 +333,8 @@ def test_heldout_published_runs(capsys):
     """Published H100 runs never used for calibration (benchmarks/planner_heldout.py; in-repo data, so
     never skipped). Recorded figures (docs/planner.md, "Held out"), guarding against regressions. Meta's
     Llama 3 405B with its published pipeline split (Megatron's embedding- and loss-aware split): no
-    recompute fits and is chosen, +5.8% and +6.7% on the 8K rows, +21.7% on the 128K one (a known miss).
+    recompute fits and is chosen, +5.8% and +6.7% on the 8K rows; the 128K one, with its all-gather context
+    parallelism, +16.4% (a known miss).
     NeMo 24.12's FP8 rows: all seven within 6%."""
     mod = load_benchmark("planner_heldout")
     assert mod.main(["--json"]) == 0
@@ -345,7 +346,7 @@ def test_heldout_published_runs(capsys):
     chosen = meta[0::2]
     assert all("rc:none" in r["layout"] and r["fits"] for r in chosen)  # the split leaves room for it
     assert all(4.0 <= r["error_pct"] <= 8.0 for r in chosen[:2])  # 8K: +5.8%, +6.7%
-    assert 19.0 <= chosen[2]["error_pct"] <= 24.0  # 128K, cp16: +21.7%, attention 57% of the FLOPs
+    assert 14.0 <= chosen[2]["error_pct"] <= 19.0  # 128K, cp16: +16.4%, attention 57% of the FLOPs
     assert all(r["fits"] and abs(r["error_pct"]) <= 6.0 for r in nemo)
     assert sum(abs(r["error_pct"]) for r in nemo) / len(nemo) <= 4.5
     # GPT-3 175B: micro-batch 2 (512 GPUs) above micro-batch 1 (128 GPUs), as published (by 5% of the 15%).

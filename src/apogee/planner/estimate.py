@@ -114,6 +114,9 @@ def check_layout(m: ModelShape, lay: Layout, cluster: Cluster, global_batch: int
         if lay.pp == 1 or (m.layers + 2) % (lay.pp * lay.virtual_stages):
             return (f"layout.pp_split=embedding_loss needs pp > 1 and model.layers + 2 = {m.layers + 2} divisible by "
                     f"pp x virtual_stages = {lay.pp * lay.virtual_stages}")
+    if stack == "apogee" and lay.cp_comm == "p2p":
+        return ("layout.cp_comm=p2p: apogee's engine all-gathers K and V (apogee.parallel.context); "
+                "the ring is Megatron-LM's (train.stack = \"megatron\")")
     if stack == "apogee" and lay.zero == 0 and lay.cp > 1:
         return (f"layout.zero=0 with layout.cp={lay.cp}: apogee shards model state over the context axis "
                 "(FSDP2 over dp_shard x cp); use zero 2 or 3")
@@ -412,10 +415,20 @@ def _micro_batch(run: RunSpec, lay: Layout, acc: Accelerator, eager: str | None,
     cp_comm = cp_exposed = 0.0
     if lay.cp > 1:
         cp_link = comms.axis_link(lay, "cp", cl)
-        kv_bytes = 2 * tokens * m.kv_dim * 2 / t
-        # Ring attention passes K,V (cp-1) times forward, K,V and their grads backward, behind attention.
-        cp_comm = Ls * 3 * (lay.cp - 1) * comms.p2p(kv_bytes, cp_link)
-        cp_exposed = max(0.0, cp_comm - 0.5 * (f_stage + b_stage))
+        if host_measured:
+            cp_link = dataclasses.replace(cp_link, latency=0.0)  # the measured host time holds the latency
+        kv_bytes = 2 * tokens * m.kv_dim * (4 if run.precision == "fp32" else 2) / t  # this rank's K and V
+        if run.stack != "megatron" or lay.cp_comm == "all_gather":
+            # K and V each all-gathered before attention (again in a full recompute's forward), their
+            # gradients reduce-scattered in backward, on the critical path: apogee.parallel.context, and
+            # Llama 3's (Dubey et al. 2024, section 3.3.2: "exposed in the critical path").
+            passes = 2 + (1 if lay.recompute == "full" else 0)
+            cp_comm = Ls * passes * 2 * comms.all_gather(kv_bytes * lay.cp / 2, lay.cp, cp_link)
+            cp_exposed = cp_comm
+        else:
+            # Ring attention passes K,V (cp-1) times forward, K,V and their grads backward, behind attention.
+            cp_comm = Ls * 3 * (lay.cp - 1) * comms.p2p(kv_bytes, cp_link)
+            cp_exposed = max(0.0, cp_comm - 0.5 * (f_stage + b_stage))
 
     ep_comm = 0.0
     if lay.ep > 1 and n_moe:

@@ -243,6 +243,13 @@ def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: floa
         per = 2 * norm_activation_units(m, lay, a) + qkv + a / t + lse + 4 * a * f / t
     if m.moe_layers:
         per += a * m.top_k / norm_shard  # the token copies dispatched to experts
+    if lay.cp > 1 and not (compiled and t == 1 and not m.moe_layers):
+        # apogee's context parallelism (apogee.parallel.context) all-gathers K and V, and attention keeps the
+        # gathered ones (cp times the local); without recompute the two causal chunks' outputs are kept by
+        # their attention calls beside the concatenated output wo reads (measured on 2 gloo ranks,
+        # tests/distributed/test_planner_activations_cp.py). Selective recompute keeps the all-gathers'
+        # outputs (collectives) and recomputes the concatenation: not measured.
+        per += 2 * a * kv * (lay.cp - 1) / t + (a / t if lay.recompute == "none" else 0.0)
     weight_casts = 2.0 * (m.attn_params() + m.dense_mlp_params()) / t if autocast and lay.recompute == "none" else 0.0
     return sbh * per + weight_casts
 

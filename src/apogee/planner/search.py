@@ -102,7 +102,7 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
     considered = rejected = 0
     best_nonfit: Estimate | None = None
     first_invalid: str | None = None
-    base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap", "compile", "pp_split") if k in fixed}
+    base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap", "compile", "pp_split", "cp_comm") if k in fixed}
 
     for tp in vals["tp"]:
         for pp in vals["pp"]:

@@ -184,6 +184,10 @@ RECOMPUTE = ("none", "selective", "full")
 # --account-for-embedding-in-pipeline-split and --account-for-loss-in-pipeline-split: the embedding and
 # the loss each take a layer's slot, in the first stage's first chunk and the last stage's last).
 PP_SPLITS = ("even", "embedding_loss")
+# How context parallelism moves K and V: "p2p", a ring of exchanges overlapped with attention (Megatron-LM's
+# default --cp-comm-type), or "all_gather" before attention, on the critical path (apogee's engine,
+# apogee.parallel.context; Llama 3's). Left empty, the stack's own.
+CP_COMMS = ("p2p", "all_gather")
 ZERO = (0, 1, 2, 3)  # "fsdp" is accepted as 3
 
 
@@ -205,6 +209,7 @@ class Layout:
     # all-reduced across the replicas once a step. 1: one replica (plain FSDP over dp x cp).
     dp_replicate: int = 1
     pp_split: str = "even"  # Megatron-LM's layer split (PP_SPLITS); taken as given, never searched
+    cp_comm: str = ""  # CP_COMMS, "" for the stack's own (apogee: all_gather, megatron: p2p); never searched
     # apogee's parallel.grad_reduce under FSDP with several micro-batches (pp = 1): "micro_batch" reduces each
     # micro-batch's gradients (sharded accumulation), "step" once after the last (whole fp32 gradients).
     grad_reduce: str = "micro_batch"
@@ -237,6 +242,7 @@ class Layout:
         s += f" rc:{self.recompute}" + (" sp" if self.sequence_parallel else "") + f" z{self.zero}"
         s += f" hsdp{self.dp_replicate}" if self.dp_replicate > 1 else ""
         s += " split:embedding_loss" if self.pp_split == "embedding_loss" else ""
+        s += f" cp:{self.cp_comm}" if self.cp_comm and self.cp > 1 else ""
         s += " reduce/step" if self.grad_reduce == "step" else ""
         return s + (" compiled" if self.compile else "")
 
@@ -262,6 +268,8 @@ def normalize_layout_dict(d: dict, *, where: str = "[layout]") -> dict:
         out["zero"] = z
     if "grad_reduce" in out and out["grad_reduce"] not in GRAD_REDUCE:
         raise PlannerError(f"layout.grad_reduce must be one of {', '.join(GRAD_REDUCE)} (got {out['grad_reduce']!r})")
+    if "cp_comm" in out and out["cp_comm"] not in CP_COMMS:
+        raise PlannerError(f"layout.cp_comm must be one of {', '.join(CP_COMMS)} (got {out['cp_comm']!r})")
     if "pp_split" in out and out["pp_split"] not in PP_SPLITS:
         raise PlannerError(f"layout.pp_split must be one of {', '.join(PP_SPLITS)} (got {out['pp_split']!r})")
     if "pp_schedule" in out and out["pp_schedule"] not in SCHEDULES:
