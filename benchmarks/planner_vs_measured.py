@@ -82,6 +82,8 @@ CONFIGS = [
     ("debug dp_replicate=2 zero 0", "debug", 2, {"dp_replicate": 2, "dp_shard": 1, "tp": 1}, 128, 16, 4),
     # HSDP (the planner's layout.dp_replicate): 2 replicas of 2 shards, the replicas' all-reduce once a step.
     ("debug hsdp 2x2", "debug", 4, {"dp_replicate": 2, "dp_shard": 2, "tp": 1}, 128, 16, 4),
+    # Context parallelism (apogee.parallel.context: K and V all-gathered): 2 ranks, each 128 of 256 tokens.
+    ("debug cp=2", "debug", 2, {"dp_shard": 1, "cp": 2, "tp": 1}, 256, 16, 4),
     ("debug 1 rank", "debug", 1, {"dp_shard": 1, "tp": 1}, 256, 16, 4),
 ]
 WARMUP_STEPS = 3
@@ -205,6 +207,7 @@ def _host_replica(sections: dict, nproc: int, args, m, reps: int, span: float = 
     from apogee.models.init import init_weights
     from apogee.models.llama import Transformer
     from apogee.parallel.apply import parallelize_stages
+    from apogee.parallel.context import load_balanced_positions
     from apogee.parallel.mesh import Mesh
     from apogee.parallel.pipeline import stages_per_rank
     from apogee.train.optim import build_optimizer, clip_grad_norm
@@ -212,8 +215,9 @@ def _host_replica(sections: dict, nproc: int, args, m, reps: int, span: float = 
     cfg = load_config(None, sections)
     resolved = validate(cfg, nproc)
     mesh = Mesh.build(resolved, "cpu")
-    tp = resolved.tp
-    seq = 2 * tp
+    tp, cp = resolved.tp, resolved.cp
+    local = 2 * tp  # tokens a rank holds: a sequence of 2 x tp x cp under context parallelism
+    seq = local * cp
     # Under a pipeline each rank builds its own stages of a model of 1 and 3 blocks per stage and runs
     # each stage alone (no schedule: its input a random hidden state, its output's gradient random),
     # which is the parameter work the schedule's actions do; the schedule's own host work is not in it.
@@ -228,13 +232,17 @@ def _host_replica(sections: dict, nproc: int, args, m, reps: int, span: float = 
         model = done.model
         init_weights(model, 0, torch.device("cpu"))
         parts = [stage for _, stage in done.stages] or [model]
+        tokens = torch.randint(0, small.vocab_size, (1, seq + 1), generator=torch.Generator().manual_seed(0))
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        if cp > 1:  # as the trainer: the rank's load-balanced positions and their rotary rows
+            positions = load_balanced_positions(seq, cp, mesh.cp_rank)
+            model.rope = model.rope[:, positions]
+            inputs, targets = inputs[:, positions], targets[:, positions]
         for stage in parts:
             stage.rope = model.rope  # initialised on the union after the split (apogee.parallel.pipeline)
         held.append(len(model.layers))
         optimizer = build_optimizer(model, cfg.train)
-        gen = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, small.vocab_size, (1, seq + 1), generator=gen)
-        hidden = torch.randn(1, seq, small.dim, generator=gen)
+        hidden = torch.randn(1, local, small.dim, generator=torch.Generator().manual_seed(1))
 
         def micro_batch(sync: bool):
             for stage in parts:
@@ -246,9 +254,9 @@ def _host_replica(sections: dict, nproc: int, args, m, reps: int, span: float = 
             with loss_parallel() if tp > 1 and resolved.loss_parallel else contextlib.nullcontext():
                 for stage in parts:
                     first = stage.tok_embeddings is not None
-                    out = stage(tokens[:, :-1] if first else hidden.clone().requires_grad_())
+                    out = stage(inputs if first else hidden.clone().requires_grad_())
                     if stage.output is not None:
-                        F.cross_entropy(out.flatten(0, 1).float(), tokens[:, 1:].flatten(0, 1)).backward()
+                        F.cross_entropy(out.flatten(0, 1).float(), targets.flatten(0, 1)).backward()
                     else:
                         out.backward(torch.ones_like(out))
 
@@ -277,7 +285,7 @@ def _host_replica(sections: dict, nproc: int, args, m, reps: int, span: float = 
         out[key] = (per_block, max(0.0, one - held[0] * per_block))
     if m is None:
         return out
-    gemm_block, gemm_rest = _replica_gemms_s(m, tp, seq, reps, span)
+    gemm_block, gemm_rest = _replica_gemms_s(m, tp, local, reps, span)
     gemm_rest = gemm_rest if model.output is not None else 0.0  # the output layer is on the last stage
     per_block, rest = out["micro_batch"]
     out["micro_batch"] = (max(0.0, per_block - gemm_block), max(0.0, rest - gemm_rest))
@@ -668,18 +676,18 @@ def main(argv: list[str] | None = None) -> int:
         # The planner's layout for the engine's config, as the planner maps one (export.engine_layout).
         cfg = engine_config(flavor, par, seq, gb, mbs, args.steps, Path("run"))
         lay = engine_layout(cfg, validate(cfg, nproc))
-        tp, dp, pp = lay.tp, lay.dp, lay.pp
-        roles = gemm_roles(m, tp, 1, mbs)
+        tp, dp, pp, cp = lay.tp, lay.dp, lay.pp, lay.cp
+        roles = gemm_roles(m, tp, cp, mbs)
         heads = (m.heads // tp, max(1, m.kv_heads // tp), m.head_dim)
-        elem = elem_key(m, tp, 1, mbs, tp > 1)
+        elem = elem_key(m, tp, cp, mbs, tp > 1)
         # What passes through a rank's caches between two runs of one GEMM: its parameters, gradients and
         # activations (the planner's count; the calibration does not change it).
         nominal = memory_per_gpu(m, lay, Cluster(accel=ACCELERATORS["cpu"], gpus=nproc, gpus_per_node=nproc),
                                  global_batch=gb, precision="fp32")
         span = nominal.params + nominal.grads + nominal.activations
-        # The micro-benchmarks' collectives run over the ranks beside tp (pipeline ranks included).
+        # The micro-benchmarks' collectives run over the ranks beside tp (pipeline and context ranks included).
         sections = {"parallel": par, "train": {"global_batch": gb, "micro_batch": mbs}}
-        meas = measure_cpu(nproc, dp * pp, tp, roles, mbs, seq, heads, elem, sections,
+        meas = measure_cpu(nproc, dp * pp * cp, tp, roles, mbs, seq, heads, elem, sections,
                            dataclasses.replace(fa, vocab_size=m.vocab), m, span)
         acc = cpu_from_measurement(meas, m, mbs, elem, host_key(m, lay, fsdp=wraps_in_fsdp(lay)))
         run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=nproc, gpus_per_node=nproc), fixed={},
