@@ -16,7 +16,7 @@
      count -> contention (the node's time-sharing; 1 where every rank has cores of its own),
    - the resident size after all of the above and one pass of the replica below at head_dim 2 (imports
      incl. torch._dynamo, gloo, op code pages; no model) -> reserved_gib,
-   - a replica of the run at its parameter sizes and one sequence of 2 x tp tokens (the engine's model,
+   - a replica of the run at its parameter sizes and 2 x tp tokens a rank (the engine's model,
      parallel plans, loss, clipping and AdamW: every call, DTensor dispatch, FSDP2 unit and collective
      of the real step, FSDP2's gathers, copies and reduce-scatters and AdamW at the real parameter bytes,
      almost no token work; pipeline layouts: each rank's stages alone), 1 and 3 blocks per stage, all
@@ -186,7 +186,7 @@ def _host_replica(sections: dict, nproc: int, args, m, reps: int, span: float = 
     the layout (``sections``: the run's [parallel] section and batch, as apogee.config validates them):
     the engine's model (the run's ModelArgs ``args``: its hidden size, heads, ffn width and
     vocabulary), parallel plans (apogee.parallel.apply on this run's layout and mesh), loss, clipping
-    and optimizer on one sequence of 2 x tp tokens, so every torch call, autograd node, DTensor
+    and optimizer on 2 x tp tokens a rank (of a 2 x tp x cp sequence), so every torch call, autograd node, DTensor
     dispatch, collective and FSDP2 unit of the real step runs, with FSDP2's gathers, copies and
     reduce-scatters, the gradient accumulation, clipping and AdamW at the real parameter bytes, and
     almost no token work. All ranks at once, median of ``reps`` (the contention and the gloo latency

@@ -9,6 +9,8 @@ import contextlib
 import weakref
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor
@@ -126,3 +128,20 @@ def saved_by_blocks(layers: int, *, compiled: bool = False, autocast: bool = Fal
                     h = block(h, model.rope)
         h.float().sum().backward()
     return sum(saved.values())
+
+
+def _rank_main(rank: int, world: int, init_file: str, axis: str, measure, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    results[rank] = measure(init_device_mesh("cpu", (world,), mesh_dim_names=(axis,)))
+    dist.destroy_process_group()
+
+
+def measured_on_ranks(measure, world: int, axis: str, init_file: str) -> dict:
+    """``measure(mesh)`` on each of ``world`` spawned gloo ranks, over a 1-D mesh named ``axis``; the
+    results by rank. ``measure`` must be a module-level function (it is pickled to the ranks)."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank_main, args=(world, init_file, axis, measure, results), nprocs=world)
+        return {rank: results[rank] for rank in range(world)}

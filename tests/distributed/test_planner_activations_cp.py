@@ -5,9 +5,7 @@ saved-tensor hooks), in fp32 and under bf16 autocast."""
 from __future__ import annotations
 
 import pytest
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from activations import DIM, FFN, HEADS, KV, SEQ, TOKENS, VOCAB, saved_by_blocks
+from activations import DIM, FFN, HEADS, KV, SEQ, TOKENS, VOCAB, measured_on_ranks, saved_by_blocks
 
 from apogee.planner.memory import activation_bytes_per_layer
 from apogee.planner.spec import Layout, ModelShape
@@ -15,23 +13,15 @@ from apogee.planner.spec import Layout, ModelShape
 AUTOCAST = (False, True)
 
 
-def _worker(rank: int, world: int, init_file: str, results):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
-    results[rank] = [(saved_by_blocks(1, autocast=ac, cp_mesh=mesh), saved_by_blocks(3, autocast=ac, cp_mesh=mesh))
-                     for ac in AUTOCAST]
-    dist.destroy_process_group()
+def _measure(mesh):
+    return [(saved_by_blocks(1, autocast=ac, cp_mesh=mesh), saved_by_blocks(3, autocast=ac, cp_mesh=mesh))
+            for ac in AUTOCAST]
 
 
 def test_cp2_activations_per_rank_match_the_planner(tmp_path):
     world = 2
     m = ModelShape(layers=1, hidden=DIM, heads=HEADS, kv_heads=KV, ffn_hidden=FFN, vocab=VOCAB, seq_len=SEQ)
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(world, str(tmp_path / "init"), results), nprocs=world)
-        got = {rank: results[rank] for rank in range(world)}
+    got = measured_on_ranks(_measure, world, "cp", str(tmp_path / "init"))
     for rank in range(world):
         for autocast, (one, three) in zip(AUTOCAST, got[rank]):
             per_layer = (three - one) / 2
