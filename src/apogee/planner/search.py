@@ -20,7 +20,7 @@ Keys the run description pins are taken as given, including the dominated choice
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from apogee.planner.cluster import GIB
 from apogee.planner.errors import PlannerError
@@ -90,6 +90,77 @@ def _grad_reduce_values(run: RunSpec, lay: Layout, n_micro: int) -> list[str]:
     return [lay.grad_reduce]
 
 
+@dataclass
+class _Tally:
+    """What the search has priced so far."""
+    results: list[Estimate] = field(default_factory=list)  # the layouts that fit
+    considered: int = 0
+    rejected: int = 0
+    best_nonfit: Estimate | None = None
+    first_invalid: str | None = None
+
+    def invalid(self, why: str) -> None:
+        self.first_invalid = self.first_invalid or why
+
+    def price(self, run: RunSpec, lay: Layout) -> bool:
+        """Checks and prices ``lay``; whether it is valid and fits."""
+        why = check_layout(run.model, lay, run.cluster, run.global_batch, run.stack)
+        if why:
+            self.invalid(why)
+            return False
+        self.considered += 1
+        mem = memory_per_gpu(run.model, lay, run.cluster, global_batch=run.global_batch, precision=run.precision,
+                             stack=run.stack)
+        if mem.total > run.cluster.accel.mem_gib * GIB:
+            self.rejected += 1
+            if self.best_nonfit is None or mem.total < self.best_nonfit.memory.total:
+                self.best_nonfit = estimate(run, lay, memory=mem)
+            return False
+        self.results.append(estimate(run, lay, memory=mem))
+        return True
+
+
+def _virtual_stage_values(m, pp: int, sched: str, vals: dict, pp_split: str | None) -> list[int]:
+    """Interleaving depths: even chunks where pp divides the layers, else any depth with a layer a stage;
+    under Megatron's embedding- and loss-aware split, chunks of even slots (layers + 2)."""
+    if sched != "interleaved-1f1b":
+        return [1]
+    if vals.get("virtual_stages"):
+        return vals["virtual_stages"]
+    if pp_split == "embedding_loss":
+        return [v for v in range(2, MAX_VIRTUAL + 1) if (m.layers + 2) % (pp * v) == 0]
+    return [v for v in range(2, MAX_VIRTUAL + 1)
+            if (m.layers // pp) % v == 0 or (m.layers % pp and pp * v <= m.layers)]
+
+
+def _try_data_parallel(run: RunSpec, shape: Layout, zeros: list, n_micro: int, tally: _Tally) -> bool:
+    """Prices ``shape`` (every key but zero, dp_replicate and grad_reduce set) at each zero level, HSDP
+    replica count and grad_reduce value worth trying (the module doc's pruning); whether any fitted."""
+    fixed = run.fixed
+    found = False
+    fitted_replicas: set[int] = set()  # replica counts that fitted sharded
+    for z in zeros:
+        replicas = _replica_values(run, shape.dp, shape.cp, z)
+        fitted = False
+        for r in replicas:  # ascending: fewer shards, more state per rank
+            if z >= 2 and r in fitted_replicas and "zero" not in fixed:
+                continue  # fitted at a lower stage, which gathers less
+            first = dataclasses.replace(shape, zero=z, dp_replicate=r)
+            for gr in _grad_reduce_values(run, first, n_micro):
+                if tally.price(run, dataclasses.replace(first, grad_reduce=gr)):
+                    fitted = found = True
+                    if z >= 2:
+                        fitted_replicas.add(r)
+            if z >= 2 and r not in fitted_replicas:
+                break  # more replicas hold more state: they cannot fit either
+        # A higher stage only adds communication: Megatron's stops at the first that fits, apogee's once
+        # every replica count has fitted.
+        done = fitted if run.stack == "megatron" else (z >= 2 and fitted_replicas >= set(replicas))
+        if done and "zero" not in fixed:
+            break
+    return found
+
+
 def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices: dict | None = None,
            max_considered: int = 2_000_000) -> PlanResult:
     """Enumerate layouts; return the fitting ones ranked (best first)."""
@@ -97,11 +168,7 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
         raise PlannerError(f"objective must be throughput or goodput (got {objective!r})")
     m, cl, fixed = run.model, run.cluster, run.fixed
     vals = candidate_values(run, choices)
-    capacity = cl.accel.mem_gib * GIB
-    results: list[Estimate] = []
-    considered = rejected = 0
-    best_nonfit: Estimate | None = None
-    first_invalid: str | None = None
+    tally = _Tally()
     base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap", "compile", "pp_split", "cp_comm") if k in fixed}
 
     for tp in vals["tp"]:
@@ -111,83 +178,40 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                     continue
                 dp = cl.gpus // (tp * pp * cp)
                 if "dp" in fixed and fixed["dp"] != dp:
-                    first_invalid = first_invalid or (
-                        f"layout.dp={fixed['dp']} but cluster.gpus / (tp x pp x cp) = {dp} at tp={tp} pp={pp} cp={cp}")
+                    tally.invalid(f"layout.dp={fixed['dp']} but cluster.gpus / (tp x pp x cp) = {dp} at tp={tp} "
+                                  f"pp={pp} cp={cp}")
                     continue
                 if run.global_batch % dp:
-                    first_invalid = first_invalid or (
-                        f"train.global_batch={run.global_batch} is not divisible by dp={dp} (cluster.gpus / (tp x pp x "
-                        f"cp) at tp={tp} pp={pp} cp={cp})")
+                    tally.invalid(f"train.global_batch={run.global_batch} is not divisible by dp={dp} (cluster.gpus "
+                                  f"/ (tp x pp x cp) at tp={tp} pp={pp} cp={cp})")
                     continue
                 per_rank = run.global_batch // dp
                 mbs = vals.get("microbatch") or [d for d in _divisors(per_rank) if d <= MAX_MICROBATCH]
                 sps = vals.get("sequence_parallel") or [tp > 1]
+                # One data rank: every zero level is the same run (nothing to split).
+                zeros = vals["zero"] if dp * cp > 1 else vals["zero"][:1]
+                scheds = vals["pp_schedule"] if pp > 1 else ["1f1b"]
+                if pp > 1 and "pp_schedule" in fixed:
+                    scheds = [fixed["pp_schedule"]]
                 for ep in vals["ep"]:
                     if (dp * cp) % ep:
                         continue
-                    scheds = vals["pp_schedule"] if pp > 1 else ["1f1b"]
-                    if pp > 1 and "pp_schedule" in fixed:
-                        scheds = [fixed["pp_schedule"]]
                     for mb in mbs:
                         if per_rank % mb:
                             continue
                         for sched in scheds:
-                            if sched == "interleaved-1f1b":
-                                # Even chunks where pp divides the layers, else any depth with a layer a stage.
-                                # Megatron's embedding- and loss-aware split: chunks of even slots (layers + 2).
-                                vs = vals.get("virtual_stages") or [
-                                    v for v in range(2, MAX_VIRTUAL + 1)
-                                    if ((m.layers + 2) % (pp * v) == 0 if base.get("pp_split") == "embedding_loss"
-                                        else (m.layers // pp) % v == 0 or (m.layers % pp and pp * v <= m.layers))]
-                            else:
-                                vs = [1]
-                            for v in vs:
+                            for v in _virtual_stage_values(m, pp, sched, vals, base.get("pp_split")):
                                 for sp in sps:
                                     for rc in vals["recompute"]:
-                                        found = False
-                                        fitted_replicas: set[int] = set()  # replica counts that fitted sharded
-                                        # One data rank: every zero level is the same run (nothing to split).
-                                        zeros = vals["zero"] if dp * cp > 1 else vals["zero"][:1]
-                                        for z in zeros:
-                                            replicas = _replica_values(run, dp, cp, z)
-                                            fitted = False
-                                            for r in replicas:  # ascending: fewer shards, more state per rank
-                                                if z >= 2 and r in fitted_replicas and "zero" not in fixed:
-                                                    continue  # fitted at a lower stage, which gathers less
-                                                first = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, microbatch=mb,
-                                                               virtual_stages=v, pp_schedule=sched, recompute=rc,
-                                                               sequence_parallel=sp, zero=z, dp_replicate=r,
-                                                               **base)
-                                                for gr in _grad_reduce_values(run, first, per_rank // mb):
-                                                    lay = dataclasses.replace(first, grad_reduce=gr)
-                                                    why = check_layout(m, lay, cl, run.global_batch, run.stack)
-                                                    if why:
-                                                        first_invalid = first_invalid or why
-                                                        continue
-                                                    considered += 1
-                                                    mem = memory_per_gpu(m, lay, cl, global_batch=run.global_batch,
-                                                                         precision=run.precision, stack=run.stack)
-                                                    if mem.total > capacity:
-                                                        rejected += 1
-                                                        if best_nonfit is None or mem.total < best_nonfit.memory.total:
-                                                            best_nonfit = estimate(run, lay, memory=mem)
-                                                        continue
-                                                    results.append(estimate(run, lay, memory=mem))
-                                                    fitted = found = True
-                                                    if z >= 2:
-                                                        fitted_replicas.add(r)
-                                                if z >= 2 and r not in fitted_replicas:
-                                                    break  # more replicas hold more state: they cannot fit either
-                                            # A higher stage only adds communication: Megatron's stops at the
-                                            # first that fits, apogee's once every replica count has fitted.
-                                            done = fitted if run.stack == "megatron" else (
-                                                z >= 2 and fitted_replicas >= set(replicas))
-                                            if done and "zero" not in fixed:
-                                                break
+                                        shape = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, microbatch=mb,
+                                                       virtual_stages=v, pp_schedule=sched, recompute=rc,
+                                                       sequence_parallel=sp, **base)
+                                        found = _try_data_parallel(run, shape, zeros, per_rank // mb, tally)
                                         if found and "recompute" not in fixed:
                                             break  # costlier recompute cannot be faster
-                                        if considered > max_considered:
+                                        if tally.considered > max_considered:
                                             raise PlannerError("search space too large: pin some [layout] keys")
+    results = tally.results
     key = (lambda e: e.step_time_s / max(e.goodput, 1e-9)) if objective == "goodput" else (lambda e: e.step_time_s)
     results.sort(key=key)
     if run.model.flavor:
@@ -203,8 +227,9 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
             if engine_rejection(run, e.layout) is None:
                 accepted.append(e)
         results = accepted
-    return PlanResult(ranked=results[:max(top, 1)] if top else results, considered=considered,
-                      rejected_memory=rejected, best_nonfitting=best_nonfit, first_invalid=first_invalid)
+    return PlanResult(ranked=results[:max(top, 1)] if top else results, considered=tally.considered,
+                      rejected_memory=tally.rejected, best_nonfitting=tally.best_nonfit,
+                      first_invalid=tally.first_invalid)
 
 
 def plan_layout(run: RunSpec, **kw) -> Estimate:
