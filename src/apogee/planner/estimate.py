@@ -253,9 +253,9 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
         grad_rs = comms.reduce_scatter(GRAD_REDUCE_BYTES * params_rank, shard, dp_link)
         param_ag = comms.all_gather(2 * params_rank, shard, dp_link)
         if fsdp:
-            # FSDP2, one unit (block) at a time: weight gathers (fsdp_gathers_per_step) and one gradient
-            # reduction, after the last micro-batch (apogee.train.trainer turns gradient sync off before
-            # it): a reduce-scatter, or at zero 0 (a replicate-only mesh) an all-reduce. Prefetched behind
+            # FSDP2, one unit (block) at a time: weight gathers (fsdp_gathers_per_step) and gradient
+            # reductions, one per micro-batch or one a step (memory.reduces_each_micro_batch): a
+            # reduce-scatter, or at zero 0 (a replicate-only mesh) an all-reduce. Prefetched behind
             # the neighbouring blocks' compute on GPUs; on a host-bound device gloo's copies and socket
             # I/O run on the rank's own cores and the latency is paid per unit.
             units = Ls + 1
@@ -422,8 +422,10 @@ def _micro_batch(run: RunSpec, lay: Layout, acc: Accelerator, eager: str | None,
             # K and V each all-gathered before attention (again in a full recompute's forward), their
             # gradients reduce-scattered in backward, on the critical path: apogee.parallel.context, and
             # Llama 3's (Dubey et al. 2024, section 3.3.2: "exposed in the critical path").
-            passes = 2 + (1 if lay.recompute == "full" else 0)
-            cp_comm = Ls * passes * 2 * comms.all_gather(kv_bytes * lay.cp / 2, lay.cp, cp_link)
+            gathers = 1 + (1 if lay.recompute == "full" else 0)
+            one = kv_bytes * lay.cp / 2  # K or V, gathered
+            cp_comm = Ls * 2 * (gathers * comms.all_gather(one, lay.cp, cp_link)
+                                + comms.reduce_scatter(one, lay.cp, cp_link))
             cp_exposed = cp_comm
         else:
             # Ring attention passes K,V (cp-1) times forward, K,V and their grads backward, behind attention.

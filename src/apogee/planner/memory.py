@@ -230,11 +230,12 @@ def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: floa
     kv = m.kv_heads / m.heads
     qkv = a * (1 + 2 * kv) / t
     lse = 4 * m.heads / m.hidden / t
+    counted_compiled = compiled and t == 1 and not m.moe_layers  # the compiled block's own count applies
     if lay.recompute == "selective":
         collective = a / t if sp else (a if t > 1 else 0.0)  # reduce-scatter (SP) or all-reduce output
         per = (block_input / norm_shard + qkv + a / t + lse + 2 * (a + collective) + 2 * a * f / t
                + (2 * a if sp else 0.0))
-    elif compiled and t == 1 and not m.moe_layers:
+    elif counted_compiled:
         per = block_input + 8 / m.hidden + 2 * a + qkv + 2 * a + lse + 3 * a * f
     elif autocast:
         per = (norm_activation_units(m, lay, a, autocast_linears=3) + norm_activation_units(m, lay, a, autocast_linears=2)
@@ -243,7 +244,7 @@ def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: floa
         per = 2 * norm_activation_units(m, lay, a) + qkv + a / t + lse + 4 * a * f / t
     if m.moe_layers:
         per += a * m.top_k / norm_shard  # the token copies dispatched to experts
-    if lay.cp > 1 and not (compiled and t == 1 and not m.moe_layers):
+    if lay.cp > 1 and not counted_compiled:
         # apogee's context parallelism (apogee.parallel.context) all-gathers K and V, and attention keeps the
         # gathered ones (cp times the local); without recompute the two causal chunks' outputs are kept by
         # their attention calls beside the concatenated output wo reads (measured on 2 gloo ranks,
