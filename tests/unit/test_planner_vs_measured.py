@@ -52,8 +52,9 @@ def test_heap_sampler_leaves_out_freed_heap_chunks_that_stay_resident():
     assert grew["live"] == pytest.approx(32 * MiB, abs=6 * MiB)
 
 
-@pytest.mark.parametrize("flavor,tp,mb", [("debug", 1, 4), ("tiny", 2, 4), ("debug", 2, 1)])
-def test_gemm_roles_time_exactly_the_shapes_the_cost_model_prices(flavor, tp, mb):
+@pytest.mark.parametrize("flavor,tp,mb,cp", [("debug", 1, 4, 1), ("tiny", 2, 4, 1), ("debug", 2, 1, 1),
+                                             ("debug", 1, 4, 2)])  # cp: a rank's seq / cp tokens
+def test_gemm_roles_time_exactly_the_shapes_the_cost_model_prices(flavor, tp, mb, cp):
     """The CPU calibration's GEMM table holds every shape the cost model looks up for a layer and the
     output layer (recorded from compute.layer_parts and logits_times themselves) and nothing else, each
     with the products priced there: three per block weight (forward, input and weight gradient), plus the
@@ -74,12 +75,12 @@ def test_gemm_roles_time_exactly_the_shapes_the_cost_model_prices(flavor, tp, mb
     cpu = dataclasses.replace(get_accelerator("cpu"), gemm_table=Recording())
     pvm = load_benchmark("planner_vs_measured")
     m = shape_from_args(FLAVORS[flavor], flavor=flavor, seq_len=128, vocab=256)
-    layer_parts(m, tp, 1, 1, mb, tp > 1, "none", cpu, "fp32")
-    logits_times(m, tp, 1, mb, cpu, "fp32")
-    roles = pvm.gemm_roles(m, tp, 1, mb)
+    layer_parts(m, tp, cp, 1, mb, tp > 1, "none", cpu, "fp32")
+    logits_times(m, tp, cp, mb, cpu, "fp32")
+    roles = pvm.gemm_roles(m, tp, cp, mb)
+    tokens = mb * 128 // cp
     assert set(roles) == looked
-    assert sum(len(r) for r in roles.values()) == 3 * len(dense_layer_gemms(m, mb * 128, tp)) + 1
-    tokens = mb * 128
+    assert sum(len(r) for r in roles.values()) == 3 * len(dense_layer_gemms(m, tokens, tp)) + 1
     assert "wgrad" in roles[(m.hidden, m.ffn_hidden // tp, tokens)]  # w1's weight gradient: [h, tokens] x [tokens, f]
 
 
