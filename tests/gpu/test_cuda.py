@@ -150,3 +150,31 @@ if __name__ == "__main__":  # dry run of the test logic on another device: pytho
                 (root / name).mkdir()
                 fn(root / name, root / "cache", dev)
                 print(f"{name}: ok on {dev}", flush=True)
+
+
+def test_energy_counter_reads_the_device(tmp_path, cache_dir):
+    """NVML's energy counter through apogee.telemetry.energy: a second of bf16 matmuls draws a board power
+    between idle and well past any TDP (30-1500 W), and a training run logs that window's power and
+    energy per token, the two consistent with its throughput on one GPU."""
+    pytest.importorskip("pynvml")
+    import time
+
+    from apogee.telemetry.energy import EnergyMeter
+
+    meter = EnergyMeter.for_device(torch.device("cuda"))
+    assert meter is not None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    meter.restart()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 1.0:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+    watts = meter.joules() / (time.perf_counter() - t0)
+    assert 30 < watts < 1500, watts
+    Trainer(config(tmp_path / "run", cache_dir, "cuda", run={"log_interval": 2})).fit()
+    logged = [r for r in read_metrics(tmp_path / "run") if r["step"] > 1]
+    assert logged and all(30 < r["power_w"] < 1500 for r in logged)
+    for r in logged:
+        assert r["energy_j_per_token"] == pytest.approx(r["power_w"] / r["tokens_per_s"], rel=1e-6)

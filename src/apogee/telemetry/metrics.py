@@ -67,6 +67,8 @@ def format_record(r: dict) -> str:
     if r.get("mfu") is not None:
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
     parts.append(f"mem {r['mem_gib']:.2f} GiB")
+    if r.get("power_w") is not None:
+        parts.append(f"{r['power_w']:.0f} W/GPU, {r['energy_j_per_token']:.3g} J/token")
     return " | ".join(parts)
 
 

@@ -32,6 +32,7 @@ from apogee.parallel.mesh import Mesh
 from apogee.resilience.hooks import RankHooks
 from apogee.resilience.replan import fit_world, memory_check, replan_problem
 from apogee.parallel.pipeline import Pipeline, stages_per_rank
+from apogee.telemetry.energy import EnergyMeter, energy_record
 from apogee.telemetry.metrics import MetricsWriter, log, memory_gib
 from apogee.telemetry.mfu import peak_flops
 from apogee.train.cpu_cores import pin_cpu_rank
@@ -165,6 +166,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=self.is_main, resume_step=self.step)
         peak = peak_flops(self.device, "bf16" if self.use_bf16 else "fp32")
         self.peak_flops_total = peak * self.world_size if peak else None
+        self.energy = EnergyMeter.for_device(self.device)  # None without NVML (and on CPU)
 
     def build_data(self) -> None:
         # Rank 0 tokenises (once, cached); the others then read the cache.
@@ -400,7 +402,22 @@ class Trainer:
         self.hooks.beat("checkpoint", self.step)
         return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
 
-    def log(self, *, loss: float, lr: float, grad_norm: float, tokens_per_s: float, val_loss: float | None) -> None:
+    def energy_window(self, seconds: float, tokens: float) -> dict:
+        """Power per GPU and energy per token of the window, over every rank's GPU: a collective on CUDA
+        ranks, which all join whether or not NVML gave them a meter; nothing on CPU or without meters."""
+        if self.device.type != "cuda":
+            return {}
+        drawn = torch.tensor([self.energy.joules() if self.energy else 0.0, float(self.energy is not None)],
+                             dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(drawn)
+        joules, metered = drawn.tolist()
+        if metered < self.world_size:  # a rank without the counter: no figure rather than a partial one
+            return {}
+        return energy_record(joules, seconds, self.world_size, tokens)
+
+    def log(self, *, loss: float, lr: float, grad_norm: float, tokens_per_s: float, val_loss: float | None,
+            energy: dict) -> None:
         mfu = tokens_per_s * self.flops_per_token / self.peak_flops_total if self.peak_flops_total else None
         record = {
             "step": self.step,
@@ -412,6 +429,7 @@ class Trainer:
             "mfu": mfu,
             "mem_gib": memory_gib(self.device),
             "epoch": round(self.sampler.epoch, 4),
+            **energy,
         }
         if val_loss is not None:
             record["val_loss"] = val_loss
@@ -425,6 +443,8 @@ class Trainer:
         loss = val_loss = None
         saved = stopped = exclusion = None
         window_start, window_steps = time.perf_counter(), 0
+        if self.energy is not None:
+            self.energy.restart()
         while self.step < cfg.train.steps:
             batch = self.sampler.next_batch(
                 global_batch=cfg.train.global_batch, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size
@@ -456,17 +476,22 @@ class Trainer:
             if do_log:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                tokens_per_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+                window_s = time.perf_counter() - window_start
+                tokens_per_s = window_steps * tokens_per_step / window_s
+                energy = self.energy_window(window_s, window_steps * tokens_per_step)  # before evaluating, too
             if do_eval:
                 self.hooks.beat("evaluate", self.step)
             val_loss = self.evaluate() if do_eval else None
             if do_log:
-                self.log(loss=loss, lr=lr, grad_norm=grad_norm, val_loss=val_loss, tokens_per_s=tokens_per_s)
+                self.log(loss=loss, lr=lr, grad_norm=grad_norm, val_loss=val_loss, tokens_per_s=tokens_per_s,
+                         energy=energy)
             if do_save or stopping:
                 saved = self.checkpoint()
             if do_log or do_save:
                 # Throughput counts training steps only, not evaluation or checkpoint time.
                 window_start, window_steps = time.perf_counter(), 0
+                if self.energy is not None:
+                    self.energy.restart()
             if stopping:
                 log(f"stopping at step {self.step} (run.stop_at_step); run again to resume", enabled=self.is_main)
                 break

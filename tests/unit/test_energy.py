@@ -1,0 +1,39 @@
+"""The energy meter's window arithmetic (apogee.telemetry.energy) on a counter we drive by hand; NVML itself
+is exercised on a GPU (tests/gpu/test_cuda.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apogee.telemetry.energy import EnergyMeter, energy_record
+from apogee.telemetry.metrics import format_record
+
+
+def test_a_window_is_the_counter_difference_since_the_last_restart():
+    counter = [1000.0]
+    meter = EnergyMeter(lambda: counter[0])
+    counter[0] += 350.0
+    assert meter.joules() == 350.0
+    counter[0] += 150.0
+    assert meter.joules() == 500.0  # windows run until restarted
+    meter.restart()
+    counter[0] += 42.5
+    assert meter.joules() == 42.5
+
+
+def test_record_gives_power_per_gpu_and_energy_per_token():
+    # 8 GPUs drew 28 kJ together over 5 s and 100k tokens: 700 W each, 0.28 J a token.
+    assert energy_record(28_000.0, 5.0, 8, 100_000) == pytest.approx({"power_w": 700.0, "energy_j_per_token": 0.28})
+    assert energy_record(10.0, 0.0, 1, 0) == {"power_w": 0.0, "energy_j_per_token": 0.0}
+
+
+def test_no_meter_on_the_cpu():
+    assert EnergyMeter.for_device(torch.device("cpu")) is None
+
+
+def test_the_console_line_shows_power_only_where_it_was_measured():
+    base = {"step": 3, "loss": 2.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1000.0, "mfu": None, "mem_gib": 1.0}
+    assert "W/GPU" not in format_record(base)
+    line = format_record({**base, "power_w": 612.4, "energy_j_per_token": 0.0123})
+    assert "612 W/GPU, 0.0123 J/token" in line
