@@ -13,12 +13,18 @@
    ``run.expandable_segments``; ``--default-allocator`` turns it off), both reset per config; with ``--phases``
    they are reset at every phase mark (MemoryPhases), and ``peak_over_phases_gib`` is the run's peak.
    The causal SDPA forward + backward at each config's shape is timed too (``attn_fwd_bwd_s``).
+   Energy, where nvidia-ml-py is installed: the engine's logged ``power_w`` / ``energy_j_per_token``
+   (NVML's energy counter over each logging window, apogee.telemetry.energy), and before the configs the
+   board's idle power and its power under back-to-back 8192^3 bf16 GEMMs (3 s each).
    The measurements are written to ``--out`` with the device name and torch version.
 2. The planner predicts each (``--measured FILE`` anywhere, or right after measuring): the GPU's
    built-in accelerator (``--gpu``, default from the device name), one GPU, the same layout (tp = pp
    = dp = 1, micro-batch, recompute, bf16, train.compile), priced as ``stack = "apogee"`` (the eager
    block's counted traffic, cuBLAS at the accelerator's measured engine_gemm_eff), optionally with a
    measured GEMM table (benchmarks/gemm_table.py). Nothing is fitted to these runs.
+
+Energy: the planner's energy per token (every accelerator at its TDP for the whole step, the ceiling
+a power meter should stay under) against the engine's measured figure.
 
 Target (issue 5): within 10% on step time and memory per rank. The engine on one GPU has no
 communication, so this checks the compute and memory halves of the model on the planner's own
@@ -41,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 # name, flavor, model overrides, seq_len, global_batch, micro_batch, recompute, compile
 CONFIGS = [
+    ("llama-1b mb1", "llama-1b", {}, 2048, 2, 1, "none", False),  # the smallest GEMMs: the lowest utilisation
     ("llama-1b mb4", "llama-1b", {}, 2048, 8, 4, "none", False),
     ("llama-1b mb8 selective", "llama-1b", {}, 2048, 16, 8, "selective", False),
     ("llama-1b mb8 full", "llama-1b", {}, 2048, 16, 8, "full", False),
@@ -154,14 +161,44 @@ def measure(name, flavor, overrides, seq, gb, mb, recompute, compiled, steps: in
     body = [r for r in recs if WARMUP_STEPS < r["step"] < steps]
     step_s = [gb * seq / r["tokens_per_s"] for r in body]
     extra = {}
+    if all("power_w" in r for r in body):
+        extra = {"power_w": [r["power_w"] for r in body], "energy_j_per_token": [r["energy_j_per_token"] for r in body]}
     if phases:  # the logged peak was reset at every mark: the largest phase peak is the run's
-        extra = {"phases_step5": mp.step(5), "peak_over_phases_gib": max(peak for _, _, peak in mp.marks)}
+        extra.update(phases_step5=mp.step(5), peak_over_phases_gib=max(peak for _, _, peak in mp.marks))
     return {**extra, "config": name, "flavor": flavor, "overrides": overrides, "seq_len": seq, "global_batch": gb,
             "micro_batch": mb, "recompute": recompute, "compile": compiled,
             "step_s": step_s, "mfu_logged": [r.get("mfu") for r in body],
             "loss_first_last": [recs[0]["loss"], recs[-1]["loss"]],
             "mem_allocated_gib": max(r["mem_gib"] for r in body),
             "mem_reserved_gib": reserved, "attn_fwd_bwd_s": t_attn, "wall_s": wall}
+
+
+def board_power(seconds: float = 3.0) -> dict:
+    """The GPU's mean power idle and under back-to-back 8192^3 bf16 GEMMs (NVML's energy counter), or {}."""
+    import torch
+
+    from apogee.telemetry.energy import EnergyMeter
+
+    meter = EnergyMeter.for_device(torch.device("cuda"))
+    if meter is None:
+        return {}
+    torch.cuda.synchronize()
+    meter.restart()
+    time.sleep(seconds)
+    idle = meter.joules() / seconds
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(20):  # warm: clocks up, cuBLAS chose its kernel
+        a @ a
+    torch.cuda.synchronize()
+    meter.restart()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+        n += 20
+    took = time.perf_counter() - t0
+    return {"idle_w": idle, "gemm_w": meter.joules() / took, "gemm_tflops": n * 2 * 8192**3 / took / 1e12}
 
 
 def predict(rec: dict, gpu: str, gemm_table: Path | None, engine: bool) -> dict:
@@ -191,7 +228,13 @@ def predict(rec: dict, gpu: str, gemm_table: Path | None, engine: bool) -> dict:
     est = estimate(run, lay)
     step_min, step_med = min(rec["step_s"]), statistics.median(rec["step_s"])
     mem = est.memory.total / 2**30
-    return {"pred_step_s": est.step_time_s, "meas_step_min_s": step_min, "meas_step_median_s": step_med,
+    energy = {}
+    if "energy_j_per_token" in rec:
+        meas_j = statistics.median(rec["energy_j_per_token"])
+        energy = {"pred_j_per_token": est.energy_j_per_token, "meas_j_per_token": meas_j,
+                  "meas_power_w": statistics.median(rec["power_w"]),
+                  "energy_err_pct": 100 * (est.energy_j_per_token / meas_j - 1)}
+    return {**energy, "pred_step_s": est.step_time_s, "meas_step_min_s": step_min, "meas_step_median_s": step_med,
             "step_err_pct": 100 * (est.step_time_s / step_med - 1),
             "pred_mem_gib": mem, "pred_breakdown_gib": est.memory.gib(),
             "mem_err_vs_reserved_pct": 100 * (mem / rec["mem_reserved_gib"] - 1),
@@ -230,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: measure on a GPU machine, or pass --measured FILE")
         data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                "expandable_segments": not args.default_allocator, "runs": []}
+                "expandable_segments": not args.default_allocator, "board": board_power(), "runs": []}
+        print(json.dumps(data["board"]), flush=True)
         with tempfile.TemporaryDirectory() as td:
             for i, cfg in enumerate(CONFIGS):
                 if not any(part in cfg[0] for part in args.only.split(",")):
@@ -248,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     allocator = {True: ", expandable segments", False: ", default allocator"}.get(data.get("expandable_segments"), "")
     print(f"{data['device']} (torch {data['torch']}{allocator}) as the planner's {gpu}"
           + (f", GEMM table {args.gemm_table}" if args.gemm_table else ""))
+    if data.get("board"):
+        from apogee.planner.cluster import ACCELERATORS
+
+        b = data["board"]
+        print(f"board power: idle {b['idle_w']:.0f} W, 8192^3 bf16 GEMMs {b['gemm_w']:.0f} W at "
+              f"{b['gemm_tflops']:.0f} TFLOP/s; the planner's {gpu} draws {ACCELERATORS[gpu].power_w:.0f} W (TDP)")
     for rec in data["runs"]:
         if "error" in rec:
             print(f"{rec['config']:<26} failed: {rec['error'][:300]}")
@@ -266,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"MFU predicted {100 * p['pred_mfu']:.1f}%, measured {meas_mfu}   memory {p['pred_mem_gib']:.2f} GiB "
                   f"-> {p['mem_err_vs_reserved_pct']:+.1f}% vs reserved, {p['mem_err_vs_allocated_pct']:+.1f}% vs "
                   f"allocated   (" + ", ".join(f"{k} {v:.2f}" for k, v in p["pred_breakdown_gib"].items()) + ")")
+            if "energy_err_pct" in p:
+                print(f"  {'':<24} energy {p['pred_j_per_token']:.4f} J/token at TDP -> {p['energy_err_pct']:+.1f}% vs "
+                      f"measured {p['meas_j_per_token']:.4f} J/token ({p['meas_power_w']:.0f} W)")
     return 0
 
 

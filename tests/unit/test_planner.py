@@ -646,19 +646,44 @@ def test_the_stack_speed_slows_attention_and_memory_bound_work_as_gemm_eff_slows
 
 
 def test_h100_engine_runs_memory_and_step(capsys):
-    """The H100 measurements of the engine kept in benchmarks/results (planner_vs_measured_gpu.py):
-    the predicted allocations (total less the 2.5 GiB reserve) equal each run's peak allocated memory
-    within 1%, the compiled one included since its blocks' saved tensors are counted (+19.9% before);
-    every run's step time is within issue 5's 10% (docs/planner.md; the stored run, stop 16's with expandable
-    segments: -9.8..-4.7% against the median step with the built-in figures, -6.9..-1.6% with the GEMM
-    table; -2.1..+23.1% before the eager block's traffic was counted)."""
+    """The H100 measurements of the engine kept in benchmarks/results (planner_vs_measured_gpu.py, stop 17's
+    run with expandable segments and NVML energy): the predicted allocations (total less the 2.5 GiB
+    reserve) equal each run's peak allocated memory within 1%, the compiled one included since its blocks'
+    saved tensors are counted (+19.9% before); every run's step time but micro-batch 1's is within issue
+    5's 10% with the built-in figures (-8.2..-1.4% against the median step; -10.7..-5.3% before fused
+    AdamW was priced at its measured rate), and its energy per token at TDP within 10% of the measured
+    (-3.7..+6.7%). Micro-batch 1 runs at -21.7%: its GPU waits on the host (see the profile test below)."""
     mod = load_benchmark("planner_vs_measured_gpu")
     data = json.loads((ROOT / "benchmarks" / "results" / "h100-engine-runs.json").read_text())
-    assert len(data["runs"]) == 5 and sum(r["compile"] for r in data["runs"]) == 1
+    assert len(data["runs"]) == 6 and sum(r["compile"] for r in data["runs"]) == 1
+    assert 50 < data["board"]["idle_w"] < data["board"]["gemm_w"] <= 1.01 * get_accelerator("h100-80gb").power_w
     for rec in data["runs"]:
         p = mod.predict(rec, "h100-80gb", None, engine=False)
         reserve = p["pred_breakdown_gib"]["buffers"]
         assert p["pred_mem_gib"] - reserve == pytest.approx(rec["mem_allocated_gib"], rel=0.01), rec["config"]
-        assert abs(p["step_err_pct"]) <= 10.0, rec["config"]
+        assert abs(p["energy_err_pct"]) <= 10.0, rec["config"]
+        if rec["micro_batch"] > 1:
+            assert abs(p["step_err_pct"]) <= 10.0, rec["config"]
     assert mod.main(["--measured", str(ROOT / "benchmarks" / "results" / "h100-engine-runs.json")]) == 0
-    assert "llama3-8b x4 layers mb2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "llama3-8b x4 layers mb2" in out and "board power: idle 117 W" in out
+
+
+def test_h100_step_profile_is_the_predicted_device_time():
+    """benchmarks/results/h100-step-profile.json (gpu_step_profile.py, CUDA kernels alone, one step of each
+    config after warm-up): the planner's step (built-in figures) is within 5% of the summed kernel time in
+    every profiled config, micro-batch 1 included, so what the cost model prices is the device's work.
+    Micro-batch 1's wall step (0.156-0.169 s) is 18-31 ms above its 138 ms of kernels: the GPU idles on the
+    host's dispatch, which the planner does not model on GPUs."""
+    mod = load_benchmark("planner_vs_measured_gpu")
+    runs = {r["config"]: r for r in json.loads((ROOT / "benchmarks" / "results" / "h100-engine-runs.json")
+                                                 .read_text())["runs"]}
+    profiled = json.loads((ROOT / "benchmarks" / "results" / "h100-step-profile.json").read_text())
+    assert {r["config"] for r in profiled} == {"llama-1b mb1", "llama-1b mb4", "llama3-8b x4 layers mb2",
+                                               "llama-1b mb4 compiled"}
+    for prof in profiled:
+        pred = mod.predict(runs[prof["config"]], "h100-80gb", None, engine=False)["pred_step_s"]
+        assert pred == pytest.approx(prof["kernel_s"], rel=0.05), prof["config"]
+        assert prof["by_category_s"]["optimizer"] > 0.02  # fused AdamW's 25-42 ms is in it
+    mb1 = runs["llama-1b mb1"]
+    assert min(mb1["step_s"]) - next(r["kernel_s"] for r in profiled if r["config"] == "llama-1b mb1") > 0.015

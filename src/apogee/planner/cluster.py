@@ -36,6 +36,10 @@ class Accelerator:
     # default); gemm_eff (calibrated on a published Megatron-LM run) for ``stack = "megatron"``. None:
     # not measured on this accelerator, gemm_eff is used for both.
     engine_gemm_eff: float | None = None
+    # Fraction of mem_bw_gbs torch's fused AdamW kernel (apogee's optimizer, fused on CUDA) sustains over its
+    # 28 bytes a parameter (estimate.ENGINE_ADAM_BYTES_PER_PARAM), for runs with stack = "apogee". None: not measured,
+    # the streaming rate (hbm_eff) as for Megatron-LM's optimizer.
+    engine_adam_bw_eff: float | None = None
     nvlink_busbw_gbs: float  # intra-node all-reduce bus bandwidth per GPU
     nic_gbs: float  # inter-node bandwidth per GPU (one NIC per GPU), achieved
     sms: int  # streaming multiprocessors: the unit of GEMM wave quantization
@@ -128,6 +132,12 @@ H100_ATTN_EFF_HD64 = 0.257
 # 8192^3 matmul reaches 0.807 (shared/planner/FORMULAS.md): a sustained sweep runs at lower clocks, as
 # training does.
 H100_ENGINE_GEMM_EFF = 0.695
+# torch's fused AdamW (multi_tensor_apply, fp32 parameters, gradients, moments) on an H100 80GB HBM3, torch
+# 2.11+cu130, timed by CUDA kernel in the engine's own steps (benchmarks/gpu_step_profile.py, stop 17):
+# 25.2 ms for llama-1b's 1.236B parameters (28 bytes each: 1.37 TB/s) and 42.0 ms for the 4-layer
+# Llama 3 8B's 1.923B (1.28 TB/s), 0.41 and 0.38 of the 3.35 TB/s datasheet figure, where a copy kernel
+# streams at 0.9. The Hopper parts share it, as they share the GEMM figure.
+H100_ENGINE_ADAM_BW_EFF = 0.40
 
 ACCELERATORS: dict[str, Accelerator] = {
     # A100 SXM4: 312 TFLOP/s dense bf16/fp16 (NVIDIA A100 datasheet; Narayanan et al. 2021 use 312);
@@ -167,7 +177,8 @@ ACCELERATORS: dict[str, Accelerator] = {
     "h100-80gb": Accelerator(
         name="h100-80gb", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=80, mem_bw_gbs=3350,
         gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, attn_eff_hd64=H100_ATTN_EFF_HD64,
-        engine_gemm_eff=H100_ENGINE_GEMM_EFF, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+        engine_gemm_eff=H100_ENGINE_GEMM_EFF, engine_adam_bw_eff=H100_ENGINE_ADAM_BW_EFF,
+        nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H100 NVL 94/96 GB parts: same SXM compute figures for the 96 GB SXM variant (NVIDIA GH200/H100
     # 96GB datasheet), 3.9 TB/s HBM3. The Hopper parts below (h100-96gb, h200, h800) have the same SMs,
@@ -177,20 +188,23 @@ ACCELERATORS: dict[str, Accelerator] = {
     "h100-96gb": Accelerator(
         name="h100-96gb", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=96, mem_bw_gbs=3900,
         gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, attn_eff_hd64=H100_ATTN_EFF_HD64,
-        engine_gemm_eff=H100_ENGINE_GEMM_EFF, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+        engine_gemm_eff=H100_ENGINE_GEMM_EFF, engine_adam_bw_eff=H100_ENGINE_ADAM_BW_EFF,
+        nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H200 SXM: same Hopper compute (989 bf16 dense), 141 GB HBM3e at 4.8 TB/s (NVIDIA H200 datasheet).
     "h200": Accelerator(
         name="h200", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=141, mem_bw_gbs=4800,
         gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, attn_eff_hd64=H100_ATTN_EFF_HD64,
-        engine_gemm_eff=H100_ENGINE_GEMM_EFF, nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
+        engine_gemm_eff=H100_ENGINE_GEMM_EFF, engine_adam_bw_eff=H100_ENGINE_ADAM_BW_EFF,
+        nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H800: H100 compute with NVLink cut to 400 GB/s bidirectional; DeepSeek-V3 report (2024, §3.2)
     # measures 160 GB/s NVLink and 50 GB/s InfiniBand per GPU.
     "h800": Accelerator(
         name="h800", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=80, mem_bw_gbs=3350,
         gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, attn_eff_hd64=H100_ATTN_EFF_HD64,
-        engine_gemm_eff=H100_ENGINE_GEMM_EFF, nvlink_busbw_gbs=160, nic_gbs=45, sms=132, power_w=700,
+        engine_gemm_eff=H100_ENGINE_GEMM_EFF, engine_adam_bw_eff=H100_ENGINE_ADAM_BW_EFF,
+        nvlink_busbw_gbs=160, nic_gbs=45, sms=132, power_w=700,
     ),
     # B200: 2.25 PFLOP/s dense bf16, 4.5 dense fp8, 192 GB (180 usable) HBM3e at 8 TB/s, NVLink5 1.8 TB/s
     # bidirectional (NVIDIA DGX B200 datasheet); 148 SMs; 1000 W. gemm_eff: no B200 training-stack

@@ -34,6 +34,12 @@ GRAD_REDUCE_BYTES = 4  # fp32 gradient reduction: Megatron-LM main_grad and torc
 #   on every parameter the rank holds (not only its shard): zero the fp32 gradient buffer before the
 #   first micro-batch (write 4)                                                          = 4 bytes/param
 ADAM_BYTES_PER_PARAM = 34
+# apogee's engine (stack = "apogee", train/optim.py) holds fp32 parameters and no bf16 copy: its fused
+# AdamW reads param, grad, m, v and writes param, m, v (28 bytes, at Accelerator.engine_adam_bw_eff where
+# measured); clip_grad_norm squares each gradient into a temporary and sums it (12), then scales the
+# gradients in place (8; charged always: early in training the norm is above the clip).
+ENGINE_ADAM_BYTES_PER_PARAM = 28
+ENGINE_CLIP_BYTES_PER_PARAM = 20
 GRAD_ZERO_BYTES_PER_PARAM = 4
 GRAD_ACCUMULATE_BYTES_PER_PARAM = 12  # .grad += g in fp32: read two, write one
 # TP collectives overlapped with GEMMs still cost some time: the communication kernels take SMs from
@@ -298,7 +304,13 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     # the first micro-batch's fp32 gradients become .grad, each later one is added in place.
     grad_buffer = (GRAD_ACCUMULATE_BYTES_PER_PARAM * (n_micro - 1) if eager == "autocast"
                    else GRAD_ZERO_BYTES_PER_PARAM) * params_rank
-    t_opt = (ADAM_BYTES_PER_PARAM * local_params + grad_buffer) / hbm_bytes_per_s(acc)
+    if run.stack == "apogee":
+        adam_rate = (acc.mem_bw_gbs * 1e9 * acc.engine_adam_bw_eff if acc.engine_adam_bw_eff
+                     else hbm_bytes_per_s(acc))
+        t_opt = (ENGINE_ADAM_BYTES_PER_PARAM * local_params / adam_rate
+                 + (ENGINE_CLIP_BYTES_PER_PARAM * local_params + grad_buffer) / hbm_bytes_per_s(acc))
+    else:
+        t_opt = (ADAM_BYTES_PER_PARAM * local_params + grad_buffer) / hbm_bytes_per_s(acc)
     if acc.host_bound:
         measured_step = measured_host_s("step", m, lay, acc, Ls, fsdp)
         # Small latency-bound collectives every step: the loss mean over data ranks and the global
