@@ -137,21 +137,6 @@ def test_compile_matches_eager(tmp_path, cache_dir):
     check_compile_matches_eager(tmp_path, cache_dir, "cuda")
 
 
-if __name__ == "__main__":  # dry run of the test logic on another device: python tests/gpu/test_cuda.py cpu
-    import tempfile
-
-    dev = sys.argv[1] if len(sys.argv) > 1 else "cpu"
-    only = sys.argv[2:] or ["async", "offload", "snapshot", "compile"]
-    with tempfile.TemporaryDirectory() as td:
-        root = Path(td)
-        for name, fn in (("async", check_async_resume_bit_identical), ("offload", check_cpu_offload_matches),
-                         ("snapshot", check_snapshot_recovery), ("compile", check_compile_matches_eager)):
-            if name in only:
-                (root / name).mkdir()
-                fn(root / name, root / "cache", dev)
-                print(f"{name}: ok on {dev}", flush=True)
-
-
 def test_energy_counter_reads_the_device(tmp_path, cache_dir):
     """NVML's energy counter through apogee.telemetry.energy: a second of bf16 matmuls draws a board power
     between idle and well past any TDP (30-1500 W), and a training run logs that window's power and
@@ -178,3 +163,19 @@ def test_energy_counter_reads_the_device(tmp_path, cache_dir):
     assert logged and all(30 < r["power_w"] < 1500 for r in logged)
     for r in logged:
         assert r["energy_j_per_token"] == pytest.approx(r["power_w"] / r["tokens_per_s"], rel=1e-6)
+
+
+if __name__ == "__main__":  # dry run of the test logic on another device: python tests/gpu/test_cuda.py cpu
+    import tempfile
+
+    dev = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    only = sys.argv[2:] or ["async", "offload", "snapshot", "compile"]
+    with tempfile.TemporaryDirectory() as td:
+        root = Path(td)
+        for name, fn in (("async", check_async_resume_bit_identical), ("offload", check_cpu_offload_matches),
+                         ("snapshot", check_snapshot_recovery), ("compile", check_compile_matches_eager)):
+            if name in only:
+                (root / name).mkdir()
+                fn(root / name, root / "cache", dev)
+                print(f"{name}: ok on {dev}", flush=True)
+
