@@ -1,0 +1,116 @@
+"""Where a GPU step's wall time goes between the host and the device: the engine's step in three parts.
+
+    python benchmarks/gpu_host_dispatch.py [--steps 12] [--out host.json]     # on a GPU
+
+Trains each config below on one GPU (the settings of benchmarks/planner_vs_measured_gpu.py) and times,
+per step, with the engine untouched (its methods wrapped in this process):
+  - ``forward_backward``: every micro-batch's forward and backward. It ends in a device sync of its own
+    (the step's loss as a Python float), so this is the micro-batches' device time, or the host's
+    dispatch of them where that takes longer;
+  - ``optimizer_step``: clipping (a sync on the gradient norm) and AdamW, timed to a device sync;
+  - the rest of the step: logging, the data, the trainer's hooks (host only; the device idles).
+The first config runs llama-1b at 32 tokens a sequence: its kernels are tiny, so its forward_backward
+time is the host's dispatch of the micro-batches (eager PyTorch: Python, autograd, autocast, kernel
+launches) at llama-1b's op counts. The planner prices a GPU step as the device's work only; this shows
+how much of the wall time is not (stop 17's H100 run: benchmarks/results/h100-host-dispatch.json, and
+docs/planner.md, "Fused AdamW, energy and the host at micro-batch 1").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+# name, flavor, seq_len, global_batch, micro_batch
+CONFIGS = [
+    ("llama-1b seq32 mb1", "llama-1b", 32, 2, 1),  # kernels of 32 tokens: the host's dispatch alone
+    ("llama-1b mb1", "llama-1b", 2048, 2, 1),
+    ("llama-1b mb4", "llama-1b", 2048, 8, 4),
+]
+WARMUP_STEPS = 3
+
+
+def timed_run(flavor: str, seq: int, gb: int, mb: int, steps: int, cache: Path, d: Path, device: str = "cuda"
+              ) -> dict:
+    import torch
+
+    from apogee.config import load_config
+    from apogee.launch import launch_local
+    from apogee.train.trainer import Trainer
+
+    cfg = load_config(None, {
+        "run": {"dir": str(d), "log_interval": 1, "device": device},
+        "model": {"flavor": flavor},
+        "data": {"cache_dir": str(cache)},
+        "train": {"steps": steps, "seq_len": seq, "global_batch": gb, "micro_batch": mb},
+        "parallel": {"dp_shard": 1, "tp": 1},
+        "checkpoint": {"interval": -1, "resume": "never"},
+        "eval": {"interval": 0, "batches": 1},
+    })
+    times: dict[str, list[float]] = {"forward_backward": [], "optimizer_step": [], "step": []}
+    fb, opt = Trainer.forward_backward, Trainer.optimizer_step
+    last = [None]
+
+    def fb_timed(self, batch):
+        t = time.perf_counter()
+        if last[0] is not None:
+            times["step"].append(t - last[0])
+        last[0] = t
+        out = fb(self, batch)
+        times["forward_backward"].append(time.perf_counter() - t)
+        return out
+
+    def opt_timed(self, *args, **kwargs):
+        t = time.perf_counter()
+        out = opt(self, *args, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times["optimizer_step"].append(time.perf_counter() - t)
+        return out
+
+    Trainer.forward_backward, Trainer.optimizer_step = fb_timed, opt_timed
+    try:
+        launch_local(cfg, 1)
+    finally:
+        Trainer.forward_backward, Trainer.optimizer_step = fb, opt
+    # Steps after warm-up; the last step's evaluation falls outside "step" (it is timed to the next start).
+    body = {k: v[WARMUP_STEPS:] for k, v in times.items()}
+    return {k: {"min": min(v), "median": statistics.median(v)} for k, v in body.items() if v}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this measures a GPU's host and device")
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+    with tempfile.TemporaryDirectory() as td:
+        for i, (name, flavor, seq, gb, mb) in enumerate(CONFIGS):
+            rec = {"config": name, "flavor": flavor, "seq_len": seq, "global_batch": gb, "micro_batch": mb,
+                   **timed_run(flavor, seq, gb, mb, args.steps, Path(td) / "cache", Path(td) / f"run{i}")}
+            out["runs"].append(rec)
+            print(json.dumps(rec), flush=True)
+    for r in out["runs"]:
+        rest = r["step"]["min"] - r["forward_backward"]["min"] - r["optimizer_step"]["min"]
+        print(f"{r['config']:<22} step {1e3 * r['step']['min']:7.1f} ms (min): forward_backward "
+              f"{1e3 * r['forward_backward']['min']:7.1f}, optimizer_step {1e3 * r['optimizer_step']['min']:6.1f}, "
+              f"rest {1e3 * rest:5.1f}  (medians {1e3 * r['step']['median']:.1f} / "
+              f"{1e3 * r['forward_backward']['median']:.1f} / {1e3 * r['optimizer_step']['median']:.1f})")
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
