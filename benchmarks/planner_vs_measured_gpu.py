@@ -183,14 +183,14 @@ def board_power(seconds: float = 3.0) -> dict:
     if meter is None:
         return {}
     torch.cuda.synchronize()
-    meter.restart()
+    meter.lap()
     time.sleep(seconds)
-    idle = meter.joules() / seconds
+    idle = meter.lap() / seconds
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(20):  # warm: clocks up, cuBLAS chose its kernel
         a @ a
     torch.cuda.synchronize()
-    meter.restart()
+    meter.lap()
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
         for _ in range(20):
@@ -198,7 +198,7 @@ def board_power(seconds: float = 3.0) -> dict:
         torch.cuda.synchronize()
         n += 20
     took = time.perf_counter() - t0
-    return {"idle_w": idle, "gemm_w": meter.joules() / took, "gemm_tflops": n * 2 * 8192**3 / took / 1e12}
+    return {"idle_w": idle, "gemm_w": meter.lap() / took, "gemm_tflops": n * 2 * 8192**3 / took / 1e12}
 
 
 def predict(rec: dict, gpu: str, gemm_table: Path | None, engine: bool) -> dict:

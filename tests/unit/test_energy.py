@@ -10,16 +10,20 @@ from apogee.telemetry.energy import EnergyMeter, energy_record
 from apogee.telemetry.metrics import format_record
 
 
-def test_a_window_is_the_counter_difference_since_the_last_restart():
-    counter = [1000.0]
-    meter = EnergyMeter(lambda: counter[0])
+def test_each_lap_is_the_counter_difference_since_the_last_one_on_one_reading():
+    counter, reads = [1000.0], []
+
+    def read():
+        reads.append(counter[0])
+        return counter[0]
+
+    meter = EnergyMeter(read)
     counter[0] += 350.0
-    assert meter.joules() == 350.0
+    assert meter.lap() == 350.0
     counter[0] += 150.0
-    assert meter.joules() == 500.0  # windows run until restarted
-    meter.restart()
     counter[0] += 42.5
-    assert meter.joules() == 42.5
+    assert meter.lap() == 192.5  # the next window started where the last one ended
+    assert len(reads) == 3  # one reading per window boundary: NVML's takes milliseconds
 
 
 def test_record_gives_power_per_gpu_and_energy_per_token():

@@ -691,7 +691,8 @@ def test_h100_step_profile_is_the_predicted_device_time():
 
 def test_h100_host_dispatch_leaves_the_device_ahead_at_micro_batch_1():
     """benchmarks/results/h100-host-dispatch.json (gpu_host_dispatch.py): the parts of each step add up to
-    less than the step (the rest is host-only work, 5-25 ms); the host dispatches a 32-token llama-1b
+    less than the step (the rest is host-only work, 5-25 ms, about half of it two reads of NVML's energy
+    counter per step in that run's engine); the host dispatches a 32-token llama-1b
     micro-batch in 35-55 ms, less than the device's ~55 ms for a 2048-token one (the profile's kernels
     less its optimizer category, AdamW and the clip's scaling, per micro-batch), so micro-batch 1's GPU does not wait on dispatch, and its
     forward_backward is within 10% of those kernels (docs/planner.md)."""

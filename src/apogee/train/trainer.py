@@ -407,7 +407,7 @@ class Trainer:
         ranks, which all join whether or not NVML gave them a meter; nothing on CPU or without meters."""
         if self.device.type != "cuda":
             return {}
-        drawn = torch.tensor([self.energy.joules() if self.energy else 0.0, float(self.energy is not None)],
+        drawn = torch.tensor([self.energy.lap() if self.energy else 0.0, float(self.energy is not None)],
                              dtype=torch.float64, device=self.device)
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(drawn)
@@ -444,7 +444,7 @@ class Trainer:
         saved = stopped = exclusion = None
         window_start, window_steps = time.perf_counter(), 0
         if self.energy is not None:
-            self.energy.restart()
+            self.energy.lap()  # the window starts with the loop, as the throughput's
         while self.step < cfg.train.steps:
             batch = self.sampler.next_batch(
                 global_batch=cfg.train.global_batch, dp_rank=self.mesh.dp_rank, dp_size=self.mesh.dp_size
@@ -490,8 +490,8 @@ class Trainer:
             if do_log or do_save:
                 # Throughput counts training steps only, not evaluation or checkpoint time.
                 window_start, window_steps = time.perf_counter(), 0
-                if self.energy is not None:
-                    self.energy.restart()
+                if self.energy is not None and (do_eval or do_save):
+                    self.energy.lap()  # what evaluating and saving drew stays out, as their time does
             if stopping:
                 log(f"stopping at step {self.step} (run.stop_at_step); run again to resume", enabled=self.is_main)
                 break
