@@ -1,8 +1,9 @@
 #!/bin/bash
-# Every check that needs a GPU machine, in one run of about 6 minutes (a lent machine has 15 minutes in all):
+# Every check that needs a GPU machine, in one run of about 9 minutes (a lent machine has 15 minutes in all):
 #   bash benchmarks/gpu_checks.sh OUT_DIR
 # GPU timing runs alone on the GPU (cores 0-3): one GPT layer per published H100 shape against the planner,
-# the engine's one-GPU runs against the planner, one step's kernel profile. Meanwhile the CPU pipeline
+# the engine's one-GPU runs against the planner (with their energy), one step's kernel profile of the
+# configs benchmarks/results/h100-step-profile.json keeps, the host's dispatch and the step's parts. Meanwhile the CPU pipeline
 # bubble runs on cores 4-11 (4 single-threaded gloo ranks, each with a core of its own and spare cores for
 # gloo's threads) and, on equal devices (--fixed-ms), on cores 12-15. Then the CUDA tests and the README's default `apogee train` side by side. Each part
 # writes its own log under OUT_DIR and its failure does not stop the others.
@@ -23,10 +24,12 @@ CSV=${CSV:-../shared/planner/published-runs.csv}
     --fixed-ms 200 --port 29700 > "$OUT/bubble-fixed.txt" 2>&1; stamp "bubble fixed rc $?") &
 taskset -c 0-3 timeout 75 python3 benchmarks/gpu_layer_shapes.py --csv "$CSV" --mb 1,2,4 \
     --out "$OUT/layers.json" > "$OUT/layers.txt" 2>&1; stamp "layers rc $?"
-taskset -c 0-3 timeout 160 python3 benchmarks/planner_vs_measured_gpu.py --out "$OUT/engine-runs.json" \
+taskset -c 0-3 timeout 220 python3 benchmarks/planner_vs_measured_gpu.py --out "$OUT/engine-runs.json" \
     --gemm-table benchmarks/results/gemm-h100.json > "$OUT/engine-runs.log" 2>&1; stamp "engine runs rc $?"
-taskset -c 0-3 timeout 75 python3 benchmarks/gpu_step_profile.py --only "llama-1b mb4" \
+taskset -c 0-3 timeout 130 python3 benchmarks/gpu_step_profile.py --only "llama-1b mb1,llama-1b mb4,x4" \
     --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1; stamp "profile rc $?"
+taskset -c 0-3 timeout 90 python3 benchmarks/gpu_host_dispatch.py --out "$OUT/host-dispatch.json" \
+    > "$OUT/host-dispatch.log" 2>&1; stamp "host dispatch rc $?"
 (taskset -c 0-1 timeout 120 python3 -m pytest tests/gpu -q -rs -p no:logging > "$OUT/gpu-tests.log" 2>&1; stamp "gpu tests rc $?") &
 (cd /tmp && taskset -c 2-3 timeout 120 python3 -m apogee.cli train --set train.steps=60 > "$OUT/train-default.log" 2>&1; stamp "train rc $?") &
 wait

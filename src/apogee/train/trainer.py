@@ -29,9 +29,9 @@ from apogee.models.llama import Transformer
 from apogee.parallel.apply import parallelize_stages
 from apogee.parallel.context import load_balanced_positions
 from apogee.parallel.mesh import Mesh
+from apogee.parallel.pipeline import Pipeline, stages_per_rank
 from apogee.resilience.hooks import RankHooks
 from apogee.resilience.replan import fit_world, memory_check, replan_problem
-from apogee.parallel.pipeline import Pipeline, stages_per_rank
 from apogee.telemetry.energy import EnergyMeter, energy_record
 from apogee.telemetry.metrics import MetricsWriter, log, memory_gib
 from apogee.telemetry.mfu import peak_flops
