@@ -6,6 +6,7 @@ tests/unit/test_planner_activations.py and tests/distributed/test_planner_activa
 from __future__ import annotations
 
 import contextlib
+import statistics
 import weakref
 
 import torch
@@ -91,12 +92,17 @@ def held_after_forward(layers: int, *, dtype: torch.dtype = torch.float32, recom
     return held
 
 
+COUNTED_PASSES = 5
+
+
 def saved_by_blocks(layers: int, *, compiled: bool = False, autocast: bool = False, cp_mesh=None) -> int:
     """Bytes the transformer blocks of a ``layers``-block model save for backward (autograd's saved-tensor
     hooks, parameters excluded, each storage once), fp32 weights, under bf16 autocast or in fp32;
     ``compiled``: each block compiled as the engine does (``block.compile()``). A dispatch mode does not
-    see inside compiled code; the hooks see what its autograd function saves. The second forward is
-    counted (the first compiles). ``cp_mesh``: context parallelism as the trainer sets it up (the rank's
+    see inside compiled code; the hooks see what its autograd function saves. The forwards after the
+    first (which compiles) are counted, and the count most of them give is returned: under autocast with
+    context parallelism a pass's count moves by 8-32 KiB now and then (not found why; about one CI run in
+    five had failed on it). ``cp_mesh``: context parallelism as the trainer sets it up (the rank's
     load-balanced slice of each sequence, K and V all-gathered in every block)."""
     model = _meta_model(layers)
     if cp_mesh is not None:
@@ -119,7 +125,8 @@ def saved_by_blocks(layers: int, *, compiled: bool = False, autocast: bool = Fal
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    for _ in range(2):
+    counts = []
+    for _ in range(COUNTED_PASSES + 1):
         saved.clear()
         h = model.tok_embeddings(tokens).detach().requires_grad_()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -127,7 +134,8 @@ def saved_by_blocks(layers: int, *, compiled: bool = False, autocast: bool = Fal
                 for block in model.layers.values():
                     h = block(h, model.rope)
         h.float().sum().backward()
-    return sum(saved.values())
+        counts.append(sum(saved.values()))
+    return statistics.mode(counts[1:])
 
 
 def _rank_main(rank: int, world: int, init_file: str, axis: str, measure, results) -> None:
