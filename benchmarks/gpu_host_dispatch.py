@@ -26,7 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from planner_vs_measured_gpu import one_gpu_config  # noqa: E402
 
 # name, flavor, seq_len, global_batch, micro_batch
 CONFIGS = [
@@ -41,19 +44,10 @@ def timed_run(flavor: str, seq: int, gb: int, mb: int, steps: int, cache: Path, 
               ) -> dict:
     import torch
 
-    from apogee.config import load_config
     from apogee.launch import launch_local
     from apogee.train.trainer import Trainer
 
-    cfg = load_config(None, {
-        "run": {"dir": str(d), "log_interval": 1, "device": device},
-        "model": {"flavor": flavor},
-        "data": {"cache_dir": str(cache)},
-        "train": {"steps": steps, "seq_len": seq, "global_batch": gb, "micro_batch": mb},
-        "parallel": {"dp_shard": 1, "tp": 1},
-        "checkpoint": {"interval": -1, "resume": "never"},
-        "eval": {"interval": 0, "batches": 1},
-    })
+    cfg = one_gpu_config(d, cache, flavor, {}, seq, gb, mb, steps=steps, device=device)
     times: dict[str, list[float]] = {"forward_backward": [], "optimizer_step": [], "step": []}
     fb, opt = Trainer.forward_backward, Trainer.optimizer_step
     last = [None]

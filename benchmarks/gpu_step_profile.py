@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from planner_vs_measured_gpu import CONFIGS  # noqa: E402
+from planner_vs_measured_gpu import CONFIGS, one_gpu_config  # noqa: E402
 
 # First match wins: the order matters (a flash kernel's name may contain "gemm"-like words).
 CATEGORIES = [
@@ -71,20 +71,12 @@ def profile_config(cfg_row, steps: int, profile_step: int, cache: Path, run_dir:
     from torch.optim.optimizer import register_optimizer_step_post_hook
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from apogee.config import load_config
     from apogee.launch import launch_local
 
     name, flavor, overrides, seq, gb, mb, recompute, compiled = cfg_row
     cuda = torch.cuda.is_available()
-    cfg = load_config(None, {
-        "run": {"dir": str(run_dir), "log_interval": 1, "device": "cuda" if cuda else "cpu"},
-        "model": {"flavor": flavor, **overrides},
-        "data": {"cache_dir": str(cache)},
-        "train": {"steps": steps, "seq_len": seq, "global_batch": gb, "micro_batch": mb, "compile": compiled},
-        "parallel": {"dp_shard": 1, "tp": 1, "recompute": recompute},
-        "checkpoint": {"interval": -1, "resume": "never"},
-        "eval": {"interval": 0, "batches": 1},
-    })
+    cfg = one_gpu_config(run_dir, cache, flavor, overrides, seq, gb, mb, recompute, compiled, steps,
+                         device="cuda" if cuda else "cpu")
     # On CUDA the device's kernels alone: recording every CPU op as well slows the host ~3x (llama-1b mb1:
     # 0.46 s a step against 0.17 s), which hides a step whose GPU waits on the host.
     activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]

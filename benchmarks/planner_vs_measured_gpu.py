@@ -128,15 +128,15 @@ class MemoryPhases:
         return self.marks[ends[n - 2] + 1: ends[n - 1] + 1] if n <= len(ends) else []
 
 
-def measure(name, flavor, overrides, seq, gb, mb, recompute, compiled, steps: int, cache: Path, d: Path,
-            phases: bool = False, expandable: bool = True) -> dict:
-    import torch
-
+def one_gpu_config(d: Path, cache: Path, flavor: str, overrides: dict, seq: int, gb: int, mb: int,
+                   recompute: str = "none", compiled: bool = False, steps: int = 12, *, device: str = "cuda",
+                   expandable: bool = True):
+    """The engine's config for one of these runs (also gpu_step_profile.py's and gpu_host_dispatch.py's):
+    one rank, metrics every step, no checkpoint, one evaluation batch at the end."""
     from apogee.config import load_config
-    from apogee.launch import launch_local
 
-    cfg = load_config(None, {
-        "run": {"dir": str(d), "log_interval": 1, "device": "cuda", "expandable_segments": expandable},
+    return load_config(None, {
+        "run": {"dir": str(d), "log_interval": 1, "device": device, "expandable_segments": expandable},
         "model": {"flavor": flavor, **overrides},
         "data": {"cache_dir": str(cache)},
         "train": {"steps": steps, "seq_len": seq, "global_batch": gb, "micro_batch": mb, "compile": compiled},
@@ -144,6 +144,16 @@ def measure(name, flavor, overrides, seq, gb, mb, recompute, compiled, steps: in
         "checkpoint": {"interval": -1, "resume": "never"},  # no multi-GB write at the end
         "eval": {"interval": 0, "batches": 1},
     })
+
+
+def measure(name, flavor, overrides, seq, gb, mb, recompute, compiled, steps: int, cache: Path, d: Path,
+            phases: bool = False, expandable: bool = True) -> dict:
+    import torch
+
+    from apogee.launch import launch_local
+
+    cfg = one_gpu_config(d, cache, flavor, overrides, seq, gb, mb, recompute, compiled, steps,
+                         expandable=expandable)
     gc.collect()  # a config that failed (out of memory) leaves its tensors to the collector
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -161,7 +171,7 @@ def measure(name, flavor, overrides, seq, gb, mb, recompute, compiled, steps: in
     body = [r for r in recs if WARMUP_STEPS < r["step"] < steps]
     step_s = [gb * seq / r["tokens_per_s"] for r in body]
     extra = {}
-    if all("power_w" in r for r in body):
+    if body and all("power_w" in r for r in body):
         extra = {"power_w": [r["power_w"] for r in body], "energy_j_per_token": [r["energy_j_per_token"] for r in body]}
     if phases:  # the logged peak was reset at every mark: the largest phase peak is the run's
         extra.update(phases_step5=mp.step(5), peak_over_phases_gib=max(peak for _, _, peak in mp.marks))
