@@ -166,7 +166,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=self.is_main, resume_step=self.step)
         peak = peak_flops(self.device, "bf16" if self.use_bf16 else "fp32")
         self.peak_flops_total = peak * self.world_size if peak else None
-        self.energy = EnergyMeter.for_device(self.device)  # None without NVML (and on CPU)
+        self.energy = self.build_energy_meter()
 
     def build_data(self) -> None:
         # Rank 0 tokenises (once, cached); the others then read the cache.
@@ -402,18 +402,25 @@ class Trainer:
         self.hooks.beat("checkpoint", self.step)
         return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
 
+    def build_energy_meter(self) -> EnergyMeter | None:
+        """This rank's GPU energy meter where every rank has one (NVML), else None on all ranks: a partial
+        figure would mislead, and unmetered runs then pay no collective at their log steps."""
+        meter = EnergyMeter.for_device(self.device)  # None on CPU, without nvidia-ml-py or the counter
+        if self.device.type != "cuda" or not (dist.is_initialized() and self.world_size > 1):
+            return meter
+        metered = torch.tensor([float(meter is not None)], device=self.device)
+        dist.all_reduce(metered)
+        return meter if int(metered.item()) == self.world_size else None
+
     def energy_window(self, seconds: float, tokens: float) -> dict:
-        """Power per GPU and energy per token of the window, over every rank's GPU: a collective on CUDA
-        ranks, which all join whether or not NVML gave them a meter; nothing on CPU or without meters."""
-        if self.device.type != "cuda":
+        """Power per GPU and energy per token of the window, summed over every rank's GPU."""
+        if self.energy is None:
             return {}
-        drawn = torch.tensor([self.energy.lap() if self.energy else 0.0, float(self.energy is not None)],
-                             dtype=torch.float64, device=self.device)
+        joules = self.energy.lap()
         if dist.is_initialized() and self.world_size > 1:
+            drawn = torch.tensor([joules], dtype=torch.float64, device=self.device)
             dist.all_reduce(drawn)
-        joules, metered = drawn.tolist()
-        if metered < self.world_size:  # a rank without the counter: no figure rather than a partial one
-            return {}
+            joules = drawn.item()
         return energy_record(joules, seconds, self.world_size, tokens)
 
     def log(self, *, loss: float, lr: float, grad_norm: float, tokens_per_s: float, val_loss: float | None,
