@@ -33,5 +33,5 @@ def test_cp2_activations_per_rank_match_the_planner(tmp_path):
             # fp32 within 1%: on CPU the lower-right causal chunk's attention also keeps a materialised mask
             # (4 KiB here; GPU kernels take the causal bias without one), which the planner leaves out.
             # Under autocast the count still moves between processes (the modal count over five passes,
-            # tests/activations.py): -0.3..+1.3% per layer over ten runs (not found why).
+            # tests/activations.py): -0.3..+1.3% per layer from the counts seen in four runs (not found why).
             assert per_layer == pytest.approx(want, rel=0.025 if autocast else 0.01), (rank, autocast)
