@@ -30,9 +30,11 @@ HEAD_CALLS, HEAD_NODES = 11, 17
 # (to_local/from_local wrappers, redistribute internals). The embedding/output boundary counts as one
 # more block.
 TP_DTENSOR_CALLS, TP_PLAIN_CALLS = 45, 59
-# Per step, after the micro-batches: gradient clipping walks every parameter (to_local, float, pow,
-# sum, divide, add: 6 calls each); AdamW(foreach) runs ~12 calls per parameter group (2 groups).
-CLIP_CALLS_PER_TENSOR = 6
+# Per step, after the micro-batches: gradient clipping takes one foreach norm of the local gradients and
+# sums their squares (foreach norm, stack, pow, sum, divide, add), then the square root, the item and one
+# foreach scale: 9 calls, plus a to_local per DTensor gradient for the norm and again for the scale.
+# AdamW(foreach) runs ~12 calls per parameter group (2 groups).
+CLIP_CALLS = 9
 OPT_CALLS = 24
 TENSORS_PER_BLOCK = 9  # 7 Linear weights, 2 RMSNorm gains
 TENSORS_HEAD = 3  # embedding, final norm, output (untied)
@@ -50,6 +52,21 @@ def host_microbatch_s(m: ModelShape, lay: Layout, acc: Accelerator, layers: int,
     if fsdp:
         t += (layers + 1) * acc.fsdp_unit_s  # every block is a unit, and the root holds the rest
     return t
+
+
+def gpu_dispatch_s(lay: Layout, acc: Accelerator, layers: int, head: bool) -> tuple[float, float]:
+    """Host seconds a GPU rank's host takes to dispatch one micro-batch's forward and its backward in
+    apogee's eager step (``layers`` blocks; ``head``: the embedding, output layer and loss too): the
+    engine's calls and autograd nodes at the host's measured cost each, kernel launch included. The
+    device cannot finish a phase before its host has enqueued it. TP's DTensor dispatch and FSDP2's hooks
+    are not counted (not measured on a GPU's host), so on such layouts this is a lower bound. Zero where
+    the accelerator's host costs are not measured."""
+    if acc.host_bound:
+        return 0.0, 0.0
+    calls = layers * BLOCK_CALLS + (HEAD_CALLS if head else 0)
+    nodes = layers * BLOCK_NODES + (HEAD_NODES if head else 0)
+    recomputed = layers * BLOCK_CALLS if lay.recompute == "full" else 0  # the forward, again in backward
+    return calls * acc.host_call_s, nodes * acc.host_node_s + recomputed * acc.host_call_s
 
 
 def host_key(m: ModelShape, lay: Layout, fsdp: bool) -> tuple:
@@ -88,10 +105,9 @@ def host_step_s(m: ModelShape, lay: Layout, acc: Accelerator, layers: int) -> fl
     tensors = layers * TENSORS_PER_BLOCK + TENSORS_HEAD
     sharded = lay.tp > 1 or lay.dp * lay.cp > 1  # parameters are DTensors (FSDP2 at every zero level)
     if sharded:
-        # Clipping unwraps each gradient once (to_local, a DTensor call) and works on the local shard.
-        clip = tensors * (acc.dtensor_call_s + (CLIP_CALLS_PER_TENSOR - 1) * acc.host_call_s)
-        return clip + OPT_CALLS * acc.dtensor_call_s
-    return (tensors * CLIP_CALLS_PER_TENSOR + OPT_CALLS) * acc.host_call_s
+        # Clipping unwraps each gradient (to_local, a DTensor call) for the norm and for the scale.
+        return 2 * tensors * acc.dtensor_call_s + CLIP_CALLS * acc.host_call_s + OPT_CALLS * acc.dtensor_call_s
+    return (CLIP_CALLS + OPT_CALLS) * acc.host_call_s
 
 
 def oversubscription(acc: Accelerator, ranks_per_node: int) -> float:

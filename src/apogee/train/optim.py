@@ -69,9 +69,12 @@ def clip_grad_norm(model: nn.Module, max_norm: float, *, pp: int = 1, counted_el
             p.grad = p.grad.redistribute(p.grad.device_mesh, [Replicate() if pl.is_partial() else pl for pl in p.grad.placements])
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     device = grads[0].device if grads else torch.device("cpu")
-    total_sq = torch.zeros((), device=device, dtype=torch.float32)
     world = dist.get_world_size() if dist.is_initialized() else 1
     skip = {id(p.grad) for p in counted_elsewhere}
+    # Local shards grouped by how many ranks hold a copy of each element, so that each group's squares
+    # are divided once. One foreach norm per group: a few kernel launches and one read of each gradient,
+    # where a loop over tensors launched several kernels a tensor and squared each into a temporary.
+    by_copies: dict[int, list[torch.Tensor]] = {}
     for g in grads:
         if id(g) in skip:
             continue
@@ -80,10 +83,13 @@ def clip_grad_norm(model: nn.Module, max_norm: float, *, pp: int = 1, counted_el
             for size, placement in zip(g.device_mesh.shape, g.placements):
                 if placement.is_replicate():
                     copies *= size
-            local = g.to_local()
-            total_sq += local.float().pow(2).sum() / copies
+            by_copies.setdefault(copies, []).append(g.to_local())
         else:
-            total_sq += g.float().pow(2).sum() / (world // pp)  # the same on every rank of its stage
+            by_copies.setdefault(world // pp, []).append(g)  # the same on every rank of its stage
+    total_sq = torch.zeros((), device=device, dtype=torch.float32)
+    for copies, tensors in by_copies.items():
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        total_sq += torch.stack(norms).pow(2).sum() / copies
     if world > 1:
         dist.all_reduce(total_sq)
     total = total_sq.sqrt().item()
