@@ -157,6 +157,8 @@ def test_energy_counter_reads_the_device(tmp_path, cache_dir):
             a @ a
         torch.cuda.synchronize()
     watts = meter.lap() / (time.perf_counter() - t0)
+    assert meter.thread is not None  # the sampler thread read the counter; the laps did not
+    meter.close()
     assert 30 < watts < 1500, watts
     Trainer(config(tmp_path / "run", cache_dir, "cuda", run={"log_interval": 2})).fit()
     logged = [r for r in read_metrics(tmp_path / "run") if r["step"] > 1]

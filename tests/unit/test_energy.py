@@ -3,6 +3,8 @@ is exercised on a GPU (tests/gpu/test_cuda.py)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -24,6 +26,45 @@ def test_each_lap_is_the_counter_difference_since_the_last_one_on_one_reading():
     counter[0] += 42.5
     assert meter.lap() == 192.5  # the next window started where the last one ended
     assert len(reads) == 3  # one reading per window boundary: NVML's takes milliseconds
+
+
+def test_a_started_meter_reads_nothing_on_lap_and_extrapolates_at_the_latest_power():
+    clock, counter, reads = [10.0], [500.0], []
+
+    def read():
+        reads.append(counter[0])
+        return counter[0]
+
+    meter = EnergyMeter(read, clock=lambda: clock[0])
+    meter.interval_s = 0.1  # as start() sets it, without its thread: samples taken by hand below
+    meter.thread = object()  # lap must not read
+    clock[0], counter[0] = 10.1, 570.0  # 700 W
+    meter.sample()
+    clock[0] = 10.15
+    assert meter.lap() == pytest.approx(70.0 + 35.0)  # 50 ms past the latest reading at 700 W
+    clock[0], counter[0] = 10.2, 640.0
+    meter.sample()
+    clock[0] = 10.5  # the sampler is late: extrapolate over one interval at most
+    assert meter.lap() == pytest.approx(640.0 + 70.0 - 605.0)
+    assert len(reads) == 3  # the construction and the two samples; no lap read
+
+
+def test_the_sampler_thread_keeps_the_counter_current_and_stops():
+    counter = [0.0]
+
+    def read():
+        counter[0] += 1.0
+        return counter[0]
+
+    meter = EnergyMeter(read).start(interval_s=0.01)
+    deadline = time.monotonic() + 5.0
+    while counter[0] < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert meter.lap() >= 4.0  # the readings the thread took since the start, no read of the lap's own
+    meter.close()
+    stopped_at = counter[0]
+    time.sleep(0.05)
+    assert counter[0] == stopped_at and meter.thread is None
 
 
 def test_record_gives_power_per_gpu_and_energy_per_token():

@@ -9,25 +9,82 @@ the metrics stream simply has no energy keys.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Callable
 
 import torch
 
+SAMPLE_INTERVAL_S = 0.1
+
 
 class EnergyMeter:
-    """Energy over consecutive windows of a run, from a counter in joules (``read_j``). Each window ends
-    where the next starts, on one reading: NVML's counter takes ~5 ms a read on an H100 (stop 17), so the
-    trainer reads it once per logging window."""
+    """Energy over consecutive windows of a run, from a counter in joules (``read_j``).
 
-    def __init__(self, read_j: Callable[[], float]):
-        self.read_j = read_j
-        self.start_j = read_j()
+    NVML's counter takes ~5 ms a read on an H100 (stop 17), too long for the training loop. Once
+    ``start``-ed, a background thread reads it every ``interval_s`` (the read is a foreign call, which
+    releases the GIL) and ``lap`` reads nothing: the counter at the lap's instant is the latest reading
+    extrapolated at the power of the two latest, over at most one interval. Unstarted, ``lap`` reads the
+    counter itself. Each window ends where the next starts."""
+
+    def __init__(self, read_j: Callable[[], float], clock: Callable[[], float] = time.perf_counter):
+        self.read_j, self.clock = read_j, clock
+        self.lock = threading.Lock()
+        self.samples: list[tuple[float, float]] = []  # the two latest (instant, joules)
+        self.interval_s = 0.0
+        self.thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+        self.sample()
+        self.start_j = self.samples[-1][1]
+
+    def sample(self) -> None:
+        """One reading of the counter, stamped at the middle of the read."""
+        before = self.clock()
+        joules = self.read_j()
+        stamp = (before + self.clock()) / 2
+        with self.lock:
+            self.samples = (self.samples + [(stamp, joules)])[-2:]
+
+    def energy_at(self, instant: float) -> float:
+        """The counter at ``instant``, from the latest reading and the power of the two latest."""
+        with self.lock:
+            samples = list(self.samples)
+        t1, j1 = samples[-1]
+        if len(samples) < 2 or instant <= t1:
+            return j1
+        t0, j0 = samples[0]
+        power = (j1 - j0) / (t1 - t0) if t1 > t0 else 0.0
+        return j1 + power * min(instant - t1, self.interval_s)
 
     def lap(self) -> float:
         """Energy drawn since the last lap (or since the meter was made); the next window starts now."""
-        now = self.read_j()
+        if self.thread is None:
+            self.sample()
+        now = self.energy_at(self.clock())
         drawn, self.start_j = now - self.start_j, now
         return drawn
+
+    def start(self, interval_s: float = SAMPLE_INTERVAL_S) -> "EnergyMeter":
+        """Read the counter on a background thread from now on, every ``interval_s``."""
+        self.interval_s = interval_s
+
+        def run() -> None:
+            while not self.stopping.wait(interval_s):
+                try:
+                    self.sample()
+                except Exception:  # the counter failed: lap reads it itself again (and raises there)
+                    self.thread = None
+                    return
+
+        self.thread = threading.Thread(target=run, name="apogee-energy", daemon=True)
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5.0)
+            self.thread = None
 
     @classmethod
     def for_device(cls, device: torch.device) -> "EnergyMeter | None":
@@ -46,7 +103,7 @@ class EnergyMeter:
             pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # raises where the GPU has no counter
         except (pynvml.NVMLError, AttributeError, RuntimeError):
             return None
-        return cls(lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0)
+        return cls(lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0).start()
 
 
 def energy_record(joules: float, seconds: float, gpus: int, tokens: float) -> dict:

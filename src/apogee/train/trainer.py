@@ -410,7 +410,11 @@ class Trainer:
             return meter
         metered = torch.tensor([float(meter is not None)], device=self.device)
         dist.all_reduce(metered)
-        return meter if int(metered.item()) == self.world_size else None
+        if int(metered.item()) == self.world_size:
+            return meter
+        if meter is not None:
+            meter.close()
+        return None
 
     def energy_window(self, seconds: float, tokens: float) -> dict:
         """Power per GPU and energy per token of the window, summed over every rank's GPU."""
@@ -509,6 +513,8 @@ class Trainer:
                 break
         self.checkpointer.close()  # an async save in flight becomes durable before the job ends
         self.snapshots.close()  # and the RAM the in-memory snapshots hold is freed
+        if self.energy is not None:
+            self.energy.close()
         if saved is None and self.step > 0:
             saved = latest_checkpoint(self.run_dir / "checkpoints")
         result = TrainResult(str(self.run_dir), self.step, loss, val_loss, str(saved) if saved else None, stopped, exclusion)
