@@ -147,6 +147,9 @@ def _print_estimate(e: Estimate, run: RunSpec) -> None:
     print(f"TFLOP/s/GPU model {e.model_tflops_per_gpu:.1f}   hardware {e.hardware_tflops_per_gpu:.1f}   MFU {e.mfu:.1%}")
     print(f"memory/GPU  {_fmt_mem(e)}")
     print(f"pipeline    bubble {e.bubble_fraction:.1%}")
+    if e.host_wait_s > 0:
+        print(f"host        the GPUs wait {e.host_wait_s * 1e3:.1f} ms a step on the host's dispatch of the eager "
+              f"step (more tokens a micro-batch, or layout.compile, hide it)")
     print("comm (s)    " + "  ".join(f"{k} {e.comm_s[k]:.3f} (exposed {e.comm_exposed_s[k]:.3f})"
                                      for k in e.comm_s if e.comm_s[k] > 0) or "none")
     print(f"checkpoint  every {e.checkpoint_interval_s / 60:.1f} min (write {e.checkpoint_write_s:.1f} s, "

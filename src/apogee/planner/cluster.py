@@ -56,9 +56,11 @@ class Accelerator:
     # in Megatron-LM / torchtitan memory snapshots on H100. The cpu device: the rank process's resident
     # size before training (Python, torch, gloo), measured by benchmarks/planner_vs_measured.py.
     reserved_gib: float = 2.5
-    # Host-bound execution (the cpu device; zero on GPUs, whose host work runs ahead of the device
-    # and is hidden behind it). Each is measured by benchmarks/planner_vs_measured.py's micro-benchmarks
-    # and priced against the engine's op counts (planner/host.py):
+    # Host-bound execution (the cpu device). Each is measured by benchmarks/planner_vs_measured.py's
+    # micro-benchmarks and priced against the engine's op counts (planner/host.py). On a GPU the host
+    # enqueues kernels ahead of the device, so only host_call_s and host_node_s apply there (kernel launch
+    # included; zero: not measured): apogee's eager micro-batch cannot run faster than its host dispatches
+    # it, phase by phase (host.gpu_dispatch_s).
     host_call_s: float = 0.0  # seconds per Python-level torch call in a forward (dispatch + autograd record)
     host_node_s: float = 0.0  # seconds per autograd node run in the backward
     dtensor_call_s: float = 0.0  # seconds per DTensor op, forward + its backward (sharding propagation)
@@ -138,6 +140,11 @@ H100_ENGINE_GEMM_EFF = 0.695
 # Llama 3 8B's 1.923B (1.28 TB/s), 0.41 and 0.38 of the 3.35 TB/s datasheet figure, where a copy kernel
 # streams at 0.9. The Hopper parts share it, as they share the GEMM figure.
 H100_ENGINE_ADAM_BW_EFF = 0.40
+# The host's dispatch of apogee's eager step on the lent H100 machine (Intel Xeon host, torch 2.11+cu130):
+# one llama-1b micro-batch of 32 tokens, whose kernels are tiny, takes 44 ms forward + backward
+# (benchmarks/gpu_host_dispatch.py, benchmarks/results/h100-host-dispatch.json) for planner/host.py's
+# 1,051 torch calls and 1,329 autograd nodes: 18.5 us each, a call or node with its kernel launch.
+H100_HOST_DISPATCH_S = 18.5e-6
 
 ACCELERATORS: dict[str, Accelerator] = {
     # A100 SXM4: 312 TFLOP/s dense bf16/fp16 (NVIDIA A100 datasheet; Narayanan et al. 2021 use 312);
@@ -178,6 +185,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         name="h100-80gb", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=80, mem_bw_gbs=3350,
         gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, attn_eff_hd64=H100_ATTN_EFF_HD64,
         engine_gemm_eff=H100_ENGINE_GEMM_EFF, engine_adam_bw_eff=H100_ENGINE_ADAM_BW_EFF,
+        host_call_s=H100_HOST_DISPATCH_S, host_node_s=H100_HOST_DISPATCH_S,
         nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H100 NVL 94/96 GB parts: same SXM compute figures for the 96 GB SXM variant (NVIDIA GH200/H100
@@ -189,6 +197,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         name="h100-96gb", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=96, mem_bw_gbs=3900,
         gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, attn_eff_hd64=H100_ATTN_EFF_HD64,
         engine_gemm_eff=H100_ENGINE_GEMM_EFF, engine_adam_bw_eff=H100_ENGINE_ADAM_BW_EFF,
+        host_call_s=H100_HOST_DISPATCH_S, host_node_s=H100_HOST_DISPATCH_S,
         nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H200 SXM: same Hopper compute (989 bf16 dense), 141 GB HBM3e at 4.8 TB/s (NVIDIA H200 datasheet).
@@ -196,6 +205,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         name="h200", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=141, mem_bw_gbs=4800,
         gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, attn_eff_hd64=H100_ATTN_EFF_HD64,
         engine_gemm_eff=H100_ENGINE_GEMM_EFF, engine_adam_bw_eff=H100_ENGINE_ADAM_BW_EFF,
+        host_call_s=H100_HOST_DISPATCH_S, host_node_s=H100_HOST_DISPATCH_S,
         nvlink_busbw_gbs=360, nic_gbs=45, sms=132, power_w=700,
     ),
     # H800: H100 compute with NVLink cut to 400 GB/s bidirectional; DeepSeek-V3 report (2024, §3.2)
@@ -204,6 +214,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         name="h800", peak_tflops={"bf16": 989.0, "fp8": 1979.0}, mem_gib=80, mem_bw_gbs=3350,
         gemm_eff=H100_STACK_GEMM_EFF, attn_eff=H100_ATTN_EFF, attn_eff_hd64=H100_ATTN_EFF_HD64,
         engine_gemm_eff=H100_ENGINE_GEMM_EFF, engine_adam_bw_eff=H100_ENGINE_ADAM_BW_EFF,
+        host_call_s=H100_HOST_DISPATCH_S, host_node_s=H100_HOST_DISPATCH_S,
         nvlink_busbw_gbs=160, nic_gbs=45, sms=132, power_w=700,
     ),
     # B200: 2.25 PFLOP/s dense bf16, 4.5 dense fp8, 192 GB (180 usable) HBM3e at 8 TB/s, NVLink5 1.8 TB/s

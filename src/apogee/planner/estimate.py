@@ -11,7 +11,7 @@ from apogee.planner import comms
 from apogee.planner.cluster import GIB, Accelerator, Cluster
 from apogee.planner.compute import AUTOCAST_CAST_BYTES, hbm_bytes_per_s, layer_times, logits_times
 from apogee.planner.errors import PlannerError
-from apogee.planner.host import host_microbatch_s, host_step_s, measured_host_s, oversubscription
+from apogee.planner.host import gpu_dispatch_s, host_microbatch_s, host_step_s, measured_host_s, oversubscription
 from apogee.planner.memory import (
     MemoryBreakdown,
     engine_autocast,
@@ -36,10 +36,10 @@ GRAD_REDUCE_BYTES = 4  # fp32 gradient reduction: Megatron-LM main_grad and torc
 ADAM_BYTES_PER_PARAM = 34
 # apogee's engine (stack = "apogee", train/optim.py) holds fp32 parameters and no bf16 copy: its fused
 # AdamW reads param, grad, m, v and writes param, m, v (28 bytes, at Accelerator.engine_adam_bw_eff where
-# measured); clip_grad_norm squares each gradient into a temporary and sums it (12), then scales the
+# measured); clip_grad_norm reads each gradient once for its norm (one foreach norm, 4), then scales the
 # gradients in place (8; charged always: early in training the norm is above the clip).
 ENGINE_ADAM_BYTES_PER_PARAM = 28
-ENGINE_CLIP_BYTES_PER_PARAM = 20
+ENGINE_CLIP_BYTES_PER_PARAM = 12
 GRAD_ZERO_BYTES_PER_PARAM = 4
 GRAD_ACCUMULATE_BYTES_PER_PARAM = 12  # .grad += g in fp32: read two, write one
 # TP collectives overlapped with GEMMs still cost some time: the communication kernels take SMs from
@@ -69,6 +69,7 @@ class Estimate:
     power_kw: float = 0.0  # the cluster's draw (cluster.Cluster.power_w)
     energy_j_per_token: float = 0.0  # per token trained at the predicted step time
     energy_j_per_useful_token: float = 0.0  # the same over goodput: checkpoint stalls and lost work included
+    host_wait_s: float = 0.0  # of the step, the GPU idle while the host dispatches (small micro-batches)
 
     def to_json(self) -> dict:
         return {
@@ -91,6 +92,7 @@ class Estimate:
             "power_kw": self.power_kw,
             "energy_j_per_token": self.energy_j_per_token,
             "energy_j_per_useful_token": self.energy_j_per_useful_token,
+            "host_wait_s": self.host_wait_s,
         }
 
 
@@ -204,13 +206,20 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     act_bytes = tokens * m.hidden * (4 if run.precision == "fp32" else 2)
     parts: dict[tuple[int, bool], _MicroBatch] = {}
     work = []  # per pp rank: one micro-batch's forward + backward with its exposed TP/CP/EP traffic
+    host_wait = []  # per pp rank: what of it the device spends waiting on the host's dispatch (GPUs)
     for r, layers in enumerate(counts):
         last = r == p - 1
         if (layers, last) not in parts:
             parts[layers, last] = _micro_batch(run, lay, acc, eager, layers, last, act_bytes, share, fsdp,
                                                host_measured)
+        part = parts[layers, last]
         # The last rank also runs the output layer and the loss.
-        work.append(parts[layers, last].time + (lf + lb if last else 0.0))
+        f, b = part.f + (lf if last else 0.0), part.b + (lb if last else 0.0)
+        # apogee's eager step on a GPU: neither phase ends before the host has dispatched it (compiled
+        # blocks launch a few fused kernels instead; not modelled).
+        hf, hb = gpu_dispatch_s(lay, acc, layers, last) if eager is not None else (0.0, 0.0)
+        host_wait.append(max(0.0, hf - f) + max(0.0, hb - b))
+        work.append(part.time + (lf + lb if last else 0.0) + host_wait[-1])
     slow = max(range(p), key=work.__getitem__)
     part = parts[counts[slow], slow == p - 1]
     f_stage, b_stage = part.f, part.b
@@ -338,7 +347,7 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
                 "pp": pp_comm, "dp": dp_comm},
         comm_exposed_s={"tp": part.tp_exposed * n_micro, "cp": part.cp_exposed * n_micro,
                         "ep": part.ep_comm * n_micro, "pp": pp_exposed, "dp": dp_exposed},
-        compute_s=n_micro * (f_stage + b_stage) + t_opt,
+        compute_s=n_micro * (f_stage + b_stage) + t_opt, host_wait_s=n_micro * host_wait[slow],
     )
     _checkpointing(run, est)
     _energy(run, est, tokens_step)
