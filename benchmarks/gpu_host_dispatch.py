@@ -104,10 +104,29 @@ def planner_dispatch(rec: dict, gpu: str = "h100-80gb") -> tuple[float, float]:
     return gpu_dispatch_s(Layout(), ACCELERATORS[gpu], layers, head=True)
 
 
+def planner_step(rec: dict, gpu: str = "h100-80gb", *, host: bool = True):
+    """The planner's estimate of ``rec``'s step on one GPU (``host``: with the host's dispatch costs; without,
+    the device's work alone)."""
+    import dataclasses
+
+    from apogee.models.flavors import FLAVORS
+    from apogee.planner.cluster import ACCELERATORS, Cluster
+    from apogee.planner.estimate import estimate
+    from apogee.planner.spec import Layout, RunSpec, shape_from_args
+
+    acc = ACCELERATORS[gpu] if host else dataclasses.replace(ACCELERATORS[gpu], host_call_s=0.0, host_node_s=0.0)
+    fa = dataclasses.replace(FLAVORS[rec["flavor"]], **rec.get("overrides", {}))
+    run = RunSpec(model=shape_from_args(fa, flavor=rec["flavor"], seq_len=rec["seq_len"]),
+                  cluster=Cluster(accel=acc, gpus=1, gpus_per_node=1), fixed={}, global_batch=rec["global_batch"],
+                  precision="bf16")
+    return estimate(run, Layout(microbatch=rec["micro_batch"], zero=3, dp_overlap=False))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--only", default="", help="run only the configs whose name contains this text")
     args = ap.parse_args(argv)
     import torch
 
@@ -116,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
     with tempfile.TemporaryDirectory() as td:
         for i, (name, flavor, overrides, seq, gb, mb) in enumerate(CONFIGS):
+            if args.only not in name:
+                continue
             rec = {"config": name, "flavor": flavor, "overrides": overrides, "seq_len": seq, "global_batch": gb,
                    "micro_batch": mb, **timed_run(flavor, overrides, seq, gb, mb, args.steps, Path(td) / "cache",
                                                   Path(td) / f"run{i}")}
@@ -129,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{1e3 * r['forward_backward']['median']:.1f} / {1e3 * r['optimizer_step']['median']:.1f})")
         hf, hb = planner_dispatch(r)
         micro = r["global_batch"] // r["micro_batch"]
-        print(f"{'':<22} host dispatch, planner: forward {1e3 * hf:5.1f} ms a micro-batch (measured "
-              f"{1e3 * r['forward_host']['min']:5.1f}), forward + backward {1e3 * micro * (hf + hb):6.1f} ms a step "
-              f"(forward_backward measured {1e3 * r['forward_backward']['min']:6.1f})")
+        est = planner_step(r)
+        print(f"{'':<22} planner: host dispatch forward {1e3 * hf:5.1f} ms a micro-batch (measured "
+              f"{1e3 * r['forward_host']['min']:5.1f}), forward + backward {1e3 * micro * (hf + hb):6.1f} ms a step; "
+              f"step {1e3 * est.step_time_s:6.1f} ms, of which the GPU waits on the host {1e3 * est.host_wait_s:5.1f}")
     if args.out:
         args.out.write_text(json.dumps(out, indent=1))
     return 0

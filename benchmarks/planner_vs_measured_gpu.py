@@ -240,9 +240,12 @@ def predict(rec: dict, gpu: str, gemm_table: Path | None, engine: bool) -> dict:
     mem = est.memory.total / 2**30
     energy = {}
     if "energy_j_per_token" in rec:
-        meas_j = statistics.median(rec["energy_j_per_token"])
+        # Means, not medians: each window's energy is a difference of counter readings, so one window's
+        # error is its neighbour's with the sign turned, and the mean over equal-token windows is the
+        # whole run's energy over its tokens. Single windows of a step or two scatter by +-40%.
+        meas_j = statistics.fmean(rec["energy_j_per_token"])
         energy = {"pred_j_per_token": est.energy_j_per_token, "meas_j_per_token": meas_j,
-                  "meas_power_w": statistics.median(rec["power_w"]),
+                  "meas_power_w": statistics.fmean(rec["power_w"]),
                   "energy_err_pct": 100 * (est.energy_j_per_token / meas_j - 1)}
     return {**energy, "pred_step_s": est.step_time_s, "meas_step_min_s": step_min, "meas_step_median_s": step_med,
             "step_err_pct": 100 * (est.step_time_s / step_med - 1),

@@ -15,7 +15,9 @@ from typing import Callable
 
 import torch
 
-SAMPLE_INTERVAL_S = 0.1
+# A reading takes ~5 ms of the driver's time; whether readings every 0.1 s slowed a host-bound run's
+# kernel launches was not resolved from the noise on the H100 (docs/planner.md), so they are rarer.
+SAMPLE_INTERVAL_S = 1.0
 
 
 class EnergyMeter:
