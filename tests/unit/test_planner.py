@@ -721,3 +721,44 @@ def test_h100_host_dispatch_floors_the_step_at_a_few_tokens():
     assert mod.planner_step(held_out).step_time_s == pytest.approx(held_out["step"]["min"], rel=0.05)
     for r in (small, held_out):
         assert mod.planner_dispatch(r)[0] == pytest.approx(r["forward_host"]["min"], rel=0.15), r["config"]
+
+
+def test_gpu_host_dispatch_floors_each_phase_of_the_eager_step_only():
+    """apogee's eager micro-batch on a GPU: each phase takes max(device, host dispatch), the host's being
+    the engine's counted calls (forward) and autograd nodes (backward) at the accelerator's host costs, so
+    a model whose kernels take nothing runs at the host's pace, and a large one is untouched. Compiled
+    blocks, the Megatron stack, and accelerators without measured host costs get no floor."""
+    import dataclasses
+
+    from apogee.models.flavors import FLAVORS
+    from apogee.planner import host
+    from apogee.planner.cluster import Cluster
+    from apogee.planner.spec import shape_from_args
+
+    h100 = get_accelerator("h100-80gb")
+    assert host.gpu_dispatch_s(Layout(), h100, 16, head=True) == pytest.approx(
+        ((16 * host.BLOCK_CALLS + host.HEAD_CALLS) * h100.host_call_s,
+         (16 * host.BLOCK_NODES + host.HEAD_NODES) * h100.host_node_s))
+    f, b = host.gpu_dispatch_s(Layout(recompute="full"), h100, 4, head=False)
+    assert b == pytest.approx(4 * (host.BLOCK_NODES * h100.host_node_s + host.BLOCK_CALLS * h100.host_call_s))
+    assert host.gpu_dispatch_s(Layout(), get_accelerator("cpu"), 4, head=True) == (0.0, 0.0)
+
+    def est(seq, gb, acc=h100, stack="apogee", **lay):
+        m = shape_from_args(FLAVORS["llama-1b"], flavor="llama-1b", seq_len=seq)
+        run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=1, gpus_per_node=1), fixed={}, global_batch=gb,
+                      precision="bf16", stack=stack)
+        return estimate(run, Layout(microbatch=1, zero=3, dp_overlap=False, **lay))
+
+    tiny = est(8, 4)
+    hf, hb = host.gpu_dispatch_s(Layout(), h100, 16, head=True)
+    # Four micro-batches of 8 tokens: the device's work (mostly the parameter-sized casts) is shorter than the
+    # host's dispatch, which the step cannot beat; the floor adds exactly what the device waits.
+    unmeasured = dataclasses.replace(h100, host_call_s=0.0, host_node_s=0.0)
+    device_only = est(8, 4, unmeasured)
+    assert tiny.step_time_s - device_only.step_time_s == pytest.approx(tiny.host_wait_s)
+    assert tiny.host_wait_s > 0.5 * 4 * (hf + hb)
+    assert tiny.step_time_s > 4 * (hf + hb)
+    assert est(8192, 4).host_wait_s == 0.0  # 8K tokens a micro-batch: the device leads
+    assert est(8, 4, compile=True).host_wait_s == 0.0
+    assert est(8, 4, stack="megatron").host_wait_s == 0.0
+    assert tiny.to_json()["host_wait_s"] == tiny.host_wait_s
