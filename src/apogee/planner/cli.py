@@ -130,11 +130,13 @@ def _fmt_mem(e: Estimate) -> str:
 
 def _reasons(best: Estimate, others: list[Estimate]) -> list[str]:
     out = [f"compute {best.compute_s:.3f}s of {best.step_time_s:.3f}s; bubble {best.bubble_fraction:.1%}; "
-           f"exposed comm " + ", ".join(f"{k} {v:.3f}s" for k, v in best.comm_exposed_s.items() if v > 0)]
+           f"exposed comm " + ", ".join(f"{k} {v:.3f}s" for k, v in best.comm_exposed_s.items() if v > 0)
+           + (f"; waiting on the host {best.host_wait_s:.3f}s" if best.host_wait_s > 0 else "")]
     for o in others[:3]:
         d = {"bubble": o.bubble_fraction * o.compute_s - best.bubble_fraction * best.compute_s,
              "exposed comm": sum(o.comm_exposed_s.values()) - sum(best.comm_exposed_s.values()),
-             "compute (recompute, GEMM shapes)": o.compute_s - best.compute_s}
+             "compute (recompute, GEMM shapes)": o.compute_s - best.compute_s,
+             "waiting on the host's dispatch": o.host_wait_s - best.host_wait_s}
         k = max(d, key=d.get)
         out.append(f"beats [{o.layout.short()}] by {o.step_time_s / best.step_time_s - 1:.1%}: mostly {k} "
                    f"(+{d[k]:.3f}s there)")
