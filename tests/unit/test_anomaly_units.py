@@ -54,6 +54,14 @@ def test_straggler_needs_consecutive_slow_steps_and_names_the_rank():
     found = [d.observe(s, [1.0, 1.0, 1.5, 1.0]) for s in (5, 6, 7, 8)]
     assert found[:2] == [[], []] and [f["rank"] for f in found[2]] == [2] and found[3] == []  # reported once
     assert found[2][0]["vs_peers"] == 1.5
+    # One step's dip is no recovery: still slow afterwards, it is not reported again (the straggler drill
+    # once saw its slowed rank named twice in 12 steps on a loaded runner).
+    assert d.observe(9, [1.0, 1.0, 1.1, 1.0]) == []
+    assert [d.observe(s, [1.0, 1.0, 1.5, 1.0]) for s in (10, 11, 12, 13)] == [[]] * 4
+    # Recovered for `consecutive` steps, then slow anew for as many: a second event.
+    assert [d.observe(s, [1.0, 1.0, 1.0, 1.0]) for s in (14, 15, 16)] == [[]] * 3
+    again = [d.observe(s, [1.0, 1.0, 1.6, 1.0]) for s in (17, 18, 19)]
+    assert again[:2] == [[], []] and [f["rank"] for f in again[2]] == [2]
 
 
 def test_anomaly_and_slow_drills_parse_and_fire(tmp_path):

@@ -13,7 +13,8 @@ sees all of them and scores them (the same verdict everywhere, which an elastic 
 rank 0 reports. A rank is scored against the median of its peers (``vs_peers``)
 and against its own baseline (the median of its first scored steps, ``vs_own``); ``vs_peers`` above
 ``factor`` for ``consecutive`` steps in a row is a straggler: one ``straggler`` event and one log
-line, again only after the rank recovered and slowed down anew.
+line, again only after the rank recovered (``consecutive`` steps in a row at or under the factor: one
+step's dip in a noisy measurement is not a recovery) and slowed down anew.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class StragglerDetector:
         self.baseline_steps = baseline_steps
         self.seen = 0
         self.streak = [0] * world
+        self.healthy = [0] * world  # steps in a row at or under the factor
         self.baseline: list[list[float]] = [[] for _ in range(world)]
         self.reported: set[int] = set()
 
@@ -68,9 +70,12 @@ class StragglerDetector:
             base = statistics.median(own)
             if vs_peers > self.factor:
                 self.streak[rank] += 1
+                self.healthy[rank] = 0
             else:
                 self.streak[rank] = 0
-                self.reported.discard(rank)
+                self.healthy[rank] += 1
+                if self.healthy[rank] >= self.consecutive:
+                    self.reported.discard(rank)
             if self.streak[rank] >= self.consecutive and rank not in self.reported:
                 self.reported.add(rank)
                 found.append({"rank": rank, "step": step, "vs_peers": round(vs_peers, 3),
