@@ -141,9 +141,11 @@ H100_ENGINE_GEMM_EFF = 0.695
 # streams at 0.9. The Hopper parts share it, as they share the GEMM figure.
 H100_ENGINE_ADAM_BW_EFF = 0.40
 # The host's dispatch of apogee's eager step on the lent H100 machine (Intel Xeon host, torch 2.11+cu130):
-# one llama-1b micro-batch of 32 tokens, whose kernels are tiny, takes 44 ms forward + backward
-# (benchmarks/gpu_host_dispatch.py, benchmarks/results/h100-host-dispatch.json) for planner/host.py's
-# 1,051 torch calls and 1,329 autograd nodes: 18.5 us each, a call or node with its kernel launch.
+# one llama-1b micro-batch of 32 tokens, whose kernels are tiny, took 44 ms forward + backward in stop 17's
+# run of benchmarks/gpu_host_dispatch.py (docs/planner.md, "Fused AdamW, energy and the host at micro-batch
+# 1") for planner/host.py's 1,051 torch calls and 1,329 autograd nodes: 18.5 us each, a call or node with
+# its kernel launch. Stop 18's run (benchmarks/results/h100-host-dispatch.json) timed the forward alone:
+# 20.4 ms for llama-1b's 1,051 calls (19.4 us), 5.7 ms for the 4-layer Llama 3 8B's 271 (21 us).
 H100_HOST_DISPATCH_S = 18.5e-6
 
 ACCELERATORS: dict[str, Accelerator] = {
