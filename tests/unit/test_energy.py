@@ -82,3 +82,19 @@ def test_the_console_line_shows_power_only_where_it_was_measured():
     assert "W/GPU" not in format_record(base)
     line = format_record({**base, "power_w": 612.4, "energy_j_per_token": 0.0123})
     assert "612 W/GPU, 0.0123 J/token" in line
+
+
+def test_the_trainer_stops_the_sampler_also_when_the_run_fails(tmp_path, monkeypatch):
+    from apogee.config import load_config
+    from apogee.train.trainer import Trainer
+
+    meter = EnergyMeter(lambda: 0.0).start(interval_s=0.01)
+
+    def failing_run(self):
+        self.energy = meter
+        raise RuntimeError("a rank failed mid-run")
+
+    monkeypatch.setattr(Trainer, "run_loop", failing_run)
+    with pytest.raises(RuntimeError, match="mid-run"):
+        Trainer(load_config(None, {"run": {"dir": str(tmp_path)}})).fit()
+    assert meter.thread is None and meter.stopping.is_set()

@@ -106,6 +106,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = cfg.run.path
         self.elastic = elastic  # apogee launch's node range and exclusions (resilience/elastic.py), or None
+        self.energy: EnergyMeter | None = None
 
     # ----------------------------------------------------------------------------------- build
     def build(self) -> None:
@@ -448,6 +449,13 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
+        try:
+            return self.run_loop()
+        finally:
+            if self.energy is not None:  # its sampler thread, also when the run failed
+                self.energy.close()
+
+    def run_loop(self) -> TrainResult:
         self.build()
         cfg = self.cfg
         tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
@@ -513,8 +521,6 @@ class Trainer:
                 break
         self.checkpointer.close()  # an async save in flight becomes durable before the job ends
         self.snapshots.close()  # and the RAM the in-memory snapshots hold is freed
-        if self.energy is not None:
-            self.energy.close()
         if saved is None and self.step > 0:
             saved = latest_checkpoint(self.run_dir / "checkpoints")
         result = TrainResult(str(self.run_dir), self.step, loss, val_loss, str(saved) if saved else None, stopped, exclusion)
