@@ -37,9 +37,9 @@ def test_a_started_meter_reads_nothing_on_lap_and_extrapolates_at_the_latest_pow
 
     meter = EnergyMeter(read, clock=lambda: clock[0])
     meter.interval_s = 0.1  # as start() sets it, without its thread: samples taken by hand below
-    meter.thread = object()  # lap must not read
     clock[0], counter[0] = 10.1, 570.0  # 700 W
     meter.sample()
+    meter.background = True  # as the thread sets it after its first reading: lap must not read
     clock[0] = 10.15
     assert meter.lap() == pytest.approx(70.0 + 35.0)  # 50 ms past the latest reading at 700 W
     clock[0], counter[0] = 10.2, 640.0
@@ -47,6 +47,16 @@ def test_a_started_meter_reads_nothing_on_lap_and_extrapolates_at_the_latest_pow
     clock[0] = 10.5  # the sampler is late: extrapolate over one interval at most
     assert meter.lap() == pytest.approx(640.0 + 70.0 - 605.0)
     assert len(reads) == 3  # the construction and the two samples; no lap read
+
+
+def test_a_started_meter_reads_on_lap_until_its_thread_has_read():
+    # A window shorter than the sampling interval, before the thread's first reading: the lap reads the
+    # counter itself rather than report nothing drawn.
+    counter = [100.0]
+    meter = EnergyMeter(lambda: counter[0]).start(interval_s=60.0)
+    counter[0] += 25.0
+    assert meter.lap() == 25.0 and not meter.background
+    meter.close()
 
 
 def test_the_sampler_thread_keeps_the_counter_current_and_stops():
@@ -60,11 +70,14 @@ def test_the_sampler_thread_keeps_the_counter_current_and_stops():
     deadline = time.monotonic() + 5.0
     while counter[0] < 5 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert meter.lap() >= 4.0  # the readings the thread took since the start, no read of the lap's own
+    assert meter.background
+    before = counter[0]
+    assert meter.lap() >= 4.0  # the readings the thread took since the start
     meter.close()
     stopped_at = counter[0]
     time.sleep(0.05)
-    assert counter[0] == stopped_at and meter.thread is None
+    assert counter[0] == stopped_at and meter.thread is None and not meter.background
+    assert stopped_at - before <= 2  # the lap itself did not read (the thread may have once meanwhile)
 
 
 def test_record_gives_power_per_gpu_and_energy_per_token():

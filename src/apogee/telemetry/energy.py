@@ -25,9 +25,11 @@ class EnergyMeter:
 
     NVML's counter takes ~5 ms a read on an H100 (stop 17), too long for the training loop. Once
     ``start``-ed, a background thread reads it every ``interval_s`` (the read is a foreign call, which
-    releases the GIL) and ``lap`` reads nothing: the counter at the lap's instant is the latest reading
-    extrapolated at the power of the two latest, over at most one interval. Unstarted, ``lap`` reads the
-    counter itself. Each window ends where the next starts."""
+    releases the GIL) and, once the thread has taken its first reading, ``lap`` reads nothing: the counter
+    at the lap's instant is the latest reading extrapolated at the power of the two latest, over at most one
+    interval. Before that (a window shorter than the interval would otherwise draw nothing), unstarted, or
+    after the thread's read failed, ``lap`` reads the counter itself. Each window ends where the next
+    starts."""
 
     def __init__(self, read_j: Callable[[], float], clock: Callable[[], float] = time.perf_counter):
         self.read_j, self.clock = read_j, clock
@@ -35,17 +37,23 @@ class EnergyMeter:
         self.samples: list[tuple[float, float]] = []  # the two latest (instant, joules)
         self.interval_s = 0.0
         self.thread: threading.Thread | None = None
+        self.background = False  # the thread's readings keep ``samples`` current
         self.stopping = threading.Event()
         self.sample()
         self.start_j = self.samples[-1][1]
 
-    def sample(self) -> None:
-        """One reading of the counter, stamped at the middle of the read."""
+    def read(self) -> tuple[float, float]:
+        """One reading of the counter, stamped at the middle of the read: (instant, joules)."""
         before = self.clock()
         joules = self.read_j()
-        stamp = (before + self.clock()) / 2
+        return (before + self.clock()) / 2, joules
+
+    def sample(self) -> None:
+        """A reading the extrapolation may use: the construction's and the thread's, an interval apart (a
+        lap's own reading is not one, as two readings a few ms apart would give a wild power)."""
+        reading = self.read()
         with self.lock:
-            self.samples = (self.samples + [(stamp, joules)])[-2:]
+            self.samples = (self.samples + [reading])[-2:]
 
     def energy_at(self, instant: float) -> float:
         """The counter at ``instant``, from the latest reading and the power of the two latest."""
@@ -60,9 +68,10 @@ class EnergyMeter:
 
     def lap(self) -> float:
         """Energy drawn since the last lap (or since the meter was made); the next window starts now."""
-        if self.thread is None:
-            self.sample()
-        now = self.energy_at(self.clock())
+        if self.background:
+            now = self.energy_at(self.clock())
+        else:
+            now = self.read()[1]
         drawn, self.start_j = now - self.start_j, now
         return drawn
 
@@ -75,8 +84,9 @@ class EnergyMeter:
                 try:
                     self.sample()
                 except Exception:  # the counter failed: lap reads it itself again (and raises there)
-                    self.thread = None
+                    self.background = False
                     return
+                self.background = True
 
         self.thread = threading.Thread(target=run, name="apogee-energy", daemon=True)
         self.thread.start()
@@ -87,6 +97,7 @@ class EnergyMeter:
         if self.thread is not None:
             self.thread.join(timeout=5.0)
             self.thread = None
+        self.background = False
 
     @classmethod
     def for_device(cls, device: torch.device) -> "EnergyMeter | None":
