@@ -23,6 +23,7 @@ energy and the host at micro-batch 1" and "The host's dispatch as a floor".
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -33,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from planner_vs_measured_gpu import one_gpu_config  # noqa: E402
+from planner_vs_measured_gpu import one_gpu_config, planner_run  # noqa: E402
 
 # name, flavor, model overrides, seq_len, global_batch, micro_batch
 CONFIGS = [
@@ -95,31 +96,21 @@ def timed_run(flavor: str, overrides: dict, seq: int, gb: int, mb: int, steps: i
 
 def planner_dispatch(rec: dict, gpu: str = "h100-80gb") -> tuple[float, float]:
     """The planner's host dispatch of one micro-batch of ``rec``'s model, forward and backward (seconds)."""
-    from apogee.models.flavors import get_flavor
     from apogee.planner.cluster import ACCELERATORS
     from apogee.planner.host import gpu_dispatch_s
-    from apogee.planner.spec import Layout
 
-    layers = rec.get("overrides", {}).get("n_layers", get_flavor(rec["flavor"]).n_layers)
-    return gpu_dispatch_s(Layout(), ACCELERATORS[gpu], layers, head=True)
+    run, lay = planner_run(rec, ACCELERATORS[gpu])
+    return gpu_dispatch_s(lay, run.cluster.accel, run.model.layers, head=True)
 
 
 def planner_step(rec: dict, gpu: str = "h100-80gb", *, host: bool = True):
     """The planner's estimate of ``rec``'s step on one GPU (``host``: with the host's dispatch costs; without,
     the device's work alone)."""
-    import dataclasses
-
-    from apogee.models.flavors import FLAVORS
-    from apogee.planner.cluster import ACCELERATORS, Cluster
+    from apogee.planner.cluster import ACCELERATORS
     from apogee.planner.estimate import estimate
-    from apogee.planner.spec import Layout, RunSpec, shape_from_args
 
     acc = ACCELERATORS[gpu] if host else dataclasses.replace(ACCELERATORS[gpu], host_call_s=0.0, host_node_s=0.0)
-    fa = dataclasses.replace(FLAVORS[rec["flavor"]], **rec.get("overrides", {}))
-    run = RunSpec(model=shape_from_args(fa, flavor=rec["flavor"], seq_len=rec["seq_len"]),
-                  cluster=Cluster(accel=acc, gpus=1, gpus_per_node=1), fixed={}, global_batch=rec["global_batch"],
-                  precision="bf16")
-    return estimate(run, Layout(microbatch=rec["micro_batch"], zero=3, dp_overlap=False))
+    return estimate(*planner_run(rec, acc))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,6 +192,15 @@ def board_power(seconds: float = 3.0) -> dict:
     meter = EnergyMeter.for_device(torch.device("cuda"))
     if meter is None:
         return {}
+    try:
+        return _board_power(meter, seconds)
+    finally:
+        meter.close()
+
+
+def _board_power(meter, seconds: float) -> dict:
+    import torch
+
     torch.cuda.synchronize()
     meter.lap()
     time.sleep(seconds)
@@ -211,31 +220,40 @@ def board_power(seconds: float = 3.0) -> dict:
     return {"idle_w": idle, "gemm_w": meter.lap() / took, "gemm_tflops": n * 2 * 8192**3 / took / 1e12}
 
 
+def planner_run(rec: dict, acc):
+    """The planner's run and layout for one of these one-GPU records (this file's, gpu_host_dispatch.py's):
+    its model, global batch, micro-batch, recompute and compile on one ``acc``, bf16, apogee's stack."""
+    from apogee.models.flavors import FLAVORS
+    from apogee.planner.cluster import Cluster
+    from apogee.planner.spec import Layout, RunSpec, shape_from_args
+
+    fa = dataclasses.replace(FLAVORS[rec["flavor"]], **rec.get("overrides", {}))
+    run = RunSpec(model=shape_from_args(fa, flavor=rec["flavor"], seq_len=rec["seq_len"]),
+                  cluster=Cluster(accel=acc, gpus=1, gpus_per_node=1), fixed={}, global_batch=rec["global_batch"],
+                  precision="bf16")
+    lay = Layout(microbatch=rec["micro_batch"], recompute=rec.get("recompute", "none"), zero=3, dp_overlap=False,
+                 compile=rec.get("compile", False))
+    return run, lay
+
+
 def predict(rec: dict, gpu: str, gemm_table: Path | None, engine: bool) -> dict:
     """The planner's estimate for one measured config. ``engine``: calibrate like the CPU device is
     (benchmarks/planner_vs_measured.py), by this machine's own micro-benchmarks: the GEMM table's
     absolute times (the engine's matmuls are these cuBLAS calls) and the attention call timed above;
     otherwise the built-in accelerator."""
-    from apogee.models.flavors import FLAVORS
-    from apogee.planner.cluster import ACCELERATORS, Cluster, load_gemm_shape_table
+    from apogee.planner.cluster import ACCELERATORS, load_gemm_shape_table
     from apogee.planner.estimate import estimate
-    from apogee.planner.spec import Layout, RunSpec, shape_from_args
 
-    fa = dataclasses.replace(FLAVORS[rec["flavor"]], **rec["overrides"])
-    m = shape_from_args(fa, flavor=rec["flavor"], seq_len=rec["seq_len"])
     acc = ACCELERATORS[gpu]
     if gemm_table is not None:
         table = load_gemm_shape_table(gemm_table, gpu)
         acc = dataclasses.replace(acc, **({"gemm_table": table} if engine else {"gemm_shape_table": table}))
     if engine:
         # compute.py prices causal flash attention as 3.5 * (4 * tokens * seq * hidden) / 2 FLOPs per layer.
+        m = planner_run(rec, acc)[0].model
         attn_flops = 3.5 * 4.0 * rec["micro_batch"] * m.seq_len * m.seq_len * m.hidden / 2
         acc = dataclasses.replace(acc, attn_eff=attn_flops / rec["attn_fwd_bwd_s"] / acc.peak("bf16"))
-    lay = Layout(microbatch=rec["micro_batch"], recompute=rec["recompute"], zero=3, dp_overlap=False,
-                 compile=rec["compile"])
-    run = RunSpec(model=m, cluster=Cluster(accel=acc, gpus=1, gpus_per_node=1), fixed={},
-                  global_batch=rec["global_batch"], precision="bf16")
-    est = estimate(run, lay)
+    est = estimate(*planner_run(rec, acc))
     step_min, step_med = min(rec["step_s"]), statistics.median(rec["step_s"])
     mem = est.memory.total / 2**30
     energy = {}
