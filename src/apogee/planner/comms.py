@@ -62,11 +62,23 @@ def all_gather(nbytes: float, n: int, link: Link) -> float:
 reduce_scatter = all_gather
 
 
-def all_to_all(nbytes: float, n: int, link: Link) -> float:
-    """``nbytes`` sent by each rank in total (its share to every peer)."""
+def members_per_node(n: int, stride: int, gpus_per_node: int) -> int:
+    """How many of a group's ``n`` ranks, ``stride`` apart, share a node with any one of them."""
+    return min(n, max(1, gpus_per_node // stride))
+
+
+def all_to_all(nbytes: float, n: int, stride: int, cluster: Cluster) -> float:
+    """Seconds for each of ``n`` ranks, ``stride`` apart, to send ``nbytes`` in equal shares to every rank
+    of the group (its own included). Unlike a ring, nothing is forwarded: the shares for peers in the same
+    node cross NVLink, the rest leave through the rank's own NIC (one per GPU), both at once, so a group
+    spanning nodes runs at about the NIC's rate, not at the node's NICs together."""
     if n <= 1:
         return 0.0
-    return (n - 1) / n * nbytes / link.busbw + link.latency
+    local = members_per_node(n, stride, cluster.gpus_per_node)
+    intra = (local - 1) / n * nbytes / cluster.intra_bw
+    inter = (n - local) / n * nbytes / cluster.inter_bw
+    latency = cluster.accel.inter_lat_us if n > local else cluster.accel.intra_lat_us
+    return max(intra, inter) + latency * 1e-6
 
 
 def p2p(nbytes: float, link: Link) -> float:

@@ -75,19 +75,19 @@ def hbm_bytes_per_s(acc: Accelerator) -> float:
 # unpermute copies (read, write 2h per copy, forward and backward: 2 x 4h x top_k each way).
 def _block_bytes(m: ModelShape, *, moe: bool) -> tuple[float, float, float, float]:
     """(R forward, R backward, S forward, S backward) bytes per token, unsharded."""
-    h, kv = m.hidden, m.kv_dim
+    h, q, kv = m.hidden, m.q_dim, m.kv_dim
     if moe:
         f = m.moe_ffn_hidden * (m.top_k + m.shared_experts)
     else:
         f = m.ffn_hidden
     if m.mlp == "gelu":
         rf, rb = 22 * h, 38 * h
-        sf, sb = 4 * f, 6 * f + 2 * (h + 2 * kv)
+        sf, sb = 4 * f, 6 * f + 2 * (q + 2 * kv)
     else:
         rf, rb = 20 * h, 24 * h
-        sf, sb = 4 * (h + kv) + 6 * f, 10 * f + 4 * (h + kv)
+        sf, sb = 4 * (q + kv) + 6 * f, 10 * f + 4 * (q + kv)
     if m.attention == "eager":
-        sf, sb = sf + 4 * h, sb + 4 * h
+        sf, sb = sf + 4 * q, sb + 4 * q
     if moe:
         rf, rb = rf + 8 * h * m.top_k, rb + 8 * h * m.top_k
     return rf, rb, sf, sb
@@ -122,10 +122,10 @@ ENGINE_CE_BYTES = {"fp32": (8, 16), "bf16": (14, 22), "autocast": (14, 22)}
 def engine_block_bytes(m: ModelShape, regime: str) -> tuple[float, float, float, float, float, float]:
     """apogee's eager block per token, unsharded: (R fwd, R bwd, S fwd, S bwd, R recompute, S recompute)."""
     rf, rb, qf, qb, cf, cb, ff, fb, last = ENGINE_BLOCK_BYTES[regime]
-    h, kv, hd, f = m.hidden, m.kv_dim, m.head_dim, m.ffn_hidden
+    h, q, kv, hd, f = m.hidden, m.q_dim, m.kv_dim, m.head_dim, m.ffn_hidden
     r_fwd, r_bwd = rf * h + ENGINE_RSTD_BYTES, rb * h + ENGINE_RSTD_BYTES
-    s_fwd = qf * (h + kv) + 2 * cf * hd + ff * f
-    s_bwd = qb * (h + kv) + 2 * cb * hd + fb * f
+    s_fwd = qf * (q + kv) + 2 * cf * hd + ff * f
+    s_bwd = qb * (q + kv) + 2 * cb * hd + fb * f
     return r_fwd, r_bwd, s_fwd, s_bwd, r_fwd - last * h, s_fwd
 
 
@@ -259,20 +259,22 @@ class LayerParts(NamedTuple):
 
 @lru_cache(maxsize=65536)
 def layer_parts(m: ModelShape, tp: int, cp: int, ep: int, mb: int, sp: bool, recompute: str,
-                acc: Accelerator, precision: str, eager: str | None = None, *, moe: bool = False) -> LayerParts:
+                acc: Accelerator, precision: str, eager: str | None = None, *, moe: bool = False,
+                etp: int = 0) -> LayerParts:
     """One transformer layer's work for one micro-batch, by kind (GEMMs, attention, memory-bound ops).
 
-    ``moe``: the layer's MLP is the MoE MLP (the caller weights dense and MoE layers). ``eager``: the
-    memory-bound ops are apogee's eager block in that dtype regime (ENGINE_BLOCK_BYTES), else the fused count.
+    ``moe``: the layer's MLP is the MoE MLP (the caller weights dense and MoE layers), its experts split
+    ``etp`` ways (Layout.etp; 0: tp). ``eager``: the memory-bound ops are apogee's eager block in that dtype
+    regime (ENGINE_BLOCK_BYTES), else the fused count.
     """
-    return _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, moe=moe, eager=eager)
+    return _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, moe=moe, eager=eager, etp=etp or tp)
 
 
 def layer_times(m: ModelShape, tp: int, cp: int, ep: int, mb: int, sp: bool, recompute: str,
-                acc: Accelerator, precision: str, eager: str | None = None, *, moe: bool = False
+                acc: Accelerator, precision: str, eager: str | None = None, *, moe: bool = False, etp: int = 0
                 ) -> tuple[float, float]:
     """(forward seconds, backward seconds incl. recompute) of one transformer layer, one micro-batch."""
-    parts = layer_parts(m, tp, cp, ep, mb, sp, recompute, acc, precision, eager, moe=moe)
+    parts = layer_parts(m, tp, cp, ep, mb, sp, recompute, acc, precision, eager, moe=moe, etp=etp)
     return parts.forward, parts.backward
 
 
@@ -287,12 +289,12 @@ def attn_efficiency(acc: Accelerator, head_dim: int) -> float:
 
 def _attn_gemms(m: ModelShape, tokens: float, tp: int) -> list[tuple[float, float, float]]:
     """The attention block's forward GEMMs [M, N, K]: fused or separate Q/K/V, then the output projection."""
-    h = m.hidden
+    h, q = m.hidden, m.q_dim
     if m.fused_gemms:
-        qkv = [(tokens, (h + 2 * m.kv_dim) / tp, h)]
+        qkv = [(tokens, (q + 2 * m.kv_dim) / tp, h)]
     else:
-        qkv = [(tokens, h / tp, h), (tokens, m.kv_dim / tp, h), (tokens, m.kv_dim / tp, h)]
-    return qkv + [(tokens, h, h / tp)]
+        qkv = [(tokens, q / tp, h), (tokens, m.kv_dim / tp, h), (tokens, m.kv_dim / tp, h)]
+    return qkv + [(tokens, h, q / tp)]
 
 
 def _mlp_gemms(m: ModelShape, tokens: float, f: float, tp: int) -> list[tuple[float, float, float]]:
@@ -338,7 +340,7 @@ def elem_key(m: ModelShape, tp: int, cp: int, mb: int, sp: bool) -> tuple[int, .
             m.head_dim, round(m.ffn_hidden / tp))
 
 
-def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe, eager):
+def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe, eager, etp):
     peak = acc.peak(precision)
     eb = ELEM_BYTES.get(precision, 2)
 
@@ -348,19 +350,22 @@ def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe, eager):
     h = m.hidden
     gemms = _attn_gemms(m, tokens, tp)
     if moe:
-        # Routed experts: each EP rank runs experts/ep experts on ~tokens*top_k*... tokens; the FLOPs
-        # equal top_k dense MLPs of moe_ffn_hidden. Grouped GEMM per expert of tokens*top_k/experts*ep rows.
-        per_expert_tokens = max(1.0, tokens * m.top_k / m.experts * ep)
+        # Routed experts, Megatron-LM's way: each rank routes its own tokens (a sequence shard of them
+        # under sequence parallelism, tokens / tp), the etp ranks splitting an expert pool theirs, and
+        # each of the ep ranks of an expert group runs experts / ep experts, each on its share of the
+        # group's tokens x top_k, at ffn width moe_ffn_hidden / etp. Per rank that is top_k dense MLPs'
+        # FLOPs over tp whatever etp; the GEMMs' shapes differ (Grouped GEMM, one expert after another).
+        routed = tokens / tp if sp and tp > 1 else tokens
+        per_expert_tokens = max(1.0, tokens / tp * etp * m.top_k / m.experts * ep)
         n_local = m.experts // ep
         f = m.moe_ffn_hidden
-        up = (m.mlp_mats - 1) * f / tp
-        expert = gemm_time(per_expert_tokens, up, h, acc, peak) + gemm_time(per_expert_tokens, h, f / tp, acc, peak)
-        # ep ranks each hold n_local experts: total work per rank = n_local experts' GEMMs.
+        up = (m.mlp_mats - 1) * f / etp
+        expert = gemm_time(per_expert_tokens, up, h, acc, peak) + gemm_time(per_expert_tokens, h, f / etp, acc, peak)
         moe_t = n_local * expert
         if m.shared_experts:
             fs = m.shared_experts * f
             gemms += [(tokens, (m.mlp_mats - 1) * fs / tp, h), (tokens, h, fs / tp)]
-        gemms.append((tokens, m.experts, h))  # router
+        gemms.append((routed, m.experts, h))  # router
     else:
         moe_t = 0.0
         f = m.ffn_hidden
@@ -372,7 +377,7 @@ def _layer(m, tp, cp, ep, mb, sp, recompute, acc, precision, *, moe, eager):
     t_gemm_b = sum(gemm_time(M, K, N, acc, peak) + gemm_time(K, N, M, acc, peak) for M, N, K in gemms) + 2 * moe_t
 
     # Attention scores: per rank heads/tp, queries tokens, keys seq_len (all keys under CP).
-    attn_flops = 4.0 * tokens * m.seq_len * h / tp
+    attn_flops = 4.0 * tokens * m.seq_len * m.q_dim / tp
     peak16 = acc.peak("bf16")  # attention stays in 16-bit under fp8 recipes
     if m.attention == "flash":
         # Causal flash attention skips the masked half. attn_eff covers forward + backward together

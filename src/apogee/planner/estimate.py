@@ -148,11 +148,19 @@ def check_layout(m: ModelShape, lay: Layout, cluster: Cluster, global_batch: int
     n_micro = global_batch // (lay.dp * lay.microbatch)
     if lay.pp_schedule == "interleaved-1f1b" and lay.pp > 1 and n_micro % lay.pp:
         return f"interleaved-1f1b needs micro-batches per step ({n_micro}) divisible by pp={lay.pp}"
-    if lay.ep > 1:
+    if lay.ep > 1 or lay.expert_tp:
         if not m.experts or m.experts % lay.ep:
             return f"layout.ep={lay.ep} must divide model.experts={m.experts}"
-        if (lay.dp * lay.cp) % lay.ep:
-            return f"layout.ep={lay.ep} must divide dp*cp={lay.dp * lay.cp} (experts are sharded over data ranks)"
+        if not lay.expert_tp and (lay.dp * lay.cp) % lay.ep:
+            return (f"layout.ep={lay.ep} must divide dp*cp={lay.dp * lay.cp} (experts are sharded over data ranks; "
+                    "layout.expert_tp below tp folds them over the tensor ranks too)")
+        if lay.etp > cluster.gpus_per_node or m.moe_ffn_hidden % lay.etp:
+            return (f"layout.expert_tp={lay.etp} must divide model.moe_ffn_hidden={m.moe_ffn_hidden} and fit in a "
+                    f"node of {cluster.gpus_per_node}")
+        if (lay.tp * lay.dp * lay.cp) % (lay.ep * lay.etp):
+            return (f"layout.ep x layout.expert_tp = {lay.ep * lay.etp} must divide tp*dp*cp = "
+                    f"{lay.tp * lay.dp * lay.cp} (the expert groups fold over a stage's tensor, data and context "
+                    "ranks)")
     if lay.sequence_parallel and lay.tp == 1:
         return "layout.sequence_parallel needs layout.tp > 1"
     return None
@@ -256,6 +264,14 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
     params_rank = nonexpert + experts
     shard = lay.shard_group
     dp_link = comms.axis_link(lay, "dp", cl, size=shard, stride=t)
+    # Each routed expert's gradients and state go to its own replicas (Layout.expert_dp), ep x etp apart.
+    ex_shard = lay.expert_dp if experts else 1
+    ex_link = comms.axis_link(lay, "dp", cl, size=ex_shard, stride=lay.ep * lay.etp)
+
+    def over_dp(collective, per_param: float) -> float:
+        """A data-parallel collective of ``per_param`` bytes a parameter: the non-expert parameters over the
+        shard group, the experts' over their replicas."""
+        return collective(per_param * nonexpert, shard, dp_link) + collective(per_param * experts, ex_shard, ex_link)
     dp_comm = dp_exposed = extra_reductions = replica_ar = 0.0
     if lay.dp_replicate > 1:
         # HSDP: each replica's reduced gradient shard is all-reduced across the replicas once a step (the
@@ -265,8 +281,8 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
         if acc.host_bound:  # one all-reduce per FSDP unit (the blocks and the root), as the reductions below
             replica_ar += Ls * 2 * (lay.dp_replicate - 1) * replica_link.latency
     if shard > 1:
-        grad_rs = comms.reduce_scatter(GRAD_REDUCE_BYTES * params_rank, shard, dp_link)
-        param_ag = comms.all_gather(2 * params_rank, shard, dp_link)
+        grad_rs = over_dp(comms.reduce_scatter, GRAD_REDUCE_BYTES)
+        param_ag = over_dp(comms.all_gather, 2)
         if fsdp:
             # FSDP2, one unit (block) at a time: weight gathers (fsdp_gathers_per_step) and gradient
             # reductions, one per micro-batch or one a step (memory.reduces_each_micro_batch): a
@@ -276,9 +292,9 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
             units = Ls + 1
             gathers = fsdp_gathers_per_step(lay, n_micro)
             reductions = n_micro if reduces_each_micro_batch(lay, run.stack) else 1
-            param_ag = comms.all_gather(2 * params_rank * (2 if run.precision == "fp32" else 1), shard, dp_link)
+            param_ag = over_dp(comms.all_gather, 2 * (2 if run.precision == "fp32" else 1))
             if lay.zero == 0:  # apogee's replicate-only mesh (Megatron's FSDP is zero 3 only)
-                grad_rs = comms.all_reduce(GRAD_REDUCE_BYTES * params_rank, shard, dp_link)
+                grad_rs = over_dp(comms.all_reduce, GRAD_REDUCE_BYTES)
             if acc.host_bound:
                 param_ag += (units - 1) * (shard - 1) * dp_link.latency
                 grad_rs += (units - 1) * (shard - 1) * dp_link.latency * (2 if lay.zero == 0 else 1)
@@ -308,7 +324,7 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
         # dp_shard=2 0.354 / 0.353 s against 0.342 / 0.331 s reducing once; tiny dp2 x tp2 0.284 / 0.292
         # against 0.285 / 0.292 s. Multiplying the measured part instead would add 40 ms to debug's step.
         dp_exposed = measured_host_s("sync", m, lay, acc, Ls, fsdp) + extra_reductions
-    local_params = params_rank / (shard if lay.zero >= 1 else 1)
+    local_params = nonexpert / shard + experts / ex_shard if lay.zero >= 1 else params_rank
     # apogee under autocast drops its gradients after each step (set_to_none) instead of zeroing a buffer:
     # the first micro-batch's fp32 gradients become .grad, each later one is added in place.
     grad_buffer = (GRAD_ACCUMULATE_BYTES_PER_PARAM * (n_micro - 1) if eager == "autocast"
@@ -401,7 +417,7 @@ def _micro_batch(run: RunSpec, lay: Layout, acc: Accelerator, eager: str | None,
     key = (m, t, lay.cp, lay.ep, mb, lay.sequence_parallel, lay.recompute, acc, run.precision, eager)
     n_moe = round(Ls * m.moe_layers / m.layers)
     fd, bd = layer_times(*key)
-    fm, bm = layer_times(*key, moe=True) if n_moe else (0.0, 0.0)
+    fm, bm = layer_times(*key, moe=True, etp=lay.etp) if n_moe else (0.0, 0.0)
     f_stage = (Ls - n_moe) * fd + n_moe * fm
     b_stage = (Ls - n_moe) * bd + n_moe * bm
     if eager == "autocast":
@@ -455,9 +471,11 @@ def _micro_batch(run: RunSpec, lay: Layout, acc: Accelerator, eager: str | None,
 
     ep_comm = 0.0
     if lay.ep > 1 and n_moe:
-        ep_link = comms.axis_link(lay, "dp", cl, size=lay.ep, stride=t)
-        disp = tokens * m.top_k * m.hidden * 2
-        ep_comm = n_moe * 4 * comms.all_to_all(disp, lay.ep, ep_link)  # dispatch+combine, fwd+bwd
+        # Each expert-tensor group of etp ranks dispatches its tokens' top_k copies (16-bit) to the expert
+        # group's ep ranks, etp apart (Layout.expert_dp), and combines the results back: tokens / tp per rank
+        # (its sequence shard), gathered etp ways.
+        disp = tokens / t * lay.etp * m.top_k * m.hidden * 2
+        ep_comm = n_moe * 4 * comms.all_to_all(disp, lay.ep, lay.etp, cl)  # dispatch+combine, fwd+bwd
         if lay.recompute == "full":
             ep_comm *= 1.5
     return _MicroBatch(f_stage, b_stage, tp_comm, tp_exposed, cp_comm, cp_exposed, ep_comm)

@@ -141,7 +141,7 @@ def stage_params(m: ModelShape, lay: Layout, stage: str = "first", stack: str = 
         # ModelShape.output_params() counts as 0 because the whole model holds it once.
         final_norm = 2 * m.hidden if m.mlp == "gelu" else m.hidden
         nonexpert += (m.vocab * m.hidden + final_norm) / lay.tp
-    experts = moe_here * routed / (lay.ep * lay.tp)
+    experts = moe_here * routed / (lay.ep * lay.etp)
     return nonexpert, experts
 
 
@@ -186,7 +186,9 @@ def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: floa
       each RMSNorm   its fp32 input (4: the x.float() copy under bf16, x itself in fp32), the normalised
                      output and the gain-scaled output (a each; the latter is the next Linears' input),
                      and the fp32 reciprocal RMS (4 bytes per token)
-      attention      q, k, v after rotary: a (1 + 2 kv/heads); the attention output (also wo's input): a;
+      attention      q, k, v after rotary: a (q + 2 kv), their widths per hidden unit (q = heads x head_dim /
+                     hidden: 1 unless model.head_dim is set; kv = kv_heads x head_dim / hidden); the
+                     attention output (also wo's input): a q;
                      the kernel's fp32 logsumexp: 4 per head and token
       SwiGLU         gate and up outputs, silu(gate), the product (w2's input): 4 a f / h
 
@@ -227,21 +229,21 @@ def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: floa
     if lay.recompute == "full":
         return block_input * sbh / norm_shard  # the block input only
     f = (m.ffn_hidden if not m.moe_layers else m.moe_ffn_hidden * (m.top_k + m.shared_experts)) / m.hidden
-    kv = m.kv_heads / m.heads
-    qkv = a * (1 + 2 * kv) / t
+    q, kv = m.q_dim / m.hidden, m.kv_dim / m.hidden  # widths per hidden unit (q is 1 unless head_dim is set)
+    qkv = a * (q + 2 * kv) / t
     lse = 4 * m.heads / m.hidden / t
     counted_compiled = compiled and t == 1 and not m.moe_layers  # the compiled block's own count applies
     if lay.recompute == "selective":
         collective = a / t if sp else (a if t > 1 else 0.0)  # reduce-scatter (SP) or all-reduce output
-        per = (block_input / norm_shard + qkv + a / t + lse + 2 * (a + collective) + 2 * a * f / t
+        per = (block_input / norm_shard + qkv + a * q / t + lse + 2 * (a + collective) + 2 * a * f / t
                + (2 * a if sp else 0.0))
     elif counted_compiled:
-        per = block_input + 8 / m.hidden + 2 * a + qkv + 2 * a + lse + 3 * a * f
+        per = block_input + 8 / m.hidden + 2 * a + qkv + 2 * a * q + lse + 3 * a * f
     elif autocast:
         per = (norm_activation_units(m, lay, a, autocast_linears=3) + norm_activation_units(m, lay, a, autocast_linears=2)
-               + qkv + a / t + lse + 4 * a * f / t)
+               + qkv + a * q / t + lse + 4 * a * f / t)
     else:
-        per = 2 * norm_activation_units(m, lay, a) + qkv + a / t + lse + 4 * a * f / t
+        per = 2 * norm_activation_units(m, lay, a) + qkv + a * q / t + lse + 4 * a * f / t
     if m.moe_layers:
         per += a * m.top_k / norm_shard  # the token copies dispatched to experts
     if lay.cp > 1 and not counted_compiled:
@@ -250,7 +252,7 @@ def activation_bytes_per_layer(m: ModelShape, lay: Layout, *, micro_tokens: floa
         # their attention calls beside the concatenated output wo reads (measured on 2 gloo ranks,
         # tests/distributed/test_planner_activations_cp.py). Selective recompute keeps the all-gathers'
         # outputs (collectives) and recomputes the concatenation: not measured.
-        per += 2 * a * kv * (lay.cp - 1) / t + (a / t if lay.recompute == "none" else 0.0)
+        per += 2 * a * kv * (lay.cp - 1) / t + (a * q / t if lay.recompute == "none" else 0.0)
     weight_casts = 2.0 * (m.attn_params() + m.dense_mlp_params()) / t if autocast and lay.recompute == "none" else 0.0
     return sbh * per + weight_casts
 
@@ -260,8 +262,9 @@ def megatron_llama_activation_bytes(m: ModelShape, lay: Layout, *, micro_tokens:
     """Bytes one Llama block keeps per micro-batch in Megatron-LM (``stack = "megatron"``), by Korthikanti
     2022's accounting (Table 2, whose GPT count is 34 sbh / t under sequence parallelism) applied to
     RMSNorm, rotary GQA attention with a flash kernel and SwiGLU, no dropout, in bytes per token per hidden
-    unit at 16-bit activations: the two norms' inputs (2 + 2), the QKV input (2), q (2), k and v (4 kv /
-    heads), the attention output (2) and the kernel's fp32 logsumexp (4 heads / hidden), the fc1 input (2),
+    unit at 16-bit activations: the two norms' inputs (2 + 2), the QKV input (2), q (2 q), k and v (4 kv),
+    the attention output (2 q) (q, kv: the query and K/V widths over hidden, as in activation_bytes_per_layer)
+    and the kernel's fp32 logsumexp (4 heads / hidden), the fc1 input (2),
     its gate and up outputs (4 f / h), the SwiGLU output (2 f / h). With sequence parallelism everything is
     split by tp: the norm outputs are kept sharded and re-gathered in backward (Korthikanti §4.2.2), unlike
     apogee's DTensor Linears (activation_bytes_per_layer). Without it the norm inputs and the QKV and fc1
@@ -272,7 +275,8 @@ def megatron_llama_activation_bytes(m: ModelShape, lay: Layout, *, micro_tokens:
     if lay.recompute == "full":
         return act_bytes * sbh / _sp_shard(lay)
     f = (m.ffn_hidden if not m.moe_layers else m.moe_ffn_hidden * (m.top_k + m.shared_experts)) / m.hidden
-    sharded = 2 + 4 * m.kv_heads / m.heads + 2 + 4 * m.heads / m.hidden + 6 * f  # q, k/v, out, lse, MLP
+    q = m.q_dim / m.hidden
+    sharded = 2 * q + 4 * m.kv_dim / m.hidden + 2 * q + 4 * m.heads / m.hidden + 6 * f  # q, k/v, out, lse, MLP
     whole = 2 + 2 + 2 + 2  # norm inputs, QKV input, fc1 input
     units = (whole + sharded) / t if lay.sequence_parallel and t > 1 else whole + sharded / t
     if m.moe_layers:
@@ -375,7 +379,8 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
         # ZeRO-3's 16/nd bytes per parameter at zero 2 and 3 alike (zero 2's gathered weights are added
         # below), and the same state whole on every rank at zero 0 (a replicate-only mesh).
         zero, shards = 3, (1 if lay.zero == 0 else shard_dp)
-    ex_dp = max(1, shards // lay.ep)
+    # Each expert's state is sharded over its replicas (Layout.expert_dp), within the sharding group.
+    ex_dp = max(1, shards * lay.tp // (lay.ep * lay.etp))
     w1, g1, o1 = zero_split(nonexpert, shards, zero)
     w2, g2, o2 = zero_split(experts, ex_dp, zero)
     params, grads, opt = w1 + w2, g1 + g2, o1 + o2

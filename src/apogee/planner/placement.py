@@ -41,8 +41,11 @@ def describe(lay: Layout, cluster: Cluster) -> list[str]:
             link = comms.axis_link(lay, "dp", cluster, size=n, stride=step)
             lines.append(f"  {name} groups of {n} (stride {step}): {link.describe()}")
     if lay.ep > 1:
-        link = comms.axis_link(lay, "dp", cluster, size=lay.ep, stride=lay.tp)
-        lines.append(f"  ep groups of {lay.ep} carved from dp x cp (stride {lay.tp}): {link.describe()}")
+        local = comms.members_per_node(lay.ep, lay.etp, gpn)
+        where = ("all in a node on NVLink" if local == lay.ep else
+                 f"{local} in a node, the rest through each GPU's NIC at {cluster.inter_bw / 1e9:.0f} GB/s")
+        lines.append(f"  ep groups of {lay.ep} carved from tp x dp x cp (stride {lay.etp}, experts split "
+                     f"{lay.etp} ways): {where}")
     node0 = list(range(min(gpn, cluster.gpus)))
     first = rank_coords(node0[0], lay)
     last = rank_coords(node0[-1], lay)

@@ -169,7 +169,8 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
     m, cl, fixed = run.model, run.cluster, run.fixed
     vals = candidate_values(run, choices)
     tally = _Tally()
-    base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap", "compile", "pp_split", "cp_comm") if k in fixed}
+    base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap", "compile", "pp_split", "cp_comm", "expert_tp")
+            if k in fixed}
 
     for tp in vals["tp"]:
         for pp in vals["pp"]:
@@ -194,7 +195,7 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                 if pp > 1 and "pp_schedule" in fixed:
                     scheds = [fixed["pp_schedule"]]
                 for ep in vals["ep"]:
-                    if (dp * cp) % ep:
+                    if (tp * dp * cp) % (ep * (base.get("expert_tp") or tp)):
                         continue
                     for mb in mbs:
                         if per_rank % mb:

@@ -36,13 +36,23 @@ class ModelShape:
     # w3): same FLOPs, other shapes.
     fused_gemms: bool = True
     flavor: str | None = None
+    # Width of one attention head (Megatron-LM's --kv-channels). 0: hidden / heads. Qwen3 sets it apart
+    # from the hidden size (235B-A22B: 64 heads of 128 on a hidden of 4096), so its query and attention
+    # output are heads x head_dim wide (``q_dim``), not hidden. Filled in at construction, so
+    # ``dataclasses.replace`` of hidden or heads keeps it unless given head_dim=0 again.
+    head_dim: int = 0
 
     def __post_init__(self) -> None:
         for k in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "seq_len"):
             if getattr(self, k) <= 0:
                 raise PlannerError(f"model.{k} must be a positive integer (got {getattr(self, k)})")
-        if self.hidden % self.heads:
-            raise PlannerError(f"model.hidden={self.hidden} is not divisible by model.heads={self.heads}")
+        if self.head_dim < 0:
+            raise PlannerError(f"model.head_dim must be a positive integer (got {self.head_dim})")
+        if not self.head_dim:
+            if self.hidden % self.heads:
+                raise PlannerError(f"model.hidden={self.hidden} is not divisible by model.heads={self.heads} "
+                                   "(set model.head_dim where the heads are not hidden / heads wide)")
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
         if self.heads % self.kv_heads:
             raise PlannerError(f"model.heads={self.heads} is not divisible by model.kv_heads={self.kv_heads}")
         if self.mlp not in ("swiglu", "gelu"):
@@ -54,8 +64,9 @@ class ModelShape:
 
     # -- parameter counts ---------------------------------------------------------------------
     @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+    def q_dim(self) -> int:
+        """Width of the queries and of the attention output (the output projection's input)."""
+        return self.heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -71,7 +82,7 @@ class ModelShape:
 
     def attn_params(self) -> int:
         h = self.hidden
-        w = 2 * h * h + 2 * h * self.kv_dim
+        w = 2 * h * self.q_dim + 2 * h * self.kv_dim
         return w + (4 * h if self.mlp == "gelu" else 0)  # GPT: qkv and out-proj biases (Narayanan Eq.2)
 
     def norm_params(self) -> int:
@@ -116,7 +127,7 @@ class ModelShape:
     def matmul_flops_per_token(self) -> float:
         """Forward matmul FLOPs per token, excluding attention scores (2 per weight per token)."""
         h, L = self.hidden, self.layers
-        attn = 2 * (2 * h * h + 2 * h * self.kv_dim)
+        attn = 2 * (2 * h * self.q_dim + 2 * h * self.kv_dim)
         dense_mlp = 2 * self.mlp_mats * h * self.ffn_hidden
         moe_mlp = 2 * (self.top_k + self.shared_experts) * self.expert_params() + 2 * h * self.experts
         per_layer = (L - self.moe_layers) * (attn + dense_mlp) + self.moe_layers * (attn + moe_mlp)
@@ -124,7 +135,7 @@ class ModelShape:
 
     def attn_flops_per_token(self, *, causal_half: bool = False) -> float:
         """Forward QK^T and AV FLOPs per token (full s^2 unless ``causal_half``)."""
-        f = 4.0 * self.layers * self.seq_len * self.hidden
+        f = 4.0 * self.layers * self.seq_len * self.q_dim
         return f / 2 if causal_half else f
 
     def model_flops_per_token(self) -> float:
@@ -150,7 +161,8 @@ def shape_from_args(m: ModelArgs, *, flavor: str | None = None, seq_len: int | N
 
 
 _MODEL_KEYS = {"flavor", "layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "seq_len", "experts",
-               "top_k", "shared_experts", "moe_ffn_hidden", "dense_layers", "mlp", "attention", "tie_embeddings"}
+               "top_k", "shared_experts", "moe_ffn_hidden", "dense_layers", "mlp", "attention", "tie_embeddings",
+               "head_dim"}
 
 
 def model_from_dict(d: dict) -> ModelShape:
@@ -161,7 +173,8 @@ def model_from_dict(d: dict) -> ModelShape:
     if "flavor" in d:
         base = shape_from_flavor(str(d.pop("flavor")))
         try:
-            return dataclasses.replace(base, **d)
+            # head_dim 0 re-derives it from the overrides' hidden / heads (a flavor's heads are that wide).
+            return dataclasses.replace(base, **{"head_dim": 0, **d})
         except TypeError as e:
             raise PlannerError(f"[model]: {e}") from None
     missing = [k for k in ("layers", "hidden", "heads", "vocab", "seq_len") if k not in d]
@@ -220,10 +233,27 @@ class Layout:
     # apogee's train.compile (per-block torch.compile): the block's elementwise ops fuse. Taken as given,
     # never searched (the engine's default is eager).
     compile: bool = False
+    # How many ways each routed expert's matrices are split (Megatron-LM's --expert-tensor-parallel-size).
+    # 0: like the rest of the block, tp ways, the experts sharded over the data and context ranks alone.
+    # Smaller (1 in Megatron's MoE recipes) folds the expert-parallel groups over the tensor ranks too
+    # (MoE parallel folding, Liu et al. 2025): ep x expert_tp ranks out of a stage's tp x dp x cp. Taken as
+    # given, never searched.
+    expert_tp: int = 0
 
     @property
     def world(self) -> int:
         return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def etp(self) -> int:
+        """Ways each routed expert is split (``expert_tp``, or tp where it is not set)."""
+        return self.expert_tp or self.tp
+
+    @property
+    def expert_dp(self) -> int:
+        """Replicas of each expert shard within a pipeline stage (Megatron's expert data parallelism): the
+        ranks that reduce an expert's gradients and shard its optimizer state."""
+        return max(1, self.tp * self.dp * self.cp // (self.ep * self.etp))
 
     @property
     def shard_group(self) -> int:
@@ -236,6 +266,8 @@ class Layout:
             s += f" cp{self.cp}"
         if self.ep > 1:
             s += f" ep{self.ep}"
+        if self.expert_tp and self.expert_tp != self.tp:
+            s += f" etp{self.expert_tp}"
         s += f" mb{self.microbatch}"
         if self.pp > 1:
             s += f" {self.pp_schedule}" + (f"x{self.virtual_stages}" if self.virtual_stages > 1 else "")
@@ -256,7 +288,7 @@ def normalize_layout_dict(d: dict, *, where: str = "[layout]") -> dict:
     if unknown:
         raise PlannerError(f"unknown key layout.{sorted(unknown)[0]}; known: {', '.join(sorted(LAYOUT_KEYS))}")
     out = dict(d)
-    for k in ("tp", "pp", "dp", "cp", "ep", "microbatch", "virtual_stages", "dp_replicate"):
+    for k in ("tp", "pp", "dp", "cp", "ep", "microbatch", "virtual_stages", "dp_replicate", "expert_tp"):
         if k in out and (not isinstance(out[k], int) or isinstance(out[k], bool) or out[k] < 1):
             raise PlannerError(f"layout.{k} must be a positive integer (got {out[k]!r})")
     if "zero" in out:
