@@ -29,7 +29,23 @@ flavor's plans are filtered by apogee's own validation, and these are other stac
    and VP (virtual stages); the distributed optimizer (`zero = 1`) with
    overlapped gradient reduction and TP communication as in the published H100 rows.
 
-Each row is printed twice: with the planner's own choices (its memory model decides recompute) and
+3. Mixture-of-experts runs on DGX-H100s (Megatron-Core; 8 GPUs a node, 8 x 400 Gb/s InfiniBand), Qwen3's
+   shapes as Megatron-LM's MoE model zoo configures them (github.com/yanring/Megatron-MoE-ModelZoo,
+   model_configs/benchmarking/Qwen3-*.yaml: heads of 128 (--kv-channels) on hidden 2048 / 4096, 4 KV
+   groups, 128 experts, top 8, untied, vocabulary 151936, sequence 4096), experts unsplit
+   (--expert-tensor-parallel-size 1, `expert_tp = 1`), folded over the tensor ranks where ep exceeds dp:
+   - Megatron-Bridge's performance summary (docs.nvidia.com/nemo/megatron-bridge, "Performance", DGX-H100,
+     containers 25.11 and 26.02): FP8, force-balanced routing, dropless; its GBS, MBS, TP, PP, VP and EP.
+     The 235B rows' 94 layers in 32 chunks are the embedding- and loss-aware split (96 slots).
+   - The model zoo's Qwen3 table (best_practice/Qwen3/readme.md, 256 H100s, BF16): step times for four
+     layouts of the 235B with their recompute ("norm, act": Megatron's --recompute-modules layernorm
+     moe_act, the planner's `selective` for a Llama block; its TP communication not overlapped: the
+     config has no --tp-comm-overlap). The row with "1f1b overlap" (the all-to-all hidden behind another
+     micro-batch) is left out: not modelled.
+   Both count causal attention as half (tokens/s times that basis gives their TFLOP/s); the rows compare
+   tokens per second, which needs no basis.
+
+Each dense row is printed twice: with the planner's own choices (its memory model decides recompute) and
 with recompute pinned to none, fitting or not, which separates the time model from that choice. The
 predictions are in the planner's model FLOPs (attention over the full s x s, as Megatron-LM counts
 it). NeMo's table uses that basis (its tokens/s/GPU times these FLOPs per token give its TFLOP/s);
@@ -87,6 +103,38 @@ ROWS = [
 ]
 
 
+# Qwen3 MoE shapes (the model zoo's configs; ffn_hidden is the dense MLP's, unused: every layer is MoE).
+QWEN3_30B = {"layers": 48, "hidden": 2048, "heads": 32, "kv_heads": 4, "head_dim": 128, "ffn_hidden": 6144,
+             "vocab": 151936, "experts": 128, "top_k": 8, "moe_ffn_hidden": 768}
+QWEN3_235B = {"layers": 94, "hidden": 4096, "heads": 64, "kv_heads": 4, "head_dim": 128, "ffn_hidden": 12288,
+              "vocab": 151936, "experts": 128, "top_k": 8, "moe_ffn_hidden": 1536}
+FOLDED = {"expert_tp": 1}
+SPLIT = {"pp_split": "embedding_loss"}
+ZOO = {"expert_tp": 1, "tp_overlap": False}  # the zoo's Qwen3 configs have no --tp-comm-overlap
+DEEPEP = {"ep_dispatch": "deepep"}
+ZOO_STEP = 2048 * 4096 / 256  # tokens per GPU per step of its rows (GBS 2048, sequence 4096, 256 GPUs)
+
+# (source, model, shape, precision, gpus, global batch, micro-batch, tp, pp, vp, zero, layout keys as published,
+#  published tokens/s per GPU, published TFLOP/s per GPU, dispatcher as published)
+MOE_ROWS = [
+    ("Bridge 26.02", "Qwen3 30B-A3B", QWEN3_30B, "fp8", 16, 1024, 1, 1, 2, 12, 1, {"ep": 8, **FOLDED}, 5113, 118,
+     ""),
+    ("Bridge 25.11", "Qwen3 30B-A3B", QWEN3_30B, "fp8", 16, 512, 2, 1, 2, 24, 1, {"ep": 8, **FOLDED}, 5275, 121, ""),
+    ("Bridge 26.02", "Qwen3 235B-A22B", QWEN3_235B, "fp8", 256, 8192, 1, 2, 8, 4, 1, {"ep": 32, **FOLDED, **SPLIT},
+     1633, 242, ""),
+    ("Bridge 25.11", "Qwen3 235B-A22B", QWEN3_235B, "fp8", 256, 2048, 1, 2, 8, 4, 1, {"ep": 32, **FOLDED, **SPLIT},
+     1575, 233, ""),
+    ("Zoo", "Qwen3 235B-A22B", QWEN3_235B, "bf16", 256, 2048, 1, 2, 8, 4, 1,
+     {"ep": 32, "recompute": "selective", **ZOO, **DEEPEP, **SPLIT}, ZOO_STEP / 19.7, 245, "DeepEP"),
+    ("Zoo", "Qwen3 235B-A22B", QWEN3_235B, "bf16", 256, 2048, 4, 2, 1, None, 3,
+     {"ep": 8, "recompute": "full", **ZOO, **DEEPEP}, ZOO_STEP / 17.6, 276, "DeepEP"),
+    ("Zoo", "Qwen3 235B-A22B", QWEN3_235B, "bf16", 256, 2048, 1, 2, 32, 3, 1,
+     {"ep": 8, "recompute": "selective", **ZOO, **SPLIT}, ZOO_STEP / 24.2, 200, "all-to-all"),
+    ("Zoo", "Qwen3 235B-A22B", QWEN3_235B, "bf16", 256, 2048, 1, 4, 8, 4, 1,
+     {"ep": 8, "recompute": "none", **ZOO, **DEEPEP, **SPLIT}, ZOO_STEP / 29.0, 167, "DeepEP"),
+]
+
+
 def predict(shape: dict, precision: str, gpus: int, gbs: int, mb: int | None, seq: int, tp: int, pp: int,
             cp: int, vp: int | None, zero: int, **pinned) -> tuple:
     layout = {"tp": tp, "pp": pp, "cp": cp, "dp": gpus // (tp * pp * cp), "zero": zero, "dp_overlap": True,
@@ -125,8 +173,19 @@ def main(argv: list[str] | None = None) -> int:
                         "predicted_tflops": round(full, 1), "error_pct": round(100 * (full / pub - 1), 2),
                         "error_pct_causal_basis": round(100 * (causal / pub - 1), 2), "fits": est.fits,
                         "mem_gib": round(est.memory.total / 2**30, 1), "bubble": round(est.bubble_fraction, 3)})
+    moe = []
+    for source, model, shape, prec, gpus, gbs, mb, tp, pp, vp, zero, keys, pub_tok, pub_tflops, disp in MOE_ROWS:
+        est, _, causal = predict(shape, prec, gpus, gbs, mb, 4096, tp, pp, 1, vp, zero, **keys)
+        tok = gbs * 4096 / est.step_time_s / gpus
+        moe.append({"source": source, "model": model, "precision": prec, "gpus": gpus, "dispatcher": disp,
+                    "layout": est.layout.short(), "published_tokens_per_s": round(pub_tok, 1),
+                    "predicted_tokens_per_s": round(tok, 1), "error_pct": round(100 * (tok / pub_tok - 1), 2),
+                    "published_tflops": pub_tflops, "predicted_tflops_causal": round(causal, 1),
+                    "ep_exposed_s": round(est.comm_exposed_s.get("ep", 0.0), 2),
+                    "step_s": round(est.step_time_s, 2), "fits": est.fits,
+                    "mem_gib": round(est.memory.total / 2**30, 1)})
     if args.json:
-        print(json.dumps(out, indent=1))
+        print(json.dumps(out + moe, indent=1))
         return 0
     w = max([56] + [len(r["layout"]) + 2 for r in out])
     print(f"{'source':<7}{'model':<14}{'prec':<6}{'GPUs':>6}{'seq':>8}  {'layout (searched keys filled in)':<{w}}"
@@ -140,6 +199,18 @@ def main(argv: list[str] | None = None) -> int:
         errs = [abs(r["error_pct"]) for r in out if r["source"] == source and not r["recompute_pinned"]]
         print(f"{source}, the planner's choices: mean abs error {sum(errs) / len(errs):.2f}%   "
               f"max abs error {max(errs):.2f}%")
+    print()
+    w = max(len(r["layout"]) for r in moe) + 2
+    print(f"{'source':<14}{'model':<17}{'prec':<6}{'GPUs':>5}  {'dispatcher':<12}{'layout':<{w}}{'tok/s pub':>10}"
+          f"{'pred':>8}{'err%':>8}{'TFLOP/s pub':>12}{'pred':>7}{'EP s':>7}{'GiB':>7}")
+    for r in moe:
+        print(f"{r['source']:<14}{r['model']:<17}{r['precision']:<6}{r['gpus']:>5}  {r['dispatcher'] or '-':<12}"
+              f"{r['layout']:<{w}}{r['published_tokens_per_s']:>10.0f}{r['predicted_tokens_per_s']:>8.0f}"
+              f"{r['error_pct']:>+8.2f}{r['published_tflops']:>12.0f}{r['predicted_tflops_causal']:>7.0f}"
+              f"{r['ep_exposed_s']:>7.2f}{r['mem_gib']:>7.1f}" + ("" if r["fits"] else "  (does not fit)"))
+    errs = [abs(r["error_pct"]) for r in moe]
+    print(f"MoE, tokens/s per GPU (TFLOP/s on the sources' causal basis; EP s: the all-to-all exposed a step): "
+          f"mean abs error {sum(errs) / len(errs):.2f}%   max abs error {max(errs):.2f}%")
     return 0
 
 

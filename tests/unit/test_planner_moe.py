@@ -97,6 +97,28 @@ def test_all_to_all_leaves_through_each_gpus_nic():
     assert comms.members_per_node(32, 1, 8) == 8 and comms.members_per_node(4, 16, 8) == 1
 
 
+def test_deepep_sends_a_token_once_per_node_and_rank():
+    cluster = Cluster(accel=H100, gpus=256, gpus_per_node=8)
+    b = 16e6  # a rank's tokens, one copy each
+    # Plain: 8 copies, each to its expert's rank; the same as an all-to-all of the 8 copies.
+    assert comms.expert_dispatch(b, 128, 8, 32, 1, cluster) == comms.all_to_all(8 * b, 32, 1, cluster)
+    # DeepEP over 4 nodes of 32 experts: another node is hit unless all 8 experts are among the other 96.
+    miss = 1.0
+    for i in range(8):
+        miss *= (96 - i) / (128 - i)
+    assert comms.expert_dispatch(b, 128, 8, 32, 1, cluster, deduplicated=True) == pytest.approx(
+        3 * (1 - miss) * b / 45e9 + 20e-6)  # 2.73 node copies on the NIC where the plain one sends 6
+    # Within one node, once per other rank holding any of the token's experts (16 each).
+    miss = 1.0
+    for i in range(8):
+        miss *= (112 - i) / (128 - i)
+    assert comms.expert_dispatch(b, 128, 8, 8, 1, cluster, deduplicated=True) == pytest.approx(
+        7 * (1 - miss) * b / 360e9 + 10e-6)
+    assert "deepep" in Layout(ep=8, ep_dispatch="deepep").short()
+    with pytest.raises(PlannerError, match="layout.ep_dispatch"):
+        _run(ep_dispatch="nccl")
+
+
 def _run(**layout):
     return run_from_dict({"model": QWEN3_235B, "cluster": {"gpu": "h100-80gb", "gpus": 256, "gpus_per_node": 8},
                           "layout": layout, "train": {"global_batch": 2048, "stack": "megatron"}})

@@ -81,5 +81,34 @@ def all_to_all(nbytes: float, n: int, stride: int, cluster: Cluster) -> float:
     return max(intra, inter) + latency * 1e-6
 
 
+def expert_dispatch(token_bytes: float, experts: int, top_k: int, n: int, stride: int, cluster: Cluster, *,
+                    deduplicated: bool = False) -> float:
+    """Seconds to send a rank's tokens (``token_bytes``, one copy of each) to the ranks holding the ``top_k``
+    experts each is routed to, over an expert group of ``n`` ranks ``stride`` apart, routing uniform (balanced).
+
+    A plain all-to-all (Megatron-LM's alltoall dispatcher) sends one copy per routed expert. ``deduplicated``
+    (DeepEP, DeepSeek-V3 §3.2.2): a token crosses InfiniBand once per node that holds any of its experts, to
+    the GPU of the same index there, which forwards it over NVLink once per rank that holds any of them; so
+    the NIC carries the expected number of other nodes hit, not the copies."""
+    if n <= 1:
+        return 0.0
+    local = members_per_node(n, stride, cluster.gpus_per_node)
+    nodes = n / local
+    if deduplicated:
+        def hit(held: float) -> float:
+            """Probability that ``held`` of the experts include one of a token's top_k (drawn without replacement)."""
+            miss = 1.0
+            for i in range(top_k):
+                miss *= max(0.0, (experts - held - i) / (experts - i))
+            return 1.0 - miss
+        per_rank, per_node = experts / n, experts * local / n
+        intra = (local - 1) * hit(per_rank) * nodes
+        inter = (nodes - 1) * hit(per_node)
+    else:
+        intra, inter = top_k * (local - 1) / n, top_k * (n - local) / n
+    latency = cluster.accel.inter_lat_us if n > local else cluster.accel.intra_lat_us
+    return max(intra * token_bytes / cluster.intra_bw, inter * token_bytes / cluster.inter_bw) + latency * 1e-6
+
+
 def p2p(nbytes: float, link: Link) -> float:
     return nbytes / link.busbw + link.latency

@@ -471,11 +471,13 @@ def _micro_batch(run: RunSpec, lay: Layout, acc: Accelerator, eager: str | None,
 
     ep_comm = 0.0
     if lay.ep > 1 and n_moe:
-        # Each expert-tensor group of etp ranks dispatches its tokens' top_k copies (16-bit) to the expert
-        # group's ep ranks, etp apart (Layout.expert_dp), and combines the results back: tokens / tp per rank
-        # (its sequence shard), gathered etp ways.
-        disp = tokens / t * lay.etp * m.top_k * m.hidden * 2
-        ep_comm = n_moe * 4 * comms.all_to_all(disp, lay.ep, lay.etp, cl)  # dispatch+combine, fwd+bwd
+        # Each expert-tensor group of etp ranks dispatches its tokens (16-bit) to the experts they are routed to,
+        # on the expert group's ep ranks etp apart (Layout.expert_dp), and combines the results back: tokens /
+        # tp per rank (its sequence shard), gathered etp ways.
+        token_bytes = tokens / t * lay.etp * m.hidden * 2
+        one = comms.expert_dispatch(token_bytes, m.experts, m.top_k, lay.ep, lay.etp, cl,
+                                    deduplicated=lay.ep_dispatch == "deepep")
+        ep_comm = n_moe * 4 * one  # dispatch + combine, forward + backward
         if lay.recompute == "full":
             ep_comm *= 1.5
     return _MicroBatch(f_stage, b_stage, tp_comm, tp_exposed, cp_comm, cp_exposed, ep_comm)

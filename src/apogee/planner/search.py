@@ -169,8 +169,8 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
     m, cl, fixed = run.model, run.cluster, run.fixed
     vals = candidate_values(run, choices)
     tally = _Tally()
-    base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap", "compile", "pp_split", "cp_comm", "expert_tp")
-            if k in fixed}
+    base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap", "compile", "pp_split", "cp_comm", "expert_tp",
+                                  "ep_dispatch") if k in fixed}
 
     for tp in vals["tp"]:
         for pp in vals["pp"]:

@@ -201,6 +201,7 @@ PP_SPLITS = ("even", "embedding_loss")
 # default --cp-comm-type), or "all_gather" before attention, on the critical path (apogee's engine,
 # apogee.parallel.context; Llama 3's). Left empty, the stack's own.
 CP_COMMS = ("p2p", "all_gather")
+EP_DISPATCH = ("all_to_all", "deepep")
 ZERO = (0, 1, 2, 3)  # "fsdp" is accepted as 3
 
 
@@ -239,6 +240,10 @@ class Layout:
     # (MoE parallel folding, Liu et al. 2025): ep x expert_tp ranks out of a stage's tp x dp x cp. Taken as
     # given, never searched.
     expert_tp: int = 0
+    # How tokens reach their experts (EP_DISPATCH): "all_to_all", one copy per routed expert (Megatron-LM's
+    # alltoall dispatcher), or "deepep", once per node and rank holding any of them (DeepEP, Megatron's flex
+    # dispatcher). Taken as given, never searched.
+    ep_dispatch: str = "all_to_all"
 
     @property
     def world(self) -> int:
@@ -268,6 +273,8 @@ class Layout:
             s += f" ep{self.ep}"
         if self.expert_tp and self.expert_tp != self.tp:
             s += f" etp{self.expert_tp}"
+        if self.ep_dispatch != "all_to_all":
+            s += f" {self.ep_dispatch}"
         s += f" mb{self.microbatch}"
         if self.pp > 1:
             s += f" {self.pp_schedule}" + (f"x{self.virtual_stages}" if self.virtual_stages > 1 else "")
@@ -302,6 +309,8 @@ def normalize_layout_dict(d: dict, *, where: str = "[layout]") -> dict:
         raise PlannerError(f"layout.grad_reduce must be one of {', '.join(GRAD_REDUCE)} (got {out['grad_reduce']!r})")
     if "cp_comm" in out and out["cp_comm"] not in CP_COMMS:
         raise PlannerError(f"layout.cp_comm must be one of {', '.join(CP_COMMS)} (got {out['cp_comm']!r})")
+    if "ep_dispatch" in out and out["ep_dispatch"] not in EP_DISPATCH:
+        raise PlannerError(f"layout.ep_dispatch must be one of {', '.join(EP_DISPATCH)} (got {out['ep_dispatch']!r})")
     if "pp_split" in out and out["pp_split"] not in PP_SPLITS:
         raise PlannerError(f"layout.pp_split must be one of {', '.join(PP_SPLITS)} (got {out['pp_split']!r})")
     if "pp_schedule" in out and out["pp_schedule"] not in SCHEDULES:
