@@ -18,15 +18,18 @@ from apogee.planner.spec import RunSpec, run_from_dict
 RUN_HELP = """\
 RUN.toml describes the run:
   [model]   flavor = "llama3-70b"   or the shape: layers, hidden, heads, kv_heads, ffn_hidden, vocab,
-            seq_len (+ experts, top_k, shared_experts, moe_ffn_hidden, dense_layers; mlp = swiglu|gelu)
+            seq_len (+ experts, top_k, shared_experts, moe_ffn_hidden, dense_layers; head_dim where a
+            head is not hidden / heads wide; mlp = swiglu|gelu)
   [cluster] gpu = "h100-80gb", gpus = 1024, gpus_per_node = 8   (or file = "cluster.toml"; also
             node_mtbf_hours, checkpoint_write_gbs, restart_s, intra_busbw_gbs, inter_gbs_per_gpu)
   [layout]  any of tp, pp, dp, cp, ep, microbatch, virtual_stages, pp_schedule, recompute,
             sequence_parallel, zero (apogee: 0 replicated, 2 FSDP2 keeping gathered weights, 3 or
             "fsdp" FSDP2; megatron: 0-3), grad_reduce (micro_batch|step), dp_replicate (HSDP
             replicas at apogee's zero 2/3, dividing dp), pp_split (even|embedding_loss: Megatron's
-            embedding- and loss-aware split, never searched); keys left out are
-            searched; compile (true: apogee's train.compile, never searched)
+            embedding- and loss-aware split, never searched), expert_tp (experts split fewer ways
+            than tp, folded over the tensor ranks) and ep_dispatch (all_to_all|deepep), never
+            searched; keys left out are searched; compile (true: apogee's train.compile, never
+            searched)
   [train]   global_batch (sequences), precision (bf16|fp8), seq_len, stack ("apogee", the default:
             this engine's eager kernels and measured cuBLAS efficiency; or "megatron")
 Flags --gpu/--gpus/--gpus-per-node/--flavor/--global-batch/--set override or replace the file.
