@@ -90,22 +90,21 @@ def expert_dispatch(token_bytes: float, experts: int, top_k: int, n: int, stride
     (DeepEP, DeepSeek-V3 §3.2.2): a token crosses InfiniBand once per node that holds any of its experts, to
     the GPU of the same index there, which forwards it over NVLink once per rank that holds any of them; so
     the NIC carries the expected number of other nodes hit, not the copies."""
+    if not deduplicated:
+        return all_to_all(top_k * token_bytes, n, stride, cluster)
     if n <= 1:
         return 0.0
+
+    def hit(held: float) -> float:
+        """Probability that ``held`` of the experts include one of a token's top_k (drawn without replacement)."""
+        miss = 1.0
+        for i in range(top_k):
+            miss *= max(0.0, (experts - held - i) / (experts - i))
+        return 1.0 - miss
     local = members_per_node(n, stride, cluster.gpus_per_node)
     nodes = n / local
-    if deduplicated:
-        def hit(held: float) -> float:
-            """Probability that ``held`` of the experts include one of a token's top_k (drawn without replacement)."""
-            miss = 1.0
-            for i in range(top_k):
-                miss *= max(0.0, (experts - held - i) / (experts - i))
-            return 1.0 - miss
-        per_rank, per_node = experts / n, experts * local / n
-        intra = (local - 1) * hit(per_rank) * nodes
-        inter = (nodes - 1) * hit(per_node)
-    else:
-        intra, inter = top_k * (local - 1) / n, top_k * (n - local) / n
+    intra = (local - 1) * hit(experts / n) * nodes  # copies a GPU sends or forwards over NVLink
+    inter = (nodes - 1) * hit(experts * local / n)  # copies it sends through its NIC
     latency = cluster.accel.inter_lat_us if n > local else cluster.accel.intra_lat_us
     return max(intra * token_bytes / cluster.intra_bw, inter * token_bytes / cluster.inter_bw) + latency * 1e-6
 

@@ -280,7 +280,7 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
         replica_ar = comms.all_reduce(GRAD_REDUCE_BYTES * params_rank / shard, lay.dp_replicate, replica_link)
         if acc.host_bound:  # one all-reduce per FSDP unit (the blocks and the root), as the reductions below
             replica_ar += Ls * 2 * (lay.dp_replicate - 1) * replica_link.latency
-    if shard > 1:
+    if shard > 1 or ex_shard > 1:
         grad_rs = over_dp(comms.reduce_scatter, GRAD_REDUCE_BYTES)
         param_ag = over_dp(comms.all_gather, 2)
         if fsdp:
