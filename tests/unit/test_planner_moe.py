@@ -15,6 +15,7 @@ from apogee.planner.errors import PlannerError
 from apogee.planner.estimate import check_layout, estimate
 from apogee.planner.memory import stage_memory, stage_params
 from apogee.planner.placement import describe
+from apogee.planner.search import _expert_values, complete_layout
 from apogee.planner.spec import Layout, ModelShape, model_from_dict
 
 # Qwen3-235B-A22B as Megatron-LM's MoE model zoo configures it (model_configs/benchmarking/Qwen3-235B-A22B.yaml:
@@ -144,3 +145,15 @@ def test_expert_dispatch_and_state_follow_the_fold():
         assert lay.expert_dp == replicas
         assert mem.optimizer == pytest.approx(12 * (nonexpert / 16 + experts / replicas), rel=1e-9)
     assert any("ep groups of 32" in line and "8 in a node" in line for line in describe(across.layout, cluster))
+
+
+def test_the_search_folds_experts_where_ep_exceeds_the_data_ranks():
+    # ep 8 on tp 2 x dp 4: only whole experts folded over the tensor ranks fit the expert group.
+    run = run_from_dict({"model": QWEN3_235B, "cluster": {"gpu": "h100-80gb", "gpus": 64, "gpus_per_node": 8},
+                         "layout": {"tp": 2, "pp": 8, "ep": 8, "pp_split": "embedding_loss", "recompute": "full"},
+                         "train": {"global_batch": 64, "stack": "megatron"}})
+    best = complete_layout(run)
+    assert (best.layout.dp, best.layout.ep, best.layout.etp) == (4, 8, 1)
+    assert _expert_values([1, 2, 4], 2, 4, 1, None) == [(1, 0), (2, 0), (2, 1), (4, 0), (4, 1)]
+    assert _expert_values([8], 2, 4, 1, None) == [(8, 1)]  # ep 8 needs the fold
+    assert _expert_values([8], 2, 4, 1, 2) == []  # pinned unfolded: no room

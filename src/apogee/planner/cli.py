@@ -27,9 +27,9 @@ RUN.toml describes the run:
             "fsdp" FSDP2; megatron: 0-3), grad_reduce (micro_batch|step), dp_replicate (HSDP
             replicas at apogee's zero 2/3, dividing dp), pp_split (even|embedding_loss: Megatron's
             embedding- and loss-aware split, never searched), expert_tp (experts split fewer ways
-            than tp, folded over the tensor ranks) and ep_dispatch (all_to_all|deepep), never
-            searched; keys left out are searched; compile (true: apogee's train.compile, never
-            searched)
+            than tp, folded over the tensor ranks; searched at tp and 1), ep_dispatch
+            (all_to_all|deepep, never searched); keys left out are searched; compile (true:
+            apogee's train.compile, never searched)
   [train]   global_batch (sequences), precision (bf16|fp8), seq_len, stack ("apogee", the default:
             this engine's eager kernels and measured cuBLAS efficiency; or "megatron")
 Flags --gpu/--gpus/--gpus-per-node/--flavor/--global-batch/--set override or replace the file.

@@ -44,8 +44,8 @@ def describe(lay: Layout, cluster: Cluster) -> list[str]:
         local = comms.members_per_node(lay.ep, lay.etp, gpn)
         where = ("all in a node on NVLink" if local == lay.ep else
                  f"{local} in a node, the rest through each GPU's NIC at {cluster.inter_bw / 1e9:.0f} GB/s")
-        lines.append(f"  ep groups of {lay.ep} carved from tp x dp x cp (stride {lay.etp}, experts split "
-                     f"{lay.etp} ways): {where}")
+        split = "whole" if lay.etp == 1 else f"split {lay.etp} ways"
+        lines.append(f"  ep groups of {lay.ep} carved from tp x dp x cp (stride {lay.etp}, experts {split}): {where}")
     node0 = list(range(min(gpn, cluster.gpus)))
     first = rank_coords(node0[0], lay)
     last = rank_coords(node0[-1], lay)

@@ -133,6 +133,18 @@ def _virtual_stage_values(m, pp: int, sched: str, vals: dict, pp_split: str | No
             if (m.layers // pp) % v == 0 or (m.layers % pp and pp * v <= m.layers)]
 
 
+def _expert_values(eps: list[int], tp: int, dp: int, cp: int, pinned: int | None) -> list[tuple[int, int]]:
+    """(ep, expert_tp) pairs worth pricing: the experts split like the rest of the block (expert_tp 0: tp
+    ways, the expert groups over dp x cp), and with tp > 1 whole experts folded over the tensor ranks too
+    (expert_tp 1, Megatron's MoE recipes); the pinned expert_tp alone where given."""
+    pairs = []
+    for ep in eps:
+        for etp in [pinned] if pinned is not None else ([0, 1] if tp > 1 and ep > 1 else [0]):
+            if (tp * dp * cp) % (ep * (etp or tp)) == 0:
+                pairs.append((ep, etp))
+    return pairs
+
+
 def _try_data_parallel(run: RunSpec, shape: Layout, zeros: list, n_micro: int, tally: _Tally) -> bool:
     """Prices ``shape`` (every key but zero, dp_replicate and grad_reduce set) at each zero level, HSDP
     replica count and grad_reduce value worth trying (the module doc's pruning); whether any fitted."""
@@ -169,8 +181,8 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
     m, cl, fixed = run.model, run.cluster, run.fixed
     vals = candidate_values(run, choices)
     tally = _Tally()
-    base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap", "compile", "pp_split", "cp_comm", "expert_tp",
-                                  "ep_dispatch") if k in fixed}
+    base = {k: fixed[k] for k in ("dp_overlap", "tp_overlap", "compile", "pp_split", "cp_comm", "ep_dispatch")
+            if k in fixed}
 
     for tp in vals["tp"]:
         for pp in vals["pp"]:
@@ -194,9 +206,7 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                 scheds = vals["pp_schedule"] if pp > 1 else ["1f1b"]
                 if pp > 1 and "pp_schedule" in fixed:
                     scheds = [fixed["pp_schedule"]]
-                for ep in vals["ep"]:
-                    if (tp * dp * cp) % (ep * (base.get("expert_tp") or tp)):
-                        continue
+                for ep, etp in _expert_values(vals["ep"], tp, dp, cp, fixed.get("expert_tp")):
                     for mb in mbs:
                         if per_rank % mb:
                             continue
@@ -204,9 +214,9 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                             for v in _virtual_stage_values(m, pp, sched, vals, base.get("pp_split")):
                                 for sp in sps:
                                     for rc in vals["recompute"]:
-                                        shape = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, microbatch=mb,
-                                                       virtual_stages=v, pp_schedule=sched, recompute=rc,
-                                                       sequence_parallel=sp, **base)
+                                        shape = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, expert_tp=etp,
+                                                       microbatch=mb, virtual_stages=v, pp_schedule=sched,
+                                                       recompute=rc, sequence_parallel=sp, **base)
                                         found = _try_data_parallel(run, shape, zeros, per_rank // mb, tally)
                                         if found and "recompute" not in fixed:
                                             break  # costlier recompute cannot be faster

@@ -237,8 +237,8 @@ class Layout:
     # How many ways each routed expert's matrices are split (Megatron-LM's --expert-tensor-parallel-size).
     # 0: like the rest of the block, tp ways, the experts sharded over the data and context ranks alone.
     # Smaller (1 in Megatron's MoE recipes) folds the expert-parallel groups over the tensor ranks too
-    # (MoE parallel folding, Liu et al. 2025): ep x expert_tp ranks out of a stage's tp x dp x cp. Taken as
-    # given, never searched.
+    # (MoE parallel folding, Liu et al. 2025): ep x expert_tp ranks out of a stage's tp x dp x cp. Left out,
+    # the search tries 0 and 1 (search._expert_values).
     expert_tp: int = 0
     # How tokens reach their experts (EP_DISPATCH): "all_to_all", one copy per routed expert (Megatron-LM's
     # alltoall dispatcher), or "deepep", once per node and rank holding any of them (DeepEP, Megatron's flex
