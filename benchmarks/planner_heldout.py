@@ -29,7 +29,12 @@ flavor's plans are filtered by apogee's own validation, and these are other stac
    and VP (virtual stages); the distributed optimizer (`zero = 1`) with
    overlapped gradient reduction and TP communication as in the published H100 rows.
 
-3. Mixture-of-experts runs on DGX-H100s (Megatron-Core; 8 GPUs a node, 8 x 400 Gb/s InfiniBand), Qwen3's
+3. Megatron-Bridge's dense rows (docs.nvidia.com/nemo/megatron-bridge, "Performance", DGX-H100, containers
+   25.11 and 26.02; Megatron-Core): FP8 (current scaling) Llama 3 8B, 70B and 3.1 405B at sequence 8192 with
+   their GBS, MBS, TP, PP, CP and VP, the 8B under Megatron's FSDP (`zero = 3`), the others the distributed
+   optimizer. Compared on tokens/s, as the next rows.
+
+4. Mixture-of-experts runs on DGX-H100s (Megatron-Core; 8 GPUs a node, 8 x 400 Gb/s InfiniBand), Qwen3's
    shapes as Megatron-LM's MoE model zoo configures them (github.com/yanring/Megatron-MoE-ModelZoo,
    model_configs/benchmarking/Qwen3-*.yaml: heads of 128 (--kv-channels) on hidden 2048 / 4096, 4 KV
    groups, 128 experts, top 8, untied, vocabulary 151936, sequence 4096), experts unsplit
@@ -114,23 +119,29 @@ ZOO = {"expert_tp": 1, "tp_overlap": False}  # the zoo's Qwen3 configs have no -
 DEEPEP = {"ep_dispatch": "deepep"}
 ZOO_STEP = 2048 * 4096 / 256  # tokens per GPU per step of its rows (GBS 2048, sequence 4096, 256 GPUs)
 
-# (source, model, shape, precision, gpus, global batch, micro-batch, tp, pp, vp, zero, layout keys as published,
-#  published tokens/s per GPU, published TFLOP/s per GPU, dispatcher as published)
-MOE_ROWS = [
-    ("Bridge 26.02", "Qwen3 30B-A3B", QWEN3_30B, "fp8", 16, 1024, 1, 1, 2, 12, 1, {"ep": 8, **FOLDED}, 5113, 118,
-     ""),
-    ("Bridge 25.11", "Qwen3 30B-A3B", QWEN3_30B, "fp8", 16, 512, 2, 1, 2, 24, 1, {"ep": 8, **FOLDED}, 5275, 121, ""),
-    ("Bridge 26.02", "Qwen3 235B-A22B", QWEN3_235B, "fp8", 256, 8192, 1, 2, 8, 4, 1, {"ep": 32, **FOLDED, **SPLIT},
-     1633, 242, ""),
-    ("Bridge 25.11", "Qwen3 235B-A22B", QWEN3_235B, "fp8", 256, 2048, 1, 2, 8, 4, 1, {"ep": 32, **FOLDED, **SPLIT},
-     1575, 233, ""),
-    ("Zoo", "Qwen3 235B-A22B", QWEN3_235B, "bf16", 256, 2048, 1, 2, 8, 4, 1,
+# (source, model, shape, precision, gpus, global batch, micro-batch, sequence, tp, pp, vp, zero, layout keys as
+#  published, published tokens/s per GPU, published TFLOP/s per GPU, dispatcher as published)
+CORE_ROWS = [
+    ("Bridge 26.02", "Llama 3 70B", LLAMA3_70B, "fp8", 64, 256, 1, 8192, 4, 8, 5, 1, {}, 1621, 728, ""),
+    ("Bridge 26.02", "Llama 3.1 405B", LLAMA3_405B, "fp8", 1024, 1536, 1, 8192, 8, 8, 8, 1, {"cp": 2}, 311, 784, ""),
+    ("Bridge 25.11", "Llama 3 8B", LLAMA3_8B, "fp8", 8, 128, 1, 8192, 1, 1, None, 3, {}, 14451, 744, ""),
+    ("Bridge 25.11", "Llama 3 70B", LLAMA3_70B, "fp8", 64, 128, 1, 8192, 4, 8, 5, 1, {}, 1602, 719, ""),
+    ("Bridge 25.11", "Llama 3.1 405B", LLAMA3_405B, "fp8", 1024, 512, 1, 8192, 8, 8, 8, 1, {"cp": 2}, 292, 737, ""),
+    ("Bridge 26.02", "Qwen3 30B-A3B", QWEN3_30B, "fp8", 16, 1024, 1, 4096, 1, 2, 12, 1, {"ep": 8, **FOLDED}, 5113,
+     118, ""),
+    ("Bridge 25.11", "Qwen3 30B-A3B", QWEN3_30B, "fp8", 16, 512, 2, 4096, 1, 2, 24, 1, {"ep": 8, **FOLDED}, 5275,
+     121, ""),
+    ("Bridge 26.02", "Qwen3 235B-A22B", QWEN3_235B, "fp8", 256, 8192, 1, 4096, 2, 8, 4, 1,
+     {"ep": 32, **FOLDED, **SPLIT}, 1633, 242, ""),
+    ("Bridge 25.11", "Qwen3 235B-A22B", QWEN3_235B, "fp8", 256, 2048, 1, 4096, 2, 8, 4, 1,
+     {"ep": 32, **FOLDED, **SPLIT}, 1575, 233, ""),
+    ("Zoo", "Qwen3 235B-A22B", QWEN3_235B, "bf16", 256, 2048, 1, 4096, 2, 8, 4, 1,
      {"ep": 32, "recompute": "selective", **ZOO, **DEEPEP, **SPLIT}, ZOO_STEP / 19.7, 245, "DeepEP"),
-    ("Zoo", "Qwen3 235B-A22B", QWEN3_235B, "bf16", 256, 2048, 4, 2, 1, None, 3,
+    ("Zoo", "Qwen3 235B-A22B", QWEN3_235B, "bf16", 256, 2048, 4, 4096, 2, 1, None, 3,
      {"ep": 8, "recompute": "full", **ZOO, **DEEPEP}, ZOO_STEP / 17.6, 276, "DeepEP"),
-    ("Zoo", "Qwen3 235B-A22B", QWEN3_235B, "bf16", 256, 2048, 1, 2, 32, 3, 1,
+    ("Zoo", "Qwen3 235B-A22B", QWEN3_235B, "bf16", 256, 2048, 1, 4096, 2, 32, 3, 1,
      {"ep": 8, "recompute": "selective", **ZOO, **SPLIT}, ZOO_STEP / 24.2, 200, "all-to-all"),
-    ("Zoo", "Qwen3 235B-A22B", QWEN3_235B, "bf16", 256, 2048, 1, 4, 8, 4, 1,
+    ("Zoo", "Qwen3 235B-A22B", QWEN3_235B, "bf16", 256, 2048, 1, 4096, 4, 8, 4, 1,
      {"ep": 8, "recompute": "none", **ZOO, **DEEPEP, **SPLIT}, ZOO_STEP / 29.0, 167, "DeepEP"),
 ]
 
@@ -173,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
                         "predicted_tflops": round(full, 1), "error_pct": round(100 * (full / pub - 1), 2),
                         "error_pct_causal_basis": round(100 * (causal / pub - 1), 2), "fits": est.fits,
                         "mem_gib": round(est.memory.total / 2**30, 1), "bubble": round(est.bubble_fraction, 3)})
-    moe = []
-    for source, model, shape, prec, gpus, gbs, mb, tp, pp, vp, zero, keys, pub_tok, pub_tflops, disp in MOE_ROWS:
-        est, _, causal = predict(shape, prec, gpus, gbs, mb, 4096, tp, pp, 1, vp, zero, **keys)
-        tok = gbs * 4096 / est.step_time_s / gpus
-        moe.append({"source": source, "model": model, "precision": prec, "gpus": gpus, "dispatcher": disp,
+    core = []
+    for source, model, shape, prec, gpus, gbs, mb, seq, tp, pp, vp, zero, keys, pub_tok, pub_tflops, disp in CORE_ROWS:
+        keys = dict(keys)
+        est, _, causal = predict(shape, prec, gpus, gbs, mb, seq, tp, pp, keys.pop("cp", 1), vp, zero, **keys)
+        tok = gbs * seq / est.step_time_s / gpus
+        core.append({"source": source, "model": model, "moe": "experts" in shape, "precision": prec, "gpus": gpus,
+                     "dispatcher": disp,
                     "layout": est.layout.short(), "published_tokens_per_s": round(pub_tok, 1),
                     "predicted_tokens_per_s": round(tok, 1), "error_pct": round(100 * (tok / pub_tok - 1), 2),
                     "published_tflops": pub_tflops, "predicted_tflops_causal": round(causal, 1),
@@ -185,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                     "step_s": round(est.step_time_s, 2), "fits": est.fits,
                     "mem_gib": round(est.memory.total / 2**30, 1)})
     if args.json:
-        print(json.dumps(out + moe, indent=1))
+        print(json.dumps(out + core, indent=1))
         return 0
     w = max([56] + [len(r["layout"]) + 2 for r in out])
     print(f"{'source':<7}{'model':<14}{'prec':<6}{'GPUs':>6}{'seq':>8}  {'layout (searched keys filled in)':<{w}}"
@@ -200,17 +213,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{source}, the planner's choices: mean abs error {sum(errs) / len(errs):.2f}%   "
               f"max abs error {max(errs):.2f}%")
     print()
-    w = max(len(r["layout"]) for r in moe) + 2
+    w = max(len(r["layout"]) for r in core) + 2
     print(f"{'source':<14}{'model':<17}{'prec':<6}{'GPUs':>5}  {'dispatcher':<12}{'layout':<{w}}{'tok/s pub':>10}"
           f"{'pred':>8}{'err%':>8}{'TFLOP/s pub':>12}{'pred':>7}{'EP s':>7}{'GiB':>7}")
-    for r in moe:
+    for r in core:
         print(f"{r['source']:<14}{r['model']:<17}{r['precision']:<6}{r['gpus']:>5}  {r['dispatcher'] or '-':<12}"
               f"{r['layout']:<{w}}{r['published_tokens_per_s']:>10.0f}{r['predicted_tokens_per_s']:>8.0f}"
               f"{r['error_pct']:>+8.2f}{r['published_tflops']:>12.0f}{r['predicted_tflops_causal']:>7.0f}"
               f"{r['ep_exposed_s']:>7.2f}{r['mem_gib']:>7.1f}" + ("" if r["fits"] else "  (does not fit)"))
-    errs = [abs(r["error_pct"]) for r in moe]
-    print(f"MoE, tokens/s per GPU (TFLOP/s on the sources' causal basis; EP s: the all-to-all exposed a step): "
-          f"mean abs error {sum(errs) / len(errs):.2f}%   max abs error {max(errs):.2f}%")
+    print("(tokens/s per GPU; TFLOP/s on the sources' basis, causal attention as half; EP s: the all-to-all exposed a "
+          "step)")
+    groups = {"Megatron-Bridge, dense": [r for r in core if not r["moe"]],
+              "MoE, Qwen3 235B-A22B": [r for r in core if "235B" in r["model"]],
+              "MoE, Qwen3 30B-A3B": [r for r in core if "30B" in r["model"]]}
+    for name, rows in groups.items():
+        errs = [abs(r["error_pct"]) for r in rows]
+        print(f"{name}: mean abs error {sum(errs) / len(errs):.2f}%   max abs error {max(errs):.2f}%")
     return 0
 
 
