@@ -50,7 +50,7 @@ flavor's plans are filtered by apogee's own validation, and these are other stac
    Both count causal attention as half (tokens/s times that basis gives their TFLOP/s); the rows compare
    tokens per second, which needs no basis.
 
-Each dense row is printed twice: with the planner's own choices (its memory model decides recompute) and
+Each row of 1 and 2 is printed twice: with the planner's own choices (its memory model decides recompute) and
 with recompute pinned to none, fitting or not, which separates the time model from that choice. The
 predictions are in the planner's model FLOPs (attention over the full s x s, as Megatron-LM counts
 it). NeMo's table uses that basis (its tokens/s/GPU times these FLOPs per token give its TFLOP/s);
