@@ -157,3 +157,8 @@ def test_the_search_folds_experts_where_ep_exceeds_the_data_ranks():
     assert _expert_values([1, 2, 4], 2, 4, 1, None) == [(1, 0), (2, 0), (2, 1), (4, 0), (4, 1)]
     assert _expert_values([8], 2, 4, 1, None) == [(8, 1)]  # ep 8 needs the fold
     assert _expert_values([8], 2, 4, 1, 2) == []  # pinned unfolded: no room
+    bad = run_from_dict({"model": QWEN3_235B, "cluster": {"gpu": "h100-80gb", "gpus": 64, "gpus_per_node": 8},
+                         "layout": {"tp": 2, "pp": 8, "ep": 8, "expert_tp": 2},
+                         "train": {"global_batch": 64, "stack": "megatron"}})
+    with pytest.raises(PlannerError, match=r"layout.ep x layout.expert_tp must divide tp\*dp\*cp = 8"):
+        complete_layout(bad)

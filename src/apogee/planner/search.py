@@ -206,7 +206,13 @@ def search(run: RunSpec, *, top: int = 5, objective: str = "throughput", choices
                 scheds = vals["pp_schedule"] if pp > 1 else ["1f1b"]
                 if pp > 1 and "pp_schedule" in fixed:
                     scheds = [fixed["pp_schedule"]]
-                for ep, etp in _expert_values(vals["ep"], tp, dp, cp, fixed.get("expert_tp")):
+                experts = _expert_values(vals["ep"], tp, dp, cp, fixed.get("expert_tp"))
+                if not experts:
+                    pinned = fixed.get("expert_tp")
+                    tally.invalid(f"layout.ep x layout.expert_tp must divide tp*dp*cp = {tp * dp * cp} at tp={tp} "
+                                  f"pp={pp} cp={cp}: no ep of {vals['ep']} does with expert_tp "
+                                  f"{pinned if pinned is not None else f'{tp} or 1'}")
+                for ep, etp in experts:
                     for mb in mbs:
                         if per_rank % mb:
                             continue
