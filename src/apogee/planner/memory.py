@@ -11,6 +11,7 @@ embedding.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -76,18 +77,23 @@ def stage_layer_counts(m: ModelShape, lay: Layout, stack: str = "apogee") -> lis
     latest stages first. So a large vocabulary moves layers off the last stage onto the others, and
     no stage holds more layers than the first.
     """
-    n_stages = lay.pp * lay.virtual_stages
-    if lay.pp_split == "embedding_loss":
+    return list(_layer_counts(m, lay.pp * lay.virtual_stages, lay.pp_split, stack))
+
+
+@lru_cache(maxsize=4096)
+def _layer_counts(m: ModelShape, n_stages: int, pp_split: str, stack: str) -> tuple[int, ...]:
+    # Cached, as the helpers below: the search prices many layouts sharing a few splits.
+    if pp_split == "embedding_loss":
         # Megatron-LM's embedding- and loss-aware split: layers + 2 slots in even chunks, the embedding in
         # the first chunk's first slot and the loss in the last chunk's last (estimate.check_layout
         # requires the slots to divide evenly).
         counts = [(m.layers + 2) // n_stages] * n_stages
         counts[0] -= 1
         counts[-1] -= 1
-        return counts
+        return tuple(counts)
     if stack == "megatron" and n_stages > 1 and m.layers % n_stages == 0:
-        return [m.layers // n_stages] * n_stages
-    return list(_split_layers(m, n_stages))
+        return (m.layers // n_stages,) * n_stages
+    return _split_layers(m, n_stages)
 
 
 @lru_cache(maxsize=4096)
@@ -109,10 +115,27 @@ def rank_layer_ranges(m: ModelShape, lay: Layout, stage: str = "first", stack: s
     With virtual stages (interleaved 1F1B, torch's "loop" placement) pp rank r runs stages r, r + pp, ...:
     the first rank also holds stages pp, 2 pp, ..., the last rank stages 2 pp - 1, ..., the last one.
     """
-    counts = stage_layer_counts(m, lay, stack)
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    r = 0 if stage == "first" else lay.pp - 1
-    return [range(starts[s], starts[s] + counts[s]) for s in range(r, len(counts), lay.pp)]
+    return list(_rank_layer_ranges(m, lay.pp, lay.virtual_stages, lay.pp_split, stack, stage))
+
+
+@lru_cache(maxsize=4096)
+def _rank_layer_ranges(m: ModelShape, pp: int, v: int, pp_split: str, stack: str, stage: str) -> tuple[range, ...]:
+    counts = _layer_counts(m, pp * v, pp_split, stack)
+    starts = list(itertools.accumulate(counts, initial=0))
+    r = 0 if stage == "first" else pp - 1
+    return tuple(range(starts[s], starts[s] + counts[s]) for s in range(r, len(counts), pp))
+
+
+@lru_cache(maxsize=4096)
+def _layers_held(m: ModelShape, pp: int, v: int, pp_split: str, stack: str, stage: str) -> tuple[int, int]:
+    """(dense, MoE) layers the pp rank running ``stage`` holds (dense layers come first, ModelShape.dense_layers)."""
+    dense_end = m.layers - m.moe_layers
+    dense_here = moe_here = 0
+    for r in _rank_layer_ranges(m, pp, v, pp_split, stack, stage):
+        d = max(0, min(r.stop, dense_end) - r.start)
+        dense_here += d
+        moe_here += len(r) - d
+    return dense_here, moe_here
 
 
 def stage_params(m: ModelShape, lay: Layout, stage: str = "first", stack: str = "apogee") -> tuple[float, float]:
@@ -124,12 +147,7 @@ def stage_params(m: ModelShape, lay: Layout, stage: str = "first", stack: str = 
     per_dense = m.attn_params() + m.norm_params() + m.dense_mlp_params()
     shared, routed = m.moe_layer_mlp_params() if m.moe_layers else (0, 0)
     per_moe_nonexpert = m.attn_params() + m.norm_params() + shared
-    dense_end = m.layers - m.moe_layers  # dense layers come first (ModelShape.dense_layers)
-    dense_here = moe_here = 0
-    for r in rank_layer_ranges(m, lay, stage, stack):
-        d = max(0, min(r.stop, dense_end) - r.start)
-        dense_here += d
-        moe_here += len(r) - d
+    dense_here, moe_here = _layers_held(m, lay.pp, lay.virtual_stages, lay.pp_split, stack, stage)
     nonexpert = (dense_here * per_dense + moe_here * per_moe_nonexpert) / lay.tp
     if lay.pp == 1:
         nonexpert += (m.embedding_params() + m.output_params()) / lay.tp
@@ -418,7 +436,7 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
                                           autocast=autocast, compiled=layout.compile)
 
     per_layer = layer_bytes(lay)
-    layers_here = sum(len(r) for r in rank_layer_ranges(m, lay, stage, stack))
+    layers_here = sum(_layers_held(m, lay.pp, lay.virtual_stages, lay.pp_split, stack, stage))
     acts = per_layer * layers_here * in_flight_microbatches(lay, n_micro, stage)
     has_output = lay.pp == 1 or stage == "last"
     # Transient peaks on top of what is kept: the loss' backward starts on the output stage, and under

@@ -159,7 +159,7 @@ def _try_data_parallel(run: RunSpec, shape: Layout, zeros: list, n_micro: int, t
                 continue  # fitted at a lower stage, which gathers less
             first = dataclasses.replace(shape, zero=z, dp_replicate=r)
             for gr in _grad_reduce_values(run, first, n_micro):
-                if tally.price(run, dataclasses.replace(first, grad_reduce=gr)):
+                if tally.price(run, first if gr == first.grad_reduce else dataclasses.replace(first, grad_reduce=gr)):
                     fitted = found = True
                     if z >= 2:
                         fitted_replicas.add(r)
