@@ -84,9 +84,10 @@ def test_refused_layouts_name_the_setting():
     assert "apogee's" in check_layout(m, Layout(dp=16, dp_replicate=2, zero=3), cluster, 64, stack="megatron")
     # Replicas over context-parallel shards alone are HSDP too (the engine shards over dp_shard x cp).
     assert check_layout(m, Layout(dp=8, cp=2, dp_replicate=8, zero=3), cluster, 64) is None
+    # HSDP is apogee's, and apogee's engine has no experts: an MoE model is refused before its layout.
     moe = dataclasses.replace(m, experts=8, top_k=2, moe_ffn_hidden=2048)
-    assert check_layout(moe, Layout(dp=16, ep=2, zero=3), cluster, 64) is None
-    assert "not priced" in check_layout(moe, Layout(dp=16, ep=2, dp_replicate=2, zero=3), cluster, 64)
+    assert "no mixture-of-experts" in check_layout(moe, Layout(dp=16, ep=2, dp_replicate=2, zero=3), cluster, 64)
+    assert check_layout(moe, Layout(dp=16, ep=2, zero=3), cluster, 64, stack="megatron") is None
 
 
 @pytest.mark.parametrize("layout,replicate,shard", [

@@ -162,3 +162,9 @@ def test_the_search_folds_experts_where_ep_exceeds_the_data_ranks():
                          "train": {"global_batch": 64, "stack": "megatron"}})
     with pytest.raises(PlannerError, match=r"layout.ep x layout.expert_tp must divide tp\*dp\*cp = 8"):
         complete_layout(bad)
+
+
+def test_apogee_refuses_experts_in_one_line():
+    # apogee's engine has no MoE layers, so its stack prices none; Megatron's does.
+    with pytest.raises(PlannerError, match=r'^model.experts=128: .* train.stack = "megatron"'):
+        run_from_dict({"model": QWEN3_235B, "cluster": {"gpu": "h100-80gb", "gpus": 256}, "train": {"global_batch": 256}})

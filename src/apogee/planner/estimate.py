@@ -22,7 +22,7 @@ from apogee.planner.memory import (
     wraps_in_fsdp,
 )
 from apogee.planner.schedule import bubble_fraction, bubble_slots
-from apogee.planner.spec import Layout, ModelShape, RunSpec
+from apogee.planner.spec import Layout, ModelShape, RunSpec, stack_refusal
 
 # The zero levels apogee's engine runs (apogee.planner.export maps them to [parallel]; memory.wraps_in_fsdp
 # says what each holds). Megatron-LM's stack has all four.
@@ -100,6 +100,9 @@ def check_layout(m: ModelShape, lay: Layout, cluster: Cluster, global_batch: int
                  ) -> str | None:
     """Why ``lay`` is invalid for this model and cluster (and, for apogee, its engine), or None when it
     is valid."""
+    why = stack_refusal(m, stack)
+    if why:
+        return why
     if stack == "apogee" and lay.zero not in APOGEE_ZERO:
         return (f"layout.zero={lay.zero}: apogee's engine has zero 0 (replicated), 2 (FSDP2 keeping gathered "
                 "weights from forward to backward) and 3 (FSDP2), no ZeRO-1 sharded optimizer; "
@@ -113,8 +116,6 @@ def check_layout(m: ModelShape, lay: Layout, cluster: Cluster, global_batch: int
         if lay.shard_group == 1:
             return (f"layout.dp_replicate={lay.dp_replicate} = dp with cp 1 leaves nothing to shard: that is "
                     "layout.zero=0")
-        if lay.ep > 1:
-            return f"layout.dp_replicate={lay.dp_replicate} with layout.ep={lay.ep}: HSDP of experts is not priced"
     if lay.pp_split == "embedding_loss":
         if stack != "megatron":
             return ("layout.pp_split=embedding_loss is Megatron-LM's (train.stack = \"megatron\"); apogee's engine "

@@ -338,6 +338,14 @@ class RunSpec:
 
 
 STACKS = ("apogee", "megatron")
+
+
+def stack_refusal(m: ModelShape, stack: str) -> str | None:
+    """Why ``stack`` cannot run this model at all (one line naming the keys), or None."""
+    if stack == "apogee" and m.experts:
+        return (f"model.experts={m.experts}: apogee's engine has no mixture-of-experts layers yet; "
+                "train.stack = \"megatron\" prices Megatron-LM's")
+    return None
 _TRAIN_KEYS = {"global_batch", "precision", "checkpoint_gb", "seq_len", "stack"}
 
 
@@ -372,6 +380,9 @@ def run_from_dict(d: dict, *, base_dir: Path | None = None) -> RunSpec:
     stack = train.get("stack", "apogee")
     if stack not in STACKS:
         raise PlannerError(f"train.stack must be one of {', '.join(STACKS)} (got {stack!r})")
+    why = stack_refusal(model, stack)
+    if why:
+        raise PlannerError(why)
     return RunSpec(model=model, cluster=cluster, fixed=fixed, global_batch=gb, precision=precision,
                    checkpoint_gb=train.get("checkpoint_gb"), stack=stack)
 
