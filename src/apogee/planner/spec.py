@@ -346,6 +346,8 @@ def stack_refusal(m: ModelShape, stack: str) -> str | None:
         return (f"model.experts={m.experts}: apogee's engine has no mixture-of-experts layers yet; "
                 "train.stack = \"megatron\" prices Megatron-LM's")
     return None
+
+
 _TRAIN_KEYS = {"global_batch", "precision", "checkpoint_gb", "seq_len", "stack"}
 
 
