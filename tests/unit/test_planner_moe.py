@@ -167,4 +167,5 @@ def test_the_search_folds_experts_where_ep_exceeds_the_data_ranks():
 def test_apogee_refuses_experts_in_one_line():
     # apogee's engine has no MoE layers, so its stack prices none; Megatron's does.
     with pytest.raises(PlannerError, match=r'^model.experts=128: .* train.stack = "megatron"'):
-        run_from_dict({"model": QWEN3_235B, "cluster": {"gpu": "h100-80gb", "gpus": 256}, "train": {"global_batch": 256}})
+        run_from_dict({"model": QWEN3_235B, "cluster": {"gpu": "h100-80gb", "gpus": 256},
+                       "train": {"global_batch": 256}})
