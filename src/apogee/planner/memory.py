@@ -93,12 +93,6 @@ def _layer_counts(m: ModelShape, n_stages: int, pp_split: str, stack: str) -> tu
         return tuple(counts)
     if stack == "megatron" and n_stages > 1 and m.layers % n_stages == 0:
         return (m.layers // n_stages,) * n_stages
-    return _split_layers(m, n_stages)
-
-
-@lru_cache(maxsize=4096)
-def _split_layers(m: ModelShape, n_stages: int) -> tuple[int, ...]:
-    # Cached: the search prices thousands of layouts sharing a few (model, stages) pairs.
     L = m.layers
     if n_stages == 1:
         return (L,)
@@ -397,10 +391,9 @@ def stage_memory(m: ModelShape, lay: Layout, cluster: Cluster, *, global_batch: 
         # ZeRO-3's 16/nd bytes per parameter at zero 2 and 3 alike (zero 2's gathered weights are added
         # below), and the same state whole on every rank at zero 0 (a replicate-only mesh).
         zero, shards = 3, (1 if lay.zero == 0 else shard_dp)
-    # Each expert's state is sharded over its replicas (Layout.expert_dp), within the sharding group.
-    ex_dp = max(1, shards * lay.tp // (lay.ep * lay.etp))
+    # Each expert's state is sharded over its replicas (experts are Megatron's alone: stack_refusal).
     w1, g1, o1 = zero_split(nonexpert, shards, zero)
-    w2, g2, o2 = zero_split(experts, ex_dp, zero)
+    w2, g2, o2 = zero_split(experts, lay.expert_dp, zero)
     params, grads, opt = w1 + w2, g1 + g2, o1 + o2
     megatron_llama = megatron and m.mlp != "gelu"  # GPT blocks are Korthikanti's count in either stack
     autocast = engine_autocast(lay, precision) and not megatron
