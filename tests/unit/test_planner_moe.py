@@ -80,10 +80,10 @@ def test_folding_keeps_each_ranks_expert_flops():
     m = ModelShape(**QWEN3_235B)
     tp2 = layer_parts(m, 2, 1, 8, 1, True, "none", H100, "bf16", moe=True)
     folded = layer_parts(m, 2, 1, 8, 1, True, "none", H100, "bf16", moe=True, etp=1)
-    # Split 2 ways, 16 experts of 512 rows each at half width; folded, 16 experts of 256 rows at full width:
+    # Split 2 ways, 16 experts of 2048 rows each at half width; folded, 16 experts of 1024 rows at full width:
     # the same FLOPs, priced by the same GEMM model (within its shape effects).
-    assert folded.gemm_f == pytest.approx(tp2.gemm_f, rel=0.05)
-    assert folded == layer_parts(m, 2, 1, 8, 1, True, "none", H100, "bf16", moe=True, etp=1)
+    assert folded.gemm_f == pytest.approx(tp2.gemm_f, rel=0.05) and folded.gemm_f != tp2.gemm_f
+    assert tp2 == layer_parts(m, 2, 1, 8, 1, True, "none", H100, "bf16", moe=True, etp=2)  # unset is tp
 
 
 def test_all_to_all_leaves_through_each_gpus_nic():
