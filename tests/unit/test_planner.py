@@ -583,14 +583,26 @@ def test_cpu_measured_host_replica_replaces_the_count_model():
     assert c.step_time_s - a.step_time_s == pytest.approx(layers * 0.002)
     assert d.step_time_s - a.step_time_s == pytest.approx(layers * 0.001 + 0.002)
     assert a.comm_exposed_s["dp"] == pytest.approx(layers * 0.005 + 0.001)
-    # Reducing every micro-batch (the engine's default): the measured sync part once, the other
-    # micro-batches' reductions at the collective's own cost (the comm model's, as without a table).
+    # Reducing every micro-batch (the engine's default): each micro-batch pays the measured sync part.
     lay = dataclasses.replace(lay, grad_reduce="micro_batch")  # est() reads lay when called
-    each, each_counted = est({key: base}), est(None)
+    each = est({key: base})
+    assert each.comm_exposed_s["dp"] == pytest.approx(n_micro * (layers * 0.005 + 0.001))
+    # With HSDP the measured sync also holds the replicas' all-reduce, which only the last micro-batch
+    # runs: the others pay the sync less the all-reduce's priced cost (bytes, and a latency per unit).
+    from apogee.planner import comms
+    from apogee.planner.memory import stage_params
+
+    hsdp = dataclasses.replace(lay, tp=1, dp=4, dp_replicate=2, sequence_parallel=False)
+    cluster = Cluster(accel=dataclasses.replace(cpu, host_table={host_key(m, hsdp, fsdp=True): base}), gpus=4,
+                      gpus_per_node=4)
+    got = estimate(RunSpec(model=m, cluster=cluster, fixed={}, global_batch=32, precision="fp32"), hsdp)
+    link = comms.axis_link(hsdp, "dp", cluster, size=2, stride=2)
+    all_reduce = (comms.all_reduce(4 * sum(stage_params(m, hsdp)) / 2, 2, link)
+                  + layers * 2 * link.latency)
+    sync = layers * 0.005 + 0.001
+    assert 0 < all_reduce < sync
+    assert got.comm_exposed_s["dp"] == pytest.approx(sync + (sync - all_reduce))  # 2 micro-batches a rank
     lay = dataclasses.replace(lay, grad_reduce="step")
-    reduction = (each_counted.comm_s["dp"] - est(None).comm_s["dp"]) / (n_micro - 1)
-    assert reduction > 0
-    assert each.comm_exposed_s["dp"] == pytest.approx(layers * 0.005 + 0.001 + (n_micro - 1) * reduction)
     # The optimizer step is the measurement (plus the loss-mean all-reduce), with no byte model beside it.
     zero_step = est({key: {**base, "step": (0.0, 0.0)}})
     assert a.step_time_s - zero_step.step_time_s == pytest.approx(layers * 0.001 + 0.002)

@@ -273,7 +273,8 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
         """A data-parallel collective of ``per_param`` bytes a parameter: the non-expert parameters over the
         shard group, the experts' over their replicas."""
         return collective(per_param * nonexpert, shard, dp_link) + collective(per_param * experts, ex_shard, ex_link)
-    dp_comm = dp_exposed = extra_reductions = replica_ar = 0.0
+    dp_comm = dp_exposed = replica_ar = 0.0
+    reductions = 1
     if lay.dp_replicate > 1:
         # HSDP: each replica's reduced gradient shard is all-reduced across the replicas once a step (the
         # engine's set_requires_all_reduce on the last micro-batch), between ranks one replica apart.
@@ -300,7 +301,6 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
                 param_ag += (units - 1) * (shard - 1) * dp_link.latency
                 grad_rs += (units - 1) * (shard - 1) * dp_link.latency * (2 if lay.zero == 0 else 1)
             dp_comm = gathers * param_ag + reductions * grad_rs + replica_ar
-            extra_reductions = (reductions - 1) * grad_rs
             if acc.host_bound:
                 dp_exposed = dp_comm
             else:
@@ -318,13 +318,15 @@ def estimate(run: RunSpec, lay: Layout, *, memory: MemoryBreakdown | None = None
                 dp_exposed = dp_comm
     if host_measured:
         # The replica ran the data-parallel traffic at the real parameter bytes: the gathers are in its
-        # micro-batch time, the gradient reduction is what its micro-batch with gradient sync adds. That
-        # also holds the ranks waiting for each other, which a step pays once however often it reduces, so
-        # the reductions of the other micro-batches (grad_reduce = "micro_batch") are priced by the
-        # collective's bytes and latency alone. Engine runs, alternated (min step, two rounds): debug
-        # dp_shard=2 0.354 / 0.353 s against 0.342 / 0.331 s reducing once; tiny dp2 x tp2 0.284 / 0.292
-        # against 0.285 / 0.292 s. Multiplying the measured part instead would add 40 ms to debug's step.
-        dp_exposed = measured_host_s("sync", m, lay, acc, Ls, fsdp) + extra_reductions
+        # micro-batch time, the gradient reduction is what its micro-batch with gradient sync adds (with
+        # HSDP, the replicas' all-reduce too, which only the last micro-batch runs). Every micro-batch that
+        # reduces (grad_reduce = "micro_batch") pays its reduce-scatter so: on a rank whose threads fill its
+        # cores, gloo's copies, sums and socket I/O take the cores from the blocks they would overlap.
+        # Engine runs, debug on 2 ranks at micro-batch 1, min step reducing every micro-batch against once
+        # a step: dp_shard=2 0.744 / 0.756 s against 0.599 / 0.577 s, 21-26 ms a reduction (the replica's
+        # sync: 19-24 ms); cp=2 1.858 / 1.838 s against 1.648 / 1.523 s, 14-21 ms (replica: 23-35 ms).
+        sync = measured_host_s("sync", m, lay, acc, Ls, fsdp)
+        dp_exposed = sync + (reductions - 1) * max(0.0, sync - replica_ar)
     local_params = nonexpert / shard + experts / ex_shard if lay.zero >= 1 else params_rank
     # apogee under autocast drops its gradients after each step (set_to_none) instead of zeroing a buffer:
     # the first micro-batch's fp32 gradients become .grad, each later one is added in place.
