@@ -50,6 +50,22 @@ flavor's plans are filtered by apogee's own validation, and these are other stac
    Both count causal attention as half (tokens/s times that basis gives their TFLOP/s); the rows compare
    tokens per second, which needs no basis.
 
+5. Megatron-DeepSpeed runs on A100 80GB (Megatron's tensor parallelism, DeepSpeed's pipeline engine and
+   ZeRO-1), compared on seconds per iteration as published; bf16, full activation recomputation, priced as
+   the 2021 Megatron stack of `planner_accuracy.py`'s A100 rows (materialised attention scores, tied
+   embeddings, no sequence parallelism, no overlap of TP or gradient traffic) with DeepSpeed's schedule,
+   non-interleaved 1F1B:
+   - Megatron-Turing NLG 530B (Smith et al. 2022, arXiv 2201.11990, section 2.4): 105 layers, hidden 20480,
+     128 heads, sequence 2048, global batch 1920, TP 8, PP 35 on 280 / 350 / 420 DGX A100 nodes (eight
+     200 Gb/s HDR InfiniBand adapters each): 60.1 / 50.2 / 44.4 s an iteration (126 / 121 / 113 TFLOP/s,
+     Narayanan's Eq. 3 with the recompute pass). The micro-batch is not stated: searched. Vocabulary
+     50272 (GPT-2's, padded; from a third party's config, and the step moves by < 0.1% with it).
+   - BLOOM 176B (github.com/bigscience-workshop/bigscience, train/tr11-176B-ml: README.md and
+     tr11-176B-ml.slurm): 70 layers, hidden 14336, 112 heads, vocabulary 250880 (padded), sequence 2048,
+     global batch 2048, micro-batch 2, TP 4, PP 12, DP 8 on 48 nodes of 8 A100 80GB; the README's log line
+     "elapsed time per iteration (s): 104.70 ... TFLOPs: 149.77". Jean Zay's nodes have 4 Omni-Path links
+     (README); at 100 Gb/s each (secondary summaries of the BLOOM paper) that is 6.25 GB/s a GPU.
+
 Each row of 1 and 2 is printed twice: with the planner's own choices (its memory model decides recompute) and
 with recompute pinned to none, fitting or not, which separates the time model from that choice. The
 predictions are in the planner's model FLOPs (attention over the full s x s, as Megatron-LM counts
@@ -146,19 +162,38 @@ CORE_ROWS = [
 ]
 
 
+# MT-NLG 530B and BLOOM 176B (module doc, 5). GPT blocks as Narayanan et al. 2021 ran them.
+MT_NLG_530B = {"layers": 105, "hidden": 20480, "heads": 128, "kv_heads": 128, "ffn_hidden": 81920, "vocab": 50272,
+               "mlp": "gelu", "tie_embeddings": True, "attention": "eager"}
+BLOOM_176B = {"layers": 70, "hidden": 14336, "heads": 112, "kv_heads": 112, "ffn_hidden": 57344, "vocab": 250880,
+              "mlp": "gelu", "tie_embeddings": True, "attention": "eager"}
+MEGATRON_2021 = {"recompute": "full", "sequence_parallel": False, "dp_overlap": False, "tp_overlap": False,
+                 "pp_schedule": "1f1b", "virtual_stages": 1}
+OMNI_PATH = {"inter_gbs_per_gpu": 4 * 100 / 8 / 8}  # 4 x 100 Gb/s a node, over its 8 GPUs
+# (source, model, shape, gpus, global batch, micro-batch or None, tp, pp, cluster keys, published s per iteration)
+A100_ROWS = [
+    ("MT-NLG", "530B", MT_NLG_530B, 2240, 1920, None, 8, 35, {}, 60.1),
+    ("MT-NLG", "530B", MT_NLG_530B, 2800, 1920, None, 8, 35, {}, 50.2),
+    ("MT-NLG", "530B", MT_NLG_530B, 3360, 1920, None, 8, 35, {}, 44.4),
+    ("BLOOM", "176B", BLOOM_176B, 384, 2048, 2, 4, 12, OMNI_PATH, 104.70),
+]
+
+
 def predict(shape: dict, precision: str, gpus: int, gbs: int, mb: int | None, seq: int, tp: int, pp: int,
-            cp: int, vp: int | None, zero: int, **pinned) -> tuple:
+            cp: int, vp: int | None, zero: int, gpu: str = "h100-80gb", cluster: dict | None = None,
+            **pinned) -> tuple:
     layout = {"tp": tp, "pp": pp, "cp": cp, "dp": gpus // (tp * pp * cp), "zero": zero, "dp_overlap": True,
-              "tp_overlap": True, **pinned}
+              "tp_overlap": True}
     if mb is not None:
         layout["microbatch"] = mb
     if pp > 1:
         layout["pp_schedule"] = "interleaved-1f1b"
     if vp is not None and pp > 1:
         layout["virtual_stages"] = vp
+    layout.update(pinned)
     run = run_from_dict({
         "model": {**shape, "seq_len": seq},
-        "cluster": {"gpu": "h100-80gb", "gpus": gpus, "gpus_per_node": 8},
+        "cluster": {"gpu": gpu, "gpus": gpus, "gpus_per_node": 8, **(cluster or {})},
         "layout": layout,
         "train": {"global_batch": gbs, "stack": "megatron", "precision": precision},
     })
@@ -197,8 +232,17 @@ def main(argv: list[str] | None = None) -> int:
                     "ep_exposed_s": round(est.comm_exposed_s.get("ep", 0.0), 2),
                     "step_s": round(est.step_time_s, 2), "fits": est.fits,
                     "mem_gib": round(est.memory.total / 2**30, 1)})
+    a100 = []
+    for source, model, shape, gpus, gbs, mb, tp, pp, cluster, pub_s in A100_ROWS:
+        est, _, _ = predict(shape, "bf16", gpus, gbs, mb, 2048, tp, pp, 1, None, 1, gpu="a100-80gb",
+                            cluster=cluster, **MEGATRON_2021)
+        a100.append({"source": source, "model": model, "gpus": gpus, "layout": est.layout.short(),
+                     "published_step_s": pub_s, "predicted_step_s": round(est.step_time_s, 2),
+                     "error_pct": round(100 * (pub_s / est.step_time_s - 1), 2),
+                     "bubble": round(est.bubble_fraction, 3),
+                     "fits": est.fits, "mem_gib": round(est.memory.total / 2**30, 1)})
     if args.json:
-        print(json.dumps(out + core, indent=1))
+        print(json.dumps(out + core + a100, indent=1))
         return 0
     w = max([56] + [len(r["layout"]) + 2 for r in out])
     print(f"{'source':<7}{'model':<14}{'prec':<6}{'GPUs':>6}{'seq':>8}  {'layout (searched keys filled in)':<{w}}"
@@ -229,6 +273,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in groups.items():
         errs = [abs(r["error_pct"]) for r in rows]
         print(f"{name}: mean abs error {sum(errs) / len(errs):.2f}%   max abs error {max(errs):.2f}%")
+    print()
+    w = max(len(r["layout"]) for r in a100) + 2
+    print(f"{'source':<8}{'model':<7}{'GPUs':>6}  {'layout (searched keys filled in)':<{w}}{'s/iter pub':>11}"
+          f"{'pred':>8}{'err% (tokens/s)':>17}{'bubble':>8}{'GiB':>7}")
+    for r in a100:
+        print(f"{r['source']:<8}{r['model']:<7}{r['gpus']:>6}  {r['layout']:<{w}}{r['published_step_s']:>11.1f}"
+              f"{r['predicted_step_s']:>8.1f}{r['error_pct']:>+17.2f}{r['bubble']:>8.3f}{r['mem_gib']:>7.1f}"
+              + ("" if r["fits"] else "  (does not fit)"))
+    errs = [abs(r["error_pct"]) for r in a100]
+    print(f"Megatron-DeepSpeed on A100s: mean abs error {sum(errs) / len(errs):.2f}%   max abs error {max(errs):.2f}%")
     return 0
 
 
