@@ -253,9 +253,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['error_pct_causal_basis']:>+13.2f}" + ("" if r["fits"] else "  (does not fit)"))
     print("(each row twice: the planner's own choices, then recompute pinned to none whether or not it fits)")
     for source in ("Meta", "NeMo"):
-        errs = [abs(r["error_pct"]) for r in out if r["source"] == source and not r["recompute_pinned"]]
-        print(f"{source}, the planner's choices: mean abs error {sum(errs) / len(errs):.2f}%   "
-              f"max abs error {max(errs):.2f}%")
+        print(_error_summary(f"{source}, the planner's choices",
+                             [r for r in out if r["source"] == source and not r["recompute_pinned"]]))
     print()
     w = max(len(r["layout"]) for r in core) + 2
     print(f"{'source':<14}{'model':<17}{'prec':<6}{'GPUs':>5}  {'dispatcher':<12}{'layout':<{w}}{'tok/s pub':>10}"
@@ -271,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
               "MoE, Qwen3 235B-A22B": [r for r in core if "235B" in r["model"]],
               "MoE, Qwen3 30B-A3B": [r for r in core if "30B" in r["model"]]}
     for name, rows in groups.items():
-        errs = [abs(r["error_pct"]) for r in rows]
-        print(f"{name}: mean abs error {sum(errs) / len(errs):.2f}%   max abs error {max(errs):.2f}%")
+        print(_error_summary(name, rows))
     print()
     w = max(len(r["layout"]) for r in a100) + 2
     print(f"{'source':<8}{'model':<7}{'GPUs':>6}  {'layout (searched keys filled in)':<{w}}{'s/iter pub':>11}"
@@ -281,9 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['source']:<8}{r['model']:<7}{r['gpus']:>6}  {r['layout']:<{w}}{r['published_step_s']:>11.1f}"
               f"{r['predicted_step_s']:>8.1f}{r['error_pct']:>+17.2f}{r['bubble']:>8.3f}{r['mem_gib']:>7.1f}"
               + ("" if r["fits"] else "  (does not fit)"))
-    errs = [abs(r["error_pct"]) for r in a100]
-    print(f"Megatron-DeepSpeed on A100s: mean abs error {sum(errs) / len(errs):.2f}%   max abs error {max(errs):.2f}%")
+    print(_error_summary("Megatron-DeepSpeed on A100s", a100))
     return 0
+
+
+def _error_summary(name: str, rows: list[dict]) -> str:
+    errs = [abs(r["error_pct"]) for r in rows]
+    return f"{name}: mean abs error {sum(errs) / len(errs):.2f}%   max abs error {max(errs):.2f}%"
 
 
 if __name__ == "__main__":
