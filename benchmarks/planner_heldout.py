@@ -1,4 +1,4 @@
-"""Predict published runs the planner was never calibrated on (held out), all on H100s.
+"""Predict published runs the planner was never calibrated on (held out): H100s, and A100s under DeepSpeed.
 
     python benchmarks/planner_heldout.py [--json]
 
