@@ -78,6 +78,8 @@ CONFIGS = [
     # One gradient reduction a step (parallel.grad_reduce), and the planner's other two zero levels
     # (estimate.APOGEE_ZERO, as export.layout_to_config writes them).
     ("debug dp_shard=2 reduce/step", "debug", 2, {"dp_shard": 2, "tp": 1, "grad_reduce": "step"}, 128, 16, 4),
+    # Micro-batch 1: eight gradient reductions a step, each priced at the replica's measured sync.
+    ("debug dp_shard=2 mb1", "debug", 2, {"dp_shard": 2, "tp": 1}, 128, 16, 1),
     ("debug dp_shard=2 zero 2", "debug", 2, {"dp_shard": 2, "tp": 1, "reshard_after_forward": "never"}, 128, 16, 4),
     ("debug dp_replicate=2 zero 0", "debug", 2, {"dp_replicate": 2, "dp_shard": 1, "tp": 1}, 128, 16, 4),
     # HSDP (the planner's layout.dp_replicate): 2 replicas of 2 shards, the replicas' all-reduce once a step.
