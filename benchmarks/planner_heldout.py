@@ -244,26 +244,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out + core + a100, indent=1))
         return 0
-    w = max([56] + [len(r["layout"]) + 2 for r in out])
-    print(f"{'source':<7}{'model':<14}{'prec':<6}{'GPUs':>6}{'seq':>8}  {'layout (searched keys filled in)':<{w}}"
-          f"{'pub':>6}{'pred':>8}{'err%':>8}{'GiB':>7}{'err% causal':>13}")
-    for r in out:
-        print(f"{r['source']:<7}{r['model']:<14}{r['precision']:<6}{r['gpus']:>6}{r['seq_len']:>8}  {r['layout']:<{w}}"
-              f"{r['published_tflops']:>6.0f}{r['predicted_tflops']:>8.1f}{r['error_pct']:>+8.2f}{r['mem_gib']:>7.1f}"
-              f"{r['error_pct_causal_basis']:>+13.2f}" + ("" if r["fits"] else "  (does not fit)"))
+    w = f"<{max([56] + [len(r['layout']) + 2 for r in out])}"
+    _print_table(out, [("source", "<7"), ("model", "<14"), ("precision", "<6", "prec"), ("gpus", ">6", "GPUs"),
+                       ("seq_len", ">8", "seq"), "  ", ("layout", w, "layout (searched keys filled in)"),
+                       ("published_tflops", ">6.0f", "pub"), ("predicted_tflops", ">8.1f", "pred"),
+                       ("error_pct", ">+8.2f", "err%"), ("mem_gib", ">7.1f", "GiB"),
+                       ("error_pct_causal_basis", ">+13.2f", "err% causal")])
     print("(each row twice: the planner's own choices, then recompute pinned to none whether or not it fits)")
     for source in ("Meta", "NeMo"):
         print(_error_summary(f"{source}, the planner's choices",
                              [r for r in out if r["source"] == source and not r["recompute_pinned"]]))
     print()
-    w = max(len(r["layout"]) for r in core) + 2
-    print(f"{'source':<14}{'model':<17}{'prec':<6}{'GPUs':>5}  {'dispatcher':<12}{'layout':<{w}}{'tok/s pub':>10}"
-          f"{'pred':>8}{'err%':>8}{'TFLOP/s pub':>12}{'pred':>7}{'EP s':>7}{'GiB':>7}")
-    for r in core:
-        print(f"{r['source']:<14}{r['model']:<17}{r['precision']:<6}{r['gpus']:>5}  {r['dispatcher'] or '-':<12}"
-              f"{r['layout']:<{w}}{r['published_tokens_per_s']:>10.0f}{r['predicted_tokens_per_s']:>8.0f}"
-              f"{r['error_pct']:>+8.2f}{r['published_tflops']:>12.0f}{r['predicted_tflops_causal']:>7.0f}"
-              f"{r['ep_exposed_s']:>7.2f}{r['mem_gib']:>7.1f}" + ("" if r["fits"] else "  (does not fit)"))
+    w = f"<{max(len(r['layout']) for r in core) + 2}"
+    _print_table([dict(r, dispatcher=r["dispatcher"] or "-") for r in core],
+                 [("source", "<14"), ("model", "<17"), ("precision", "<6", "prec"), ("gpus", ">5", "GPUs"), "  ",
+                  ("dispatcher", "<12"), ("layout", w), ("published_tokens_per_s", ">10.0f", "tok/s pub"),
+                  ("predicted_tokens_per_s", ">8.0f", "pred"), ("error_pct", ">+8.2f", "err%"),
+                  ("published_tflops", ">12.0f", "TFLOP/s pub"), ("predicted_tflops_causal", ">7.0f", "pred"),
+                  ("ep_exposed_s", ">7.2f", "EP s"), ("mem_gib", ">7.1f", "GiB")])
     print("(tokens/s per GPU; TFLOP/s on the sources' basis, causal attention as half; EP s: the all-to-all exposed a "
           "step)")
     groups = {"Megatron-Bridge, dense": [r for r in core if not r["moe"]],
@@ -272,15 +270,27 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in groups.items():
         print(_error_summary(name, rows))
     print()
-    w = max(len(r["layout"]) for r in a100) + 2
-    print(f"{'source':<8}{'model':<7}{'GPUs':>6}  {'layout (searched keys filled in)':<{w}}{'s/iter pub':>11}"
-          f"{'pred':>8}{'err% (tokens/s)':>17}{'bubble':>8}{'GiB':>7}")
-    for r in a100:
-        print(f"{r['source']:<8}{r['model']:<7}{r['gpus']:>6}  {r['layout']:<{w}}{r['published_step_s']:>11.1f}"
-              f"{r['predicted_step_s']:>8.1f}{r['error_pct']:>+17.2f}{r['bubble']:>8.3f}{r['mem_gib']:>7.1f}"
-              + ("" if r["fits"] else "  (does not fit)"))
+    w = f"<{max(len(r['layout']) for r in a100) + 2}"
+    _print_table(a100, [("source", "<8"), ("model", "<7"), ("gpus", ">6", "GPUs"), "  ",
+                        ("layout", w, "layout (searched keys filled in)"), ("published_step_s", ">11.1f", "s/iter pub"),
+                        ("predicted_step_s", ">8.1f", "pred"), ("error_pct", ">+17.2f", "err% (tokens/s)"),
+                        ("bubble", ">8.3f"), ("mem_gib", ">7.1f", "GiB")])
     print(_error_summary("Megatron-DeepSpeed on A100s", a100))
     return 0
+
+
+def _print_table(rows: list[dict], columns: list) -> None:
+    """One header line and a line per row: each column is (key, format spec, title; the key when left out),
+    a string is printed as it stands, and a row that does not fit says so at its end."""
+    def line(cell) -> str:
+        return "".join(c if isinstance(c, str) else cell(*c) for c in columns)
+
+    def header(key, spec, title=None) -> str:  # a value's spec less its sign and precision: "<7", ">8"
+        return f"{title or key:{spec.split('.')[0].replace('+', '')}}"
+
+    print(line(header))
+    for r in rows:
+        print(line(lambda key, spec, title=None: f"{r[key]:{spec}}") + ("" if r["fits"] else "  (does not fit)"))
 
 
 def _error_summary(name: str, rows: list[dict]) -> str:
